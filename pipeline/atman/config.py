@@ -1,0 +1,65 @@
+"""AtMan method parameters: one validated object that serialises into every run manifest."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Mode = Literal["multiplicative", "log_additive", "scale"]
+Granularity = Literal["token", "word", "sentence", "paragraph", "custom"]
+Postprocess = Literal["none", "abs", "square"]
+
+MODES: tuple[str, ...] = Mode.__args__
+GRANULARITIES: tuple[str, ...] = Granularity.__args__
+
+
+class AtManConfig(BaseModel):
+    """How to suppress, what to explain and how to score (../shared/ATMAN.md).
+
+    Invalid values raise ``pydantic.ValidationError`` (a ``ValueError``) naming the field.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    mode: Mode = "log_additive"
+    """Suppression form: `multiplicative` (research code: shift the score row to min 0, multiply the column),
+    `log_additive` (hosted API: add log m to the column) or `scale` (multiply the column == scale the key)."""
+    factor: float = Field(0.1, ge=0.0)
+    """Multiplier m applied to a suppressed unit's attention columns (paper: m = 1 - f = 0.1). 1 is the identity,
+    > 1 amplifies. In `log_additive`, m = 0 is taken as the limit m -> 0+ (log m = log 1e-30)."""
+    conceptual_threshold: float | None = Field(0.7, ge=-1.0, le=1.0)
+    """kappa of conceptual suppression (paper Eq. 6): tokens whose input-embedding cosine to a token of the unit is
+    >= kappa are suppressed too, with m = 1 - (1 - factor) * cos. None switches it off."""
+    granularity: Granularity = "token"
+    """Unit of explanation: token, word, sentence, paragraph, or `custom` (split on `delimiter`)."""
+    delimiter: str | None = None
+    """Separator for granularity `custom`, e.g. '|' or ';'. The delimiter itself belongs to no unit."""
+    postprocess: Postprocess = "none"
+    """Applied to the signed scores after summing over target tokens: none, abs or square."""
+    normalize: bool = False
+    """Divide scores (and per-target scores) by their largest magnitude: signed scores land in [-1, 1],
+    abs/square scores in [0, 1]."""
+    keep_per_target: bool = True
+    """Keep the [units, target_tokens] matrix of score contributions, not only the whole-target sum."""
+    prefix_reuse: bool = True
+    """Take the positions before a pass's earliest suppressed token from the unperturbed pass (exact)."""
+    batch_size: int = Field(16, ge=1)
+    """Most suppression passes (rows) per forward pass."""
+    max_batch_tokens: int = Field(8192, ge=1)
+    """Most query tokens per forward pass (rows x padded suffix length); bounds activation memory."""
+    padding_side: Literal["left", "right"] = "left"
+    """Where a batch's shorter rows are padded. Results do not depend on it; left keeps target logits aligned."""
+    generate_max_tokens: int = Field(16, ge=1)
+    """New tokens generated greedily when no target is given (stops at EOS)."""
+    engine: Literal["fast", "reference"] = "fast"
+    """`fast` (batched, prefix reuse, target-only logits) or `reference`, the naive method as ATMAN.md writes it
+    (one unit per pass, full recompute, eager attention): the oracle the fast engine is tested against."""
+
+    @model_validator(mode="after")
+    def _delimiter_matches_granularity(self) -> AtManConfig:
+        if self.granularity == "custom" and not self.delimiter:
+            raise ValueError("delimiter: granularity 'custom' needs a non-empty delimiter, e.g. delimiter='|'")
+        if self.granularity != "custom" and self.delimiter is not None:
+            raise ValueError(f"delimiter: only used with granularity 'custom' (got granularity {self.granularity!r})")
+        return self

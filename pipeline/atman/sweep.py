@@ -1,0 +1,260 @@
+"""The fast AtMan sweep: many suppression passes per forward, target-only logits, prefix reuse.
+
+What one batch goes through (all exact, checked against ``reference.py`` in the tests):
+1. Unperturbed pass per prompt: target cross-entropy, and the post-RoPE keys/values of every layer are kept.
+2. Each suppression pass (a row: one prompt, one unit's key multipliers) only recomputes positions from its
+   earliest suppressed token on; the keys/values before it are those of the unperturbed pass, because
+   suppression never changes rows q < k (causal). Rows are sorted by suffix length and packed into batches;
+   rows of one prompt in one batch share one prefix (no per-row copy).
+3. Attention of the suffix queries over [prefix keys ; suffix keys] with a mask built from absolute positions
+   (causal, sliding window, padding), so prompts of different lengths batch together with either padding side.
+4. The LM head runs only at the positions that predict target tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from pipeline.atman.attention import log_multiplier, repeat_kv, suppress_scores
+
+
+@dataclass(frozen=True)
+class SweepInput:
+    """One prompt ready for the sweep.
+
+    Attributes:
+        input_ids: [n] prompt tokens followed by the target tokens.
+        n_target: number of target tokens T at the end of ``input_ids``.
+        multipliers: [U, n] key multipliers of each suppression pass (1 = untouched).
+    """
+
+    input_ids: torch.Tensor
+    n_target: int
+    multipliers: torch.Tensor
+
+
+@dataclass(frozen=True)
+class SweepOutput:
+    """base_ce: [T] per-target-token CE of the unperturbed pass; ce: [U, T] with each unit suppressed."""
+
+    base_ce: torch.Tensor
+    ce: torch.Tensor
+
+
+@dataclass(frozen=True)
+class _Row:
+    seq: int
+    start: int  # first recomputed position; keys/values before it come from the unperturbed pass
+    unit: int | None = None  # None: the unperturbed pass
+
+
+class _KVStore:
+    """Post-RoPE keys/values of the unperturbed pass: layer -> prompt -> [KV, n, d]."""
+
+    def __init__(self) -> None:
+        self.keys: dict[int, dict[int, torch.Tensor]] = {}
+        self.values: dict[int, dict[int, torch.Tensor]] = {}
+
+
+class SweepAttention:
+    """Attention context of one forward pass over a batch of rows (see module docstring)."""
+
+    def __init__(
+        self,
+        rows: list[_Row],
+        inputs: list[SweepInput],
+        store: _KVStore,
+        mode: str,
+        padding_side: str,
+        device: torch.device,
+    ) -> None:
+        self.rows, self.store, self.mode = rows, store, mode
+        self.record = all(r.unit is None for r in rows)
+        lengths = [len(inputs[r.seq].input_ids) - r.start for r in rows]
+        b, length = len(rows), max(lengths)
+        self.prefix = max(r.start for r in rows)
+        self.lengths = lengths
+        self.offsets = [length - n if padding_side == "left" else 0 for n in lengths]
+
+        input_ids = torch.zeros(b, length, dtype=torch.long)
+        q_pos = torch.full((b, length), -1, dtype=torch.long)
+        k_mult = torch.ones(b, self.prefix + length, dtype=torch.float32)
+        for i, (row, n, off) in enumerate(zip(rows, lengths, self.offsets)):
+            seq = inputs[row.seq]
+            input_ids[i, off : off + n] = seq.input_ids[row.start :]
+            q_pos[i, off : off + n] = torch.arange(row.start, row.start + n)
+            if row.unit is not None:
+                mult = seq.multipliers[row.unit]
+                k_mult[i, : row.start] = mult[: row.start]
+                k_mult[i, self.prefix + off : self.prefix + off + n] = mult[row.start :]
+        prefix_pos = torch.arange(self.prefix).expand(b, -1)
+        starts = torch.tensor([r.start for r in rows])[:, None]
+        k_pos = torch.cat([prefix_pos.masked_fill(prefix_pos >= starts, -1), q_pos], dim=1)
+
+        self.input_ids = input_ids.to(device)
+        self.position_ids = q_pos.clamp_min(0).to(device)
+        self.q_pos, self.k_pos = q_pos.to(device), k_pos.to(device)
+        self.k_mult = k_mult.to(device)
+        self.suppressing = bool((k_mult != 1).any())
+        self._visible: dict[int | None, torch.Tensor] = {}
+        self._bias: dict[int | None, torch.Tensor] = {}
+        # one prompt and one start for the whole batch: the prefix is a view, broadcast over rows
+        self._shared_prefix = len({(r.seq, r.start) for r in rows}) == 1
+
+    def slot(self, i: int, position: int) -> int:
+        """Query slot of absolute ``position`` in row ``i``."""
+        return self.offsets[i] + position - self.rows[i].start
+
+    def visible(self, window: int | None) -> torch.Tensor:
+        """bool [B, 1, Lq, P + Lq]: causal (and sliding-window) visibility from absolute positions."""
+        if window not in self._visible:
+            qp, kp = self.q_pos[:, :, None], self.k_pos[:, None, :]
+            vis = (kp >= 0) & (kp <= qp)
+            if window is not None:
+                vis &= qp - kp < window
+            # padded query slots see only themselves, so no row is empty (no NaN leaks through 0 * NaN)
+            length = self.q_pos.shape[1]
+            own = torch.zeros(length, self.prefix + length, dtype=torch.bool, device=vis.device)
+            own[:, self.prefix :] = torch.eye(length, dtype=torch.bool, device=vis.device)
+            vis |= (qp < 0) & own
+            self._visible[window] = vis[:, None]
+        return self._visible[window]
+
+    def _prefix(self, layer: int, which: dict[int, dict[int, torch.Tensor]], like: torch.Tensor) -> torch.Tensor:
+        per_seq = which[layer]
+        if self._shared_prefix:
+            row = self.rows[0]
+            return per_seq[row.seq][None, :, : row.start].expand(len(self.rows), -1, -1, -1)
+        b, kv, _, d = like.shape
+        out = like.new_zeros(b, kv, self.prefix, d)
+        for i, row in enumerate(self.rows):
+            out[i, :, : row.start] = per_seq[row.seq][:, : row.start]
+        return out
+
+    def attend(self, module, query, key, value, attention_mask, scaling, sliding_window):
+        layer = module.layer_idx
+        if self.record:
+            ks, vs = self.store.keys.setdefault(layer, {}), self.store.values.setdefault(layer, {})
+            for i, row in enumerate(self.rows):
+                sl = slice(self.offsets[i], self.offsets[i] + self.lengths[i])
+                ks[row.seq], vs[row.seq] = key[i, :, sl], value[i, :, sl]
+        if self.prefix:
+            key = torch.cat([self._prefix(layer, self.store.keys, key), key], dim=2)
+            value = torch.cat([self._prefix(layer, self.store.values, value), value], dim=2)
+        vis = self.visible(sliding_window)
+        n_rep = query.shape[1] // key.shape[1]
+        if not self.suppressing:
+            return F.scaled_dot_product_attention(query, key, value, attn_mask=vis, scale=scaling, enable_gqa=n_rep > 1)
+        if self.mode == "scale":  # H * m == scaled keys: any fused kernel works
+            key = key * self.k_mult[:, None, :, None].to(key.dtype)
+            return F.scaled_dot_product_attention(query, key, value, attn_mask=vis, scale=scaling, enable_gqa=n_rep > 1)
+        if self.mode == "log_additive":  # an additive float mask
+            if sliding_window not in self._bias:
+                bias = log_multiplier(self.k_mult)[:, None, None, :].expand_as(vis)
+                self._bias[sliding_window] = bias.masked_fill(~vis, -torch.inf).to(query.dtype)
+            bias = self._bias[sliding_window]
+            return F.scaled_dot_product_attention(
+                query, key, value, attn_mask=bias, scale=scaling, enable_gqa=n_rep > 1
+            )
+        # multiplicative needs each full score row (its minimum): explicit scores, float32
+        scores = torch.matmul(query.float(), repeat_kv(key, n_rep).float().transpose(-1, -2)) * scaling
+        scores = suppress_scores(scores, vis, self.k_mult[:, None, None, :], self.mode)
+        probs = torch.softmax(scores, dim=-1)
+        return torch.matmul(probs, repeat_kv(value, n_rep).float()).to(query.dtype)
+
+
+def _target_ce(model, ctx: SweepAttention, inputs: list[SweepInput]) -> list[torch.Tensor]:
+    """Run one forward pass; per row, the CE of each target token (LM head at target positions only)."""
+    wanted = []
+    for i, row in enumerate(ctx.rows):
+        seq = inputs[row.seq]
+        n, t = len(seq.input_ids), seq.n_target
+        wanted.append([ctx.slot(i, p) for p in range(n - t - 1, n - 1)])
+    keep = sorted({s for w in wanted for s in w})
+    index = {s: j for j, s in enumerate(keep)}
+    out = model(
+        input_ids=ctx.input_ids,
+        position_ids=ctx.position_ids,
+        logits_to_keep=torch.tensor(keep, device=ctx.input_ids.device),
+        use_cache=False,
+        atman=ctx,
+    )
+    logprobs = torch.log_softmax(out.logits.float(), dim=-1)  # [B, K, V]
+    result = []
+    for i, row in enumerate(ctx.rows):
+        seq = inputs[row.seq]
+        targets = seq.input_ids[len(seq.input_ids) - seq.n_target :].to(logprobs.device)
+        cols = torch.tensor([index[s] for s in wanted[i]], device=logprobs.device)
+        result.append(-logprobs[i, cols].gather(-1, targets[:, None])[:, 0].cpu())
+    return result
+
+
+def _batches(rows: list[_Row], inputs: list[SweepInput], batch_size: int, max_tokens: int) -> list[list[_Row]]:
+    """Sort rows by suffix length (longest first) and pack them; one prompt's rows in a batch share a start."""
+
+    def suffix(r: _Row) -> int:
+        return len(inputs[r.seq].input_ids) - r.start
+
+    rows = sorted(rows, key=lambda r: (-suffix(r), r.seq, r.unit or 0))
+    batches: list[list[_Row]] = []
+    for row in rows:
+        batch = batches[-1] if batches else None
+        if batch and len(batch) < batch_size and (len(batch) + 1) * suffix(batch[0]) <= max_tokens:
+            batch.append(row)
+        else:
+            batches.append([row])
+    shared = []
+    for batch in batches:
+        first = {}
+        for r in batch:  # longest first, so the first row of each prompt has its earliest start
+            first.setdefault(r.seq, r.start)
+        shared.append([_Row(r.seq, first[r.seq], r.unit) for r in batch])
+    return shared
+
+
+@torch.inference_mode()
+def sweep(
+    model: torch.nn.Module,
+    inputs: list[SweepInput],
+    *,
+    mode: str,
+    prefix_reuse: bool = True,
+    batch_size: int = 16,
+    max_batch_tokens: int = 8192,
+    padding_side: str = "left",
+) -> list[SweepOutput]:
+    """Target CE of every prompt, unperturbed and with each unit suppressed. The model must be
+    ``attention.enable``-d. Rows whose multipliers are all 1 perturb nothing: their CE is the base CE."""
+    device = next(model.parameters()).device
+    store = _KVStore()
+    base: dict[int, torch.Tensor] = {}
+    for batch in _batches([_Row(i, 0) for i in range(len(inputs))], inputs, batch_size, max_batch_tokens):
+        ctx = SweepAttention(batch, inputs, store, mode, padding_side, device)
+        for row, ce in zip(batch, _target_ce(model, ctx, inputs)):
+            base[row.seq] = ce
+
+    rows = []
+    for i, seq in enumerate(inputs):
+        last_prompt = len(seq.input_ids) - seq.n_target - 1  # predicts the first target token
+        for u, mult in enumerate(seq.multipliers):
+            changed = torch.nonzero(mult != 1)
+            if len(changed):
+                start = min(int(changed[0]), last_prompt) if prefix_reuse else 0
+                rows.append(_Row(i, start, u))
+    ce = {(i, u): base[i] for i, seq in enumerate(inputs) for u in range(len(seq.multipliers))}
+    for batch in _batches(rows, inputs, batch_size, max_batch_tokens):
+        ctx = SweepAttention(batch, inputs, store, mode, padding_side, device)
+        for row, row_ce in zip(batch, _target_ce(model, ctx, inputs)):
+            ce[(row.seq, row.unit)] = row_ce
+    return [
+        SweepOutput(
+            base_ce=base[i],
+            ce=torch.stack([ce[(i, u)] for u in range(len(seq.multipliers))])
+            if len(seq.multipliers)
+            else torch.zeros(0, seq.n_target),
+        )
+        for i, seq in enumerate(inputs)
+    ]

@@ -1,0 +1,112 @@
+"""Units of explanation: groups of token positions suppressed together, with their character spans.
+
+A unit is built from text segments (a word, a sentence, ...) of the prompt; its tokens are those whose
+character span overlaps the segment. A token that straddles two segments merges them into one unit,
+so every token belongs to at most one unit and each unit is one suppression pass.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from pipeline.atman.config import Granularity
+
+Span = tuple[int, int]  # [start, end) character range
+
+_WORD = re.compile(r"\w+(?:['\u2019]\w+)*|[^\w\s]+")
+_SENTENCE_BREAK = re.compile(r"(?<=[.!?])[\"')\]\u201d\u2019]*\s+|\n\s*\n")
+_PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One explained unit: its text, character span in the prompt, and token positions in the sequence."""
+
+    text: str
+    start: int
+    length: int
+    positions: tuple[int, ...]
+
+
+def _split(text: str, span: Span, breaks: re.Pattern[str]) -> list[Span]:
+    start, end = span
+    out, pos = [], start
+    for match in breaks.finditer(text, start, end):
+        out.append((pos, match.start()))
+        pos = match.end()
+    out.append((pos, end))
+    return out
+
+
+def _strip(text: str, span: Span) -> Span | None:
+    start, end = span
+    while start < end and text[start].isspace():
+        start += 1
+    while end > start and text[end - 1].isspace():
+        end -= 1
+    return (start, end) if start < end else None
+
+
+def segments(text: str, spans: list[Span], granularity: Granularity, delimiter: str | None = None) -> list[Span]:
+    """Character spans of the units inside ``spans`` (token granularity is handled by ``build_units``)."""
+    out: list[Span] = []
+    for span in spans:
+        if granularity == "word":
+            pieces = [m.span() for m in _WORD.finditer(text, *span)]
+        elif granularity == "sentence":
+            pieces = _split(text, span, _SENTENCE_BREAK)
+        elif granularity == "paragraph":
+            pieces = _split(text, span, _PARAGRAPH_BREAK)
+        elif granularity == "custom":
+            pieces = _split(text, span, re.compile(re.escape(delimiter or "")))
+        else:
+            raise ValueError(f"granularity: {granularity!r} has no text segments")
+        out.extend(s for s in (_strip(text, p) for p in pieces) if s is not None)
+    return out
+
+
+def _overlaps(a: Span, b: Span) -> bool:
+    return a[0] < b[1] and b[0] < a[1]
+
+
+def build_units(
+    text: str,
+    token_spans: list[Span | None],
+    explain_spans: list[Span],
+    granularity: Granularity,
+    delimiter: str | None = None,
+) -> list[Unit]:
+    """Group token positions into units.
+
+    Args:
+        text: the user's prompt; all spans are character offsets into it.
+        token_spans: per sequence position, the token's span in ``text``, or None for tokens outside the prompt
+            (chat template, special tokens, target). Only these positions can ever be suppressed.
+        explain_spans: the character ranges to explain; tokens outside them are never perturbed.
+    """
+    eligible = [
+        (pos, span)
+        for pos, span in enumerate(token_spans)
+        if span is not None and span[0] < span[1] and any(_overlaps(span, e) for e in explain_spans)
+    ]
+    if granularity == "token":
+        units = []
+        for pos, (a, b) in eligible:
+            # clip to the explain span the token overlaps, so reported spans never leave it
+            e = next(e for e in explain_spans if _overlaps((a, b), e))
+            a, b = max(a, e[0]), min(b, e[1])
+            units.append(Unit(text[a:b], a, b - a, (pos,)))
+        return units
+
+    groups: list[tuple[Span, set[int]]] = []  # merged segment span, token positions
+    for seg in segments(text, explain_spans, granularity, delimiter):
+        positions = {pos for pos, span in eligible if _overlaps(span, seg)}
+        if not positions:
+            continue
+        if groups and groups[-1][1] & positions:  # a token straddles both segments: one unit
+            (a, _), prev = groups[-1]
+            groups[-1] = ((a, seg[1]), prev | positions)
+        else:
+            groups.append((seg, positions))
+    return [Unit(text[a:b], a, b - a, tuple(sorted(p))) for (a, b), p in groups]
