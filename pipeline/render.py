@@ -22,7 +22,7 @@ def _colour(score: float, scale: float) -> str:
 def heat_text(prompt: str, units: list[tuple[str, int, int]], scores: list[float]) -> Text:
     scale = max((abs(s) for s in scores), default=0.0)
     text, pos = Text(), 0
-    for (_, start, length), score in sorted(zip(units, scores), key=lambda x: x[0][1]):
+    for (_, start, length), score in sorted(zip(units, scores, strict=True), key=lambda x: x[0][1]):
         if start > pos:
             text.append(prompt[pos:start])
         text.append(prompt[start : start + length], style=f"black on {_colour(score, scale)}")

@@ -20,7 +20,6 @@ import math
 from typing import Protocol
 
 import torch
-import torch.nn.functional as F
 
 ATTN_NAME = "atman"
 LOG_FLOOR = math.log(1e-30)

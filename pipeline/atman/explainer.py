@@ -77,9 +77,12 @@ class Explainer:
         spans = list(explain_spans) if explain_spans is not None else [None] * len(prompts)
         if not (len(targets) == len(spans) == len(prompts)):
             raise ValueError("targets: explain_batch needs as many targets and explain_spans as prompts")
-        planned = [self.plan(p, t, generate=generate, explain_span=s, chat=chat) for p, t, s in zip(prompts, targets, spans)]
+        planned = [
+            self.plan(p, t, generate=generate, explain_span=s, chat=chat)
+            for p, t, s in zip(prompts, targets, spans, strict=True)
+        ]
         outputs = self.run([p.sweep_input for p in planned])
-        return [self._explanation(p, o) for p, o in zip(planned, outputs)]
+        return [self._explanation(p, o) for p, o in zip(planned, outputs, strict=True)]
 
     def plan(
         self,

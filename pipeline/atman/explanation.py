@@ -53,7 +53,7 @@ class Explanation:
             "n_prompt_tokens": self.n_prompt_tokens,
             "units": [
                 {"text": t, "start": s, "length": n, "score": float(x)}
-                for (t, s, n), x in zip(self.units, self.scores.tolist())
+                for (t, s, n), x in zip(self.units, self.scores.tolist(), strict=True)
             ],
             "per_target": None if self.per_target is None else self.per_target.astype(float).tolist(),
         }

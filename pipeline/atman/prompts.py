@@ -72,7 +72,9 @@ def prepare_prompt(tokenizer, prompt: str, chat: bool | None) -> PreparedPrompt:
         )
         offset = text.rfind(prompt)
         if offset < 0:
-            raise ValueError("chat: the chat template rewrites the prompt text, so units cannot be located; use chat=False")
+            raise ValueError(
+                "chat: the chat template rewrites the prompt text, so units cannot be located; use chat=False"
+            )
     else:
         text, offset = prompt, 0
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)

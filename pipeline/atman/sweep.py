@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from pipeline.atman.attention import log_multiplier, repeat_kv, suppress_scores
 
@@ -73,7 +74,8 @@ class SweepAttention:
     ) -> None:
         self.rows, self.store, self.mode = rows, store, mode
         self.record = all(r.unit is None for r in rows)
-        lengths = [len(inputs[r.seq].input_ids) - r.start for r in rows]
+        # the last target token is never an input that matters: no later position reads it
+        lengths = [len(inputs[r.seq].input_ids) - 1 - r.start for r in rows]
         b, length = len(rows), max(lengths)
         self.prefix = max(r.start for r in rows)
         self.lengths = lengths
@@ -82,14 +84,14 @@ class SweepAttention:
         input_ids = torch.zeros(b, length, dtype=torch.long)
         q_pos = torch.full((b, length), -1, dtype=torch.long)
         k_mult = torch.ones(b, self.prefix + length, dtype=torch.float32)
-        for i, (row, n, off) in enumerate(zip(rows, lengths, self.offsets)):
+        for i, (row, n, off) in enumerate(zip(rows, lengths, self.offsets, strict=True)):
             seq = inputs[row.seq]
-            input_ids[i, off : off + n] = seq.input_ids[row.start :]
+            input_ids[i, off : off + n] = seq.input_ids[row.start : row.start + n]
             q_pos[i, off : off + n] = torch.arange(row.start, row.start + n)
             if row.unit is not None:
                 mult = seq.multipliers[row.unit]
                 k_mult[i, : row.start] = mult[: row.start]
-                k_mult[i, self.prefix + off : self.prefix + off + n] = mult[row.start :]
+                k_mult[i, self.prefix + off : self.prefix + off + n] = mult[row.start : row.start + n]
         prefix_pos = torch.arange(self.prefix).expand(b, -1)
         starts = torch.tensor([r.start for r in rows])[:, None]
         k_pos = torch.cat([prefix_pos.masked_fill(prefix_pos >= starts, -1), q_pos], dim=1)
@@ -101,8 +103,10 @@ class SweepAttention:
         self.suppressing = bool((k_mult != 1).any())
         self._visible: dict[int | None, torch.Tensor] = {}
         self._bias: dict[int | None, torch.Tensor] = {}
-        # one prompt and one start for the whole batch: the prefix is a view, broadcast over rows
+        # one prompt and one start for the whole batch: the prefix is a view, broadcast over rows, and
+        # (no padding) visibility is plain lower-right causal, which fused/flash kernels take without a mask
         self._shared_prefix = len({(r.seq, r.start) for r in rows}) == 1
+        self._causal = causal_lower_right(length, self.prefix + length) if self._shared_prefix else None
 
     def slot(self, i: int, position: int) -> int:
         """Query slot of absolute ``position`` in row ``i``."""
@@ -144,13 +148,17 @@ class SweepAttention:
         if self.prefix:
             key = torch.cat([self._prefix(layer, self.store.keys, key), key], dim=2)
             value = torch.cat([self._prefix(layer, self.store.values, value), value], dim=2)
-        vis = self.visible(sliding_window)
         n_rep = query.shape[1] // key.shape[1]
-        if not self.suppressing:
+        if self.mode == "scale" or not self.suppressing:  # H * m == scaled keys: any fused kernel works
+            if self.suppressing:
+                key = key * self.k_mult[:, None, :, None].to(key.dtype)
+            if self._causal is not None and sliding_window is None:
+                # CausalBias dispatches to flash / memory-efficient kernels, which want equal head counts
+                key, value = repeat_kv(key, n_rep), repeat_kv(value, n_rep)
+                return F.scaled_dot_product_attention(query, key, value, attn_mask=self._causal, scale=scaling)
+            vis = self.visible(sliding_window)
             return F.scaled_dot_product_attention(query, key, value, attn_mask=vis, scale=scaling, enable_gqa=n_rep > 1)
-        if self.mode == "scale":  # H * m == scaled keys: any fused kernel works
-            key = key * self.k_mult[:, None, :, None].to(key.dtype)
-            return F.scaled_dot_product_attention(query, key, value, attn_mask=vis, scale=scaling, enable_gqa=n_rep > 1)
+        vis = self.visible(sliding_window)
         if self.mode == "log_additive":  # an additive float mask
             if sliding_window not in self._bias:
                 bias = log_multiplier(self.k_mult)[:, None, None, :].expand_as(vis)
@@ -196,7 +204,7 @@ def _batches(rows: list[_Row], inputs: list[SweepInput], batch_size: int, max_to
     """Sort rows by suffix length (longest first) and pack them; one prompt's rows in a batch share a start."""
 
     def suffix(r: _Row) -> int:
-        return len(inputs[r.seq].input_ids) - r.start
+        return len(inputs[r.seq].input_ids) - 1 - r.start
 
     rows = sorted(rows, key=lambda r: (-suffix(r), r.seq, r.unit or 0))
     batches: list[list[_Row]] = []
@@ -233,7 +241,7 @@ def sweep(
     base: dict[int, torch.Tensor] = {}
     for batch in _batches([_Row(i, 0) for i in range(len(inputs))], inputs, batch_size, max_batch_tokens):
         ctx = SweepAttention(batch, inputs, store, mode, padding_side, device)
-        for row, ce in zip(batch, _target_ce(model, ctx, inputs)):
+        for row, ce in zip(batch, _target_ce(model, ctx, inputs), strict=True):
             base[row.seq] = ce
 
     rows = []
@@ -247,7 +255,7 @@ def sweep(
     ce = {(i, u): base[i] for i, seq in enumerate(inputs) for u in range(len(seq.multipliers))}
     for batch in _batches(rows, inputs, batch_size, max_batch_tokens):
         ctx = SweepAttention(batch, inputs, store, mode, padding_side, device)
-        for row, row_ce in zip(batch, _target_ce(model, ctx, inputs)):
+        for row, row_ce in zip(batch, _target_ce(model, ctx, inputs), strict=True):
             ce[(row.seq, row.unit)] = row_ce
     return [
         SweepOutput(

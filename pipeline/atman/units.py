@@ -15,7 +15,7 @@ from pipeline.atman.config import Granularity
 Span = tuple[int, int]  # [start, end) character range
 
 _WORD = re.compile(r"\w+(?:['\u2019]\w+)*|[^\w\s]+")
-_SENTENCE_BREAK = re.compile(r"(?<=[.!?])[\"')\]\u201d\u2019]*\s+|\n\s*\n")
+_SENTENCE_BREAK = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"')\]\u201d\u2019]))\s+|\n\s*\n")
 _PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
 
 

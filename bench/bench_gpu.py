@@ -1,0 +1,155 @@
+"""GPU benchmark: a full token-level AtMan sweep on a random-initialised Llama-8B-shaped model, bf16.
+
+One call does it all (prepared for a lent H100/H200, ~15 minutes of device time in total):
+
+    python bench/bench_gpu.py --out $OUT/gpu.json              # 1,024 and 2,048 tokens, engine only
+    python bench/bench_gpu.py --lengths 1024 --reference       # also the naive sweep at 1,024 (~1 min)
+    python bench/bench_gpu.py --shape tiny --lengths 64        # smoke test of this script on a CPU
+
+Goals (issue 2): 1,024-token prompt + 16 target tokens <= 12 s, 2,048 <= 45 s, peak memory <= 1.3 x weights.
+Weights are random: speed does not depend on their values, and no download is possible there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from functools import partial
+
+import torch
+import transformers
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from pipeline.atman import attention
+from pipeline.atman.plan import embedding_cosine, unit_multipliers
+from pipeline.atman.reference import reference_sweep
+from pipeline.atman.sweep import SweepInput, sweep
+from pipeline.atman.units import Unit
+
+SHAPES = {
+    "8b": dict(
+        hidden_size=4096,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=14336,
+        vocab_size=128256,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+    ),
+    "tiny": dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=1000,
+        max_position_embeddings=4096,
+    ),
+}
+
+
+def build(shape: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    torch.manual_seed(0)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # initialise directly in bf16 on the device: no fp32 copy of 8B weights
+    try:
+        with device:
+            model = LlamaForCausalLM(LlamaConfig(**SHAPES[shape]))
+    finally:
+        torch.set_default_dtype(default)
+    model.eval()
+    attention.enable(model)
+    return model
+
+
+def sweep_input(model, n_prompt: int, n_target: int, factor: float, kappa: float | None) -> SweepInput:
+    vocab = model.config.vocab_size
+    ids = torch.randint(0, vocab, (n_prompt + n_target,), generator=torch.Generator().manual_seed(1))
+    units = [Unit(str(p), p, 1, (p,)) for p in range(n_prompt)]  # token granularity: one pass per prompt token
+    cosine = None
+    if kappa is not None:
+        emb = model.get_input_embeddings().weight
+        cosine = embedding_cosine(emb, ids.to(emb.device)).cpu()
+    return SweepInput(ids, n_target, unit_multipliers(len(ids), units, factor, cosine, kappa))
+
+
+def timed(fn, device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    out = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+    return out, time.perf_counter() - start, peak
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="8b")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048])
+    parser.add_argument("--target-tokens", type=int, default=16)
+    parser.add_argument("--modes", nargs="+", default=["scale", "log_additive"])
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-batch-tokens", type=int, default=16384)
+    parser.add_argument("--kappa", type=float, default=None, help="conceptual threshold (default off)")
+    parser.add_argument("--reference", action="store_true", help="also time the naive sweep (first length only)")
+    parser.add_argument("--out", default=None, help="write the results as JSON here too")
+    args = parser.parse_args()
+    transformers.utils.logging.set_verbosity_error()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = build(args.shape, device, dtype)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    results = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "shape": args.shape,
+        "dtype": str(dtype),
+        "weights_gib": round(weights / 2**30, 2),
+        "runs": [],
+    }
+    for n in args.lengths:
+        seq = sweep_input(model, n, args.target_tokens, 0.1, args.kappa)
+        for mode in args.modes:
+            sweep(model, [sweep_input(model, 32, 4, 0.1, None)], mode=mode)  # warm-up: kernels, allocator
+            out, seconds, peak = timed(
+                partial(
+                    sweep, model, [seq], mode=mode, batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens
+                ),
+                device,
+            )
+            entry = {
+                "prompt_tokens": n,
+                "target_tokens": args.target_tokens,
+                "mode": mode,
+                "passes": n + 1,
+                "engine_s": round(seconds, 2),
+            }
+            if peak is not None:
+                entry |= {"peak_gib": round(peak / 2**30, 2), "peak_over_weights": round(peak / weights, 3)}
+            if args.reference and n == args.lengths[0]:
+                ref, ref_s, ref_peak = timed(partial(reference_sweep, model, [seq], mode=mode), device)
+                fast_scores, ref_scores = ((o[0].ce - o[0].base_ce[None]).sum(1).float() for o in (out, ref))
+                entry |= {
+                    "reference_s": round(ref_s, 2),
+                    "speedup": round(ref_s / seconds, 2),
+                    "max_abs_score_diff": float((fast_scores - ref_scores).abs().max()),
+                }
+                if ref_peak is not None:
+                    entry["reference_peak_gib"] = round(ref_peak / 2**30, 2)
+            results["runs"].append(entry)
+            print(json.dumps(entry), flush=True)
+    print(json.dumps(results, indent=2))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+"""The benchmark scripts still run (tiny shapes; the real figures come from `make bench` and a GPU host)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parent.parent
+
+
+def test_gpu_bench_script_runs_on_a_tiny_shape(tmp_path):
+    out = tmp_path / "gpu.json"
+    cmd = [
+        sys.executable,
+        str(ROOT / "bench/bench_gpu.py"),
+        "--shape",
+        "tiny",
+        "--lengths",
+        "48",
+        "--reference",
+        "--kappa",
+        "0.2",
+        "--out",
+        str(out),
+    ]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    result = json.loads(out.read_text())
+    assert {r["mode"] for r in result["runs"]} == {"scale", "log_additive"}
+    for run in result["runs"]:
+        assert run["passes"] == 49 and run["engine_s"] > 0
+        assert run["max_abs_score_diff"] <= 1e-4

@@ -1,0 +1,146 @@
+"""Explainer behaviour on tiny models: identity factor, explain spans, conceptual multipliers, chat, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import AtManConfig, Explainer
+from pipeline.atman.plan import unit_multipliers
+from pipeline.atman.units import Unit
+
+PROMPT = "The cat sat on the mat. The cat was happy."
+
+
+@pytest.fixture
+def llama(tiny_lms):
+    return tiny_lms["llama"]
+
+
+@pytest.mark.parametrize("mode", ["multiplicative", "log_additive", "scale"])
+def test_factor_one_gives_zero_scores(llama, mode):
+    e = Explainer(llama, AtManConfig(mode=mode, factor=1.0, granularity="word")).explain(PROMPT, " The", chat=False)
+    assert len(e.units) == 12  # 10 words, 2 full stops
+    assert np.all(e.scores == 0) and np.all(e.per_target == 0)
+
+
+def test_units_outside_explain_span_never_perturbed(llama):
+    span = (24, 41)  # "The cat was happy"
+    # kappa = 0: every token with a non-negative embedding cosine is suppressed along with the unit
+    ex = Explainer(llama, AtManConfig(granularity="token", conceptual_threshold=0.0))
+    planned = ex.plan(PROMPT, " The", explain_span=span, chat=False)
+    inside = {p for u in planned.units for p in u.positions}
+    assert inside and all(span[0] <= u.start and u.start + u.length <= span[1] for u in planned.units)
+    mult = planned.sweep_input.multipliers
+    outside = [p for p in range(mult.shape[1]) if p not in inside]
+    assert torch.all(mult[:, outside] == 1)  # including the "The cat" before the span and the target
+    inside_mult = mult[:, sorted(inside)]
+    assert inside_mult.diagonal().tolist() == pytest.approx([0.1] * len(inside))
+    assert (inside_mult < 1).sum() > len(inside)  # conceptual suppression is active inside the span
+
+
+def test_chat_template_tokens_are_never_units(llama):
+    ex = Explainer(llama, AtManConfig(granularity="word"))
+    planned = ex.plan("Why is the sky blue?", " Rayleigh", chat=True)
+    assert [u.text for u in planned.units] == ["Why", "is", "the", "sky", "blue", "?"]
+    n_template = len(planned.prepared.prompt_ids)
+    assert n_template > 10  # the system prompt and role markers are there ...
+    touched = torch.nonzero((planned.sweep_input.multipliers != 1).any(0))[:, 0]
+    spans = planned.prepared.token_spans
+    assert all(spans[p] is not None for p in touched)  # ... but only user-text tokens are ever suppressed
+
+
+def test_chat_prompt_matches_reference(llama):
+    kw = dict(granularity="word", mode="log_additive")
+    fast = Explainer(llama, AtManConfig(**kw)).explain("Why is the sky blue?", " Because", chat=True)
+    ref = Explainer(llama, AtManConfig(engine="reference", **kw)).explain("Why is the sky blue?", " Because", chat=True)
+    np.testing.assert_allclose(fast.scores, ref.scores, atol=1e-4, rtol=0)
+
+
+def test_conceptual_multipliers():
+    units = [Unit("a", 0, 1, (0,)), Unit("b", 1, 1, (1,)), Unit("c", 2, 1, (2,))]
+    cosine = torch.tensor([[1.0, 0.8, 0.1], [0.8, 1.0, 0.75], [0.1, 0.75, 1.0]])
+    mult = unit_multipliers(4, units, factor=0.1, cosine=cosine, threshold=0.7)
+    expected = torch.tensor(
+        [
+            [0.1, 1 - 0.9 * 0.8, 1.0, 1.0],
+            [1 - 0.9 * 0.8, 0.1, 1 - 0.9 * 0.75, 1.0],
+            [1.0, 1 - 0.9 * 0.75, 0.1, 1.0],
+        ]
+    )
+    torch.testing.assert_close(mult, expected)
+    assert torch.all(unit_multipliers(4, units, 0.1, cosine, None)[:, 3] == 1)
+
+
+def test_postprocess_and_normalize(llama):
+    base = Explainer(llama, AtManConfig(granularity="word")).explain(PROMPT, " The", chat=False)
+    sq = Explainer(llama, AtManConfig(granularity="word", postprocess="square", normalize=True)).explain(
+        PROMPT, " The", chat=False
+    )
+    expected = base.scores**2 / (base.scores**2).max()
+    np.testing.assert_allclose(sq.scores, expected, rtol=1e-5)
+    assert sq.scores.max() == pytest.approx(1.0)
+
+
+def test_explain_batch_matches_single(llama):
+    ex = Explainer(llama, AtManConfig(granularity="word"))
+    prompts, targets = [PROMPT, "One two three."], [" The", " Four"]
+    batch = ex.explain_batch(prompts, targets, chat=False)
+    for p, t, b in zip(prompts, targets, batch, strict=True):
+        np.testing.assert_allclose(ex.explain(p, t, chat=False).scores, b.scores, atol=1e-5, rtol=0)
+
+
+def test_generated_target_stops_at_eos_and_is_explained(llama):
+    e = Explainer(llama, AtManConfig(granularity="word")).explain(PROMPT, generate=3, chat=False)
+    assert 1 <= len(e.target_tokens) <= 3
+    assert e.per_target.shape == (len(e.units), len(e.target_tokens))
+
+
+def test_to_dict_shape(llama):
+    d = Explainer(llama, AtManConfig(granularity="word")).explain(PROMPT, " The", chat=False).to_dict()
+    assert {
+        "prompt",
+        "target",
+        "target_tokens",
+        "base_target_ce",
+        "mode",
+        "factor",
+        "granularity",
+        "units",
+        "per_target",
+    } <= set(d)
+    assert set(d["units"][0]) == {"text", "start", "length", "score"}
+    assert all(PROMPT[u["start"] : u["start"] + u["length"]] == u["text"] for u in d["units"])
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(prompt="", target=" x"), "prompt"),
+        (dict(prompt="   ", target=" x"), "prompt"),
+        (dict(prompt="abc", target=""), "target"),
+        (dict(prompt="word " * 600, target=" x"), "prompt"),  # 600+ tokens > the tiny model's 512 context
+        (dict(prompt="abc", target=" x", explain_span=(2, 9)), "explain_span"),
+        (dict(prompt="abc", target=" x", explain_span=(2, 2)), "explain_span"),
+        (dict(prompt="abc", target=" x", generate=2), "generate"),
+    ],
+)
+def test_bad_input_names_the_parameter(llama, kwargs, field):
+    with pytest.raises(ValueError, match=rf"^{field}: |\n{field}\n"):
+        Explainer(llama).explain(chat=False, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(mode="subtractive"), "mode"),
+        (dict(granularity="clause"), "granularity"),
+        (dict(factor=-0.1), "factor"),
+        (dict(conceptual_threshold=1.5), "conceptual_threshold"),
+        (dict(granularity="custom"), "delimiter"),
+    ],
+)
+def test_bad_config_names_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        AtManConfig(**kwargs)
