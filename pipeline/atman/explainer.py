@@ -82,7 +82,7 @@ class Explainer:
             for p, t, s in zip(prompts, targets, spans, strict=True)
         ]
         outputs = self.run([p.sweep_input for p in planned])
-        return [self._explanation(p, o) for p, o in zip(planned, outputs, strict=True)]
+        return [self.explanation(p, o) for p, o in zip(planned, outputs, strict=True)]
 
     def plan(
         self,
@@ -116,7 +116,9 @@ class Explainer:
         mult = unit_multipliers(len(ids), units, cfg.factor, cosine, cfg.conceptual_threshold)
         return _Planned(prepared, target_ids, units, SweepInput(ids, len(target_ids), mult))
 
-    def run(self, inputs: list[SweepInput]) -> list[SweepOutput]:
+    def run(self, inputs: list[SweepInput], batch_size: int | None = None) -> list[SweepOutput]:
+        """The suppression sweeps of planned requests, batched together; ``batch_size`` overrides the config's
+        forward batch (the job halves it on CUDA out-of-memory)."""
         cfg = self.config
         if cfg.engine == "reference":
             return reference_sweep(self.model, inputs, mode=cfg.mode)
@@ -125,7 +127,7 @@ class Explainer:
             inputs,
             mode=cfg.mode,
             prefix_reuse=cfg.prefix_reuse,
-            batch_size=cfg.batch_size,
+            batch_size=batch_size or cfg.batch_size,
             max_batch_tokens=cfg.max_batch_tokens,
             padding_side=cfg.padding_side,
         )
@@ -137,7 +139,8 @@ class Explainer:
                 "shorten the prompt or the target"
             )
 
-    def _explanation(self, planned: _Planned, out: SweepOutput) -> Explanation:
+    def explanation(self, planned: _Planned, out: SweepOutput) -> Explanation:
+        """Scores of one planned request from its sweep output (postprocess and normalize applied)."""
         cfg = self.config
         delta = (out.ce - out.base_ce[None]).numpy().astype(np.float32)  # [U, T], positive = supported
         scores = delta.sum(axis=1)

@@ -1,0 +1,235 @@
+"""The unit of work of a job: explain a batch of request rows and publish them as one Parquet part.
+
+``ExplainWorker`` is what each Ray actor holds (the model is loaded once per actor); it has no Ray code, so
+it runs in-process too (benchmarks, tests). Row outcomes:
+- ``skipped``: the input cannot be explained (reader problem, empty prompt, longer than the context, bad span);
+- ``error``: explaining failed at run time (message = exception type and text);
+- ``ok``.
+On CUDA out-of-memory a group of prompts is halved and retried; a single prompt that still does not fit
+is retried with half the engine's forward batch, down to one row, before it is marked ``error``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import io
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from pipeline.jobspec import JobSpec
+from pipeline.layout import RunPaths, filesystem
+from pipeline.schema import SCHEMA
+
+log = logging.getLogger(__name__)
+
+# What each call returns to the driver: small, so the driver never holds relevance maps.
+RESULT_SCHEMA = pa.schema(
+    [
+        pa.field("prompt_id", pa.string()),
+        pa.field("status", pa.string()),
+        pa.field("n_units", pa.int64()),
+        pa.field("part", pa.string()),
+    ]
+)
+
+
+def part_name(prompt_ids: list[str]) -> str:
+    """A part's name follows from the ids it holds: a retried batch overwrites its own part, never adds one."""
+    digest = hashlib.sha256("\n".join(sorted(prompt_ids)).encode()).hexdigest()[:20]
+    return f"part-{digest}.parquet"
+
+
+def publish(fs, path: str, data: bytes) -> None:
+    """Write a file whole: a local file appears by rename; an object store publishes a PUT atomically."""
+    if _is_local(fs):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = os.path.join(os.path.dirname(path), f".tmp-{os.getpid()}-{os.path.basename(path)}")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    else:
+        fs.pipe_file(path, data)
+
+
+def _is_local(fs) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    return "file" in protocol or "local" in protocol
+
+
+def parquet_bytes(table: pa.Table, compression: str) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression=None if compression == "none" else compression)
+    return buf.getvalue()
+
+
+@dataclass
+class _Row:
+    request: dict
+    planned: object | None = None
+    plan_s: float = 0.0
+    result: dict | None = None
+
+
+class ExplainWorker:
+    """Loads the job's model once; ``__call__`` explains a batch of INPUT_SCHEMA rows and writes one part."""
+
+    def __init__(self, spec_json: str, run: dict) -> None:
+        import transformers
+
+        from pipeline.atman.explainer import Explainer
+        from pipeline.models import load_model
+
+        transformers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+        self.spec = JobSpec.model_validate_json(spec_json)
+        self.run = RunPaths(**run)
+        self.fs = filesystem(self.run.root)[0]
+        threads = int(os.environ.get("ATMAN_TORCH_THREADS", "0")) or max(1, int(self.spec.resources.cpus_per_actor))
+        if not torch.cuda.is_available():
+            torch.set_num_threads(threads)
+        m = self.spec.model
+        self.lm = load_model(m.id, dtype=m.dtype, revision=m.revision, trust_remote_code=m.trust_remote_code)
+        self.config = self.spec.method.atman_config()
+        self.explainer = Explainer(self.lm, self.config)
+        self.method_params = json.dumps(self.config.model_dump(), sort_keys=True)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = self.explain_rows(batch.to_pylist())
+        table = pa.Table.from_pylist(rows, schema=SCHEMA)
+        name = part_name([r["prompt_id"] for r in rows])
+        publish(self.fs, self.run.part(name), parquet_bytes(table, self.spec.output.compression))
+        return pa.Table.from_pylist(
+            [
+                {"prompt_id": r["prompt_id"], "status": r["status"], "n_units": len(r["unit_text"] or []), "part": name}
+                for r in rows
+            ],
+            schema=RESULT_SCHEMA,
+        )
+
+    # --- explaining ------------------------------------------------------------------------------------------
+
+    def explain_rows(self, requests: list[dict]) -> list[dict]:
+        """One output row (SCHEMA) per request, in request order."""
+        rows = [_Row(r) for r in requests]
+        todo = []
+        # shortest first: similar lengths share forward batches with little padding
+        for row in sorted(rows, key=lambda r: len(r.request.get("prompt") or "")):
+            started = time.perf_counter()
+            req = row.request
+            if req.get("input_error"):
+                row.result = self._row(req, "skipped", req["input_error"])
+                continue
+            try:
+                spans = json.loads(req["explain_span"]) if req.get("explain_span") else None
+                row.planned = self.explainer.plan(
+                    req["prompt"],
+                    req.get("target"),
+                    explain_span=None if spans is None else [tuple(s) for s in spans],
+                    chat=req.get("chat"),
+                )
+            except ValueError as err:  # the request itself is unexplainable: named by the engine
+                row.result = self._row(req, "skipped", str(err))
+                continue
+            except Exception as err:  # noqa: BLE001 - a row never takes the batch down
+                row.result = self._row(req, "error", _message(err))
+                continue
+            row.plan_s = time.perf_counter() - started
+            todo.append(row)
+        self._explain(todo, self.config.batch_size)
+        return [r.result for r in rows]
+
+    def _explain(self, group: list[_Row], batch_size: int) -> None:
+        if not group:
+            return
+        t0 = time.perf_counter()
+        try:
+            outputs = self.explainer.run([r.planned.sweep_input for r in group], batch_size=batch_size)
+        except torch.OutOfMemoryError as err:
+            _free_cuda()
+            if len(group) > 1:
+                half = len(group) // 2
+                log.warning("CUDA out of memory with %d prompts; retrying in halves", len(group))
+                self._explain(group[:half], batch_size)
+                self._explain(group[half:], batch_size)
+            elif batch_size > 1:
+                log.warning("CUDA out of memory on one prompt; retrying with forward batch %d", batch_size // 2)
+                self._explain(group, batch_size // 2)
+            else:
+                group[0].result = self._row(group[0].request, "error", _message(err))
+            return
+        except Exception as err:  # noqa: BLE001
+            if len(group) > 1:  # find the row that fails; the others still get explained
+                for row in group:
+                    self._explain([row], batch_size)
+            else:
+                group[0].result = self._row(group[0].request, "error", _message(err))
+            return
+        elapsed = time.perf_counter() - t0
+        total_units = sum(len(r.planned.units) for r in group) or 1
+        for row, out in zip(group, outputs, strict=True):
+            explanation = self.explainer.explanation(row.planned, out)
+            share = elapsed * len(row.planned.units) / total_units
+            row.result = self._row(row.request, "ok", None, explanation, latency_s=row.plan_s + share)
+
+    def _row(self, req: dict, status: str, error: str | None, explanation=None, latency_s: float = 0.0) -> dict:
+        row = {
+            "prompt_id": req["prompt_id"],
+            "run_id": self.run.run_id,
+            "model_id": self.spec.model.id,
+            "model_revision": self.lm.revision,
+            "method_params": self.method_params,
+            "prompt": req.get("prompt"),
+            "target": req.get("target"),
+            "granularity": self.config.granularity,
+            "unit_text": None,
+            "unit_start": None,
+            "unit_length": None,
+            "scores": None,
+            "per_target": None,
+            "target_tokens": None,
+            "base_target_ce": None,
+            "n_prompt_tokens": None,
+            "status": status,
+            "error": error,
+            "latency_ms": None,
+            "written_at": dt.datetime.now(dt.timezone.utc),
+            "source": req.get("source"),
+            "chat": req.get("chat"),
+            "metadata": req.get("metadata"),
+        }
+        if explanation is not None:
+            e = explanation
+            row.update(
+                target=e.target,
+                unit_text=[u[0] for u in e.units],
+                unit_start=[u[1] for u in e.units],
+                unit_length=[u[2] for u in e.units],
+                scores=e.scores.tolist(),
+                per_target=None if e.per_target is None else e.per_target.tolist(),
+                target_tokens=list(e.target_tokens),
+                base_target_ce=e.base_target_ce,
+                n_prompt_tokens=e.n_prompt_tokens,
+                chat=e.chat,
+                latency_ms=1000.0 * latency_s,
+            )
+        return row
+
+
+def _message(err: BaseException) -> str:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return f"{type(err).__name__}: {text}"[:2000] if text else type(err).__name__
+
+
+def _free_cuda() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
