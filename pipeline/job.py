@@ -105,7 +105,9 @@ def run_job(
         for result in _execute(spec, paths, blocks, address):
             processed += result.num_rows
             statuses = result.column("status").to_pylist()
-            passes += sum(n + 1 for n, s in zip(result.column("n_units").to_pylist(), statuses) if s == "ok")
+            passes += sum(
+                n + 1 for n, s in zip(result.column("n_units").to_pylist(), statuses, strict=True) if s == "ok"
+            )
             if on_progress:
                 on_progress(processed, todo.num_rows)
     summary = finalize(spec, paths, requests, started_at)
@@ -117,7 +119,7 @@ def run_job(
 def _written(paths: RunPaths) -> dict[str, str]:
     """prompt_id -> status of every row already published in this run (newest wins)."""
     index = _index(paths)
-    return dict(zip(index["prompt_id"], index["status"])) if index else {}
+    return dict(zip(index["prompt_id"], index["status"], strict=True)) if index else {}
 
 
 def _index(paths: RunPaths) -> dict[str, list] | None:
@@ -212,7 +214,7 @@ def finalize(spec: JobSpec, paths: RunPaths, requests: pa.Table, started_at: dt.
     fs = paths.fs
     deduplicated = _deduplicate(paths)
     index = _index(paths) or {"prompt_id": [], "status": [], "part": []}
-    written = dict(zip(index["prompt_id"], index["status"]))
+    written = dict(zip(index["prompt_id"], index["status"], strict=True))
     wanted = requests.column("prompt_id").to_pylist()
     missing = [pid for pid in wanted if pid not in written]
     if missing:

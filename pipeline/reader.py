@@ -161,7 +161,11 @@ def _csv_records(fs, name: str, spec: InputSpec) -> Iterator[tuple[str, dict | N
             yield source, None, f"line {reader.line_num}: {len(fields)} fields, the header has {len(header)}"
             continue
         # CSV has no null: an empty cell of an optional column means "absent"
-        yield source, {k: (v if v != "" or k == spec.prompt_column else None) for k, v in zip(header, fields)}, None
+        yield (
+            source,
+            {k: (v if v != "" or k == spec.prompt_column else None) for k, v in zip(header, fields, strict=True)},
+            None,
+        )
 
 
 def _parquet_records(fs, name: str, spec: InputSpec) -> Iterator[tuple[str, dict | None, str | None]]:
