@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import hashlib
 import json
 import logging
 import os
@@ -196,14 +197,37 @@ def _execute_ray(spec: JobSpec, run: dict, blocks: list[pa.Table], address: str)
 
 def _scratch_dir(spec: JobSpec, run_id: str) -> str:
     """Ray's session directory for a local run, removed afterwards: ``ROOT/_scratch/<run_id>`` for a local root
-    whose path is short enough for Ray's Unix sockets (~107 bytes in all), else a private temp directory."""
+    whose path is short enough for Ray's Unix sockets (~107 bytes in all), else ``$TMPDIR/atman-ray-<hash>``.
+    It is the same for every attempt of a run, so a rerun after a killed driver finds (and stops) the Ray
+    helper processes that the killed driver left running."""
     root = spec.output.root
+    path = None
     if "://" not in root or root.startswith("file://"):
-        candidate = os.path.abspath(os.path.join(root.removeprefix("file://"), "_scratch", run_id))
-        if len(candidate) <= 40:
-            os.makedirs(candidate, exist_ok=True)
-            return candidate
-    return tempfile.mkdtemp(prefix="atman-ray-")
+        path = os.path.abspath(os.path.join(root.removeprefix("file://"), "_scratch", run_id))
+    if path is None or len(path) > 40:
+        key = hashlib.sha256(f"{root}\n{spec.model.id}\n{run_id}".encode()).hexdigest()[:12]
+        path = os.path.join(tempfile.gettempdir(), f"atman-ray-{key}")
+    _stop_orphans(path)
+    os.makedirs(path, exist_ok=True)
+    return path
+
+
+def _stop_orphans(scratch: str) -> None:
+    """Kill Ray processes orphaned by an earlier driver of this run (SIGKILLed drivers leave Ray's dashboard and
+    runtime-env agents running): orphans (parent pid 1) named ``ray::...`` with files open in ``scratch``."""
+    import psutil
+
+    for proc in psutil.process_iter(["ppid", "cmdline"]):
+        try:
+            if proc.info["ppid"] != 1 or not (proc.info["cmdline"] or [""])[0].startswith("ray::"):
+                continue
+            if any(f.path.startswith(scratch + os.sep) for f in proc.open_files()):
+                log.warning(
+                    "stopping %s (pid %d) left by an earlier driver of this run", proc.info["cmdline"][0], proc.pid
+                )
+                proc.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
 
 
 # --- publishing ----------------------------------------------------------------------------------------------------

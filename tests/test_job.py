@@ -1,0 +1,325 @@
+"""`atman run` end to end on a local 2-CPU Ray: output layout and schema, bad rows, resume, readers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import TINY_CONTEXT
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pipeline.job import run_job
+from pipeline.jobspec import JobSpec
+from pipeline.layout import MANIFEST, SUCCESS
+from pipeline.schema import SCHEMA
+from pipeline.worker import ExplainWorker
+
+ATMAN = str(Path(sys.executable).parent / "atman")
+
+GOOD = [
+    {"id": "fr", "prompt": "The capital of France is Paris. The capital of Germany is", "target": " Berlin"},
+    {"id": "qa", "prompt": "What is the capital of France?", "target": "Paris.", "chat": True},
+    {"id": "gen", "prompt": "Water freezes at a temperature of"},  # no target: generated
+    {"id": "span", "prompt": "Review: cold food, rude waiter. Sentiment:", "target": " bad", "span": [0, 31]},
+    {"id": 5, "prompt": "Alice is taller than Bob. Bob is taller than Carol. The shortest is", "target": " Carol"},
+    {"id": "code", "prompt": "def add(a, b):\n    return", "target": " a + b", "topic": "code"},
+]
+BAD = [
+    (json.dumps({"id": "nokey", "text": "no prompt"}).encode(), "nokey", "prompt: the row has no 'prompt' value"),
+    (json.dumps({"id": "int", "prompt": 42}).encode(), "int", "must be a string, got int"),
+    (json.dumps({"id": "empty", "prompt": ""}).encode(), "empty", "prompt: empty"),
+    (b'{"id": "utf8", "prompt": "caf\xe9"}', None, "invalid UTF-8"),
+    (json.dumps({"id": "fr", "prompt": "again"}).encode(), None, "duplicate id 'fr'"),
+    (json.dumps({"id": "long", "prompt": "word " * 120}).encode(), "long", f"context of {TINY_CONTEXT}"),
+]
+
+
+def _spec(model_dir, input_path, root, **resources) -> JobSpec:
+    return JobSpec.model_validate(
+        {
+            "name": "test",
+            "model": {"id": model_dir},
+            "input": {
+                "path": str(input_path),
+                "explain_span_column": "span",
+                "chat_column": "chat",
+                "metadata_columns": ["topic"],
+            },
+            "method": {"granularity": "word", "generate_max_tokens": 3},
+            "output": {"root": str(root)},
+            "resources": {"actors": 1, "batch_rows": 2, **resources},
+        }
+    )
+
+
+def _write(path: Path, rows: list[dict], extra: list[bytes] = ()) -> None:
+    lines = [json.dumps({"topic": "t", **r}).encode() for r in rows] + list(extra)
+    path.write_bytes(b"\n".join(lines) + b"\n")
+
+
+def _read(location: str) -> pa.Table:
+    return ds.dataset(location, format="parquet").to_table()
+
+
+@pytest.fixture(scope="module")
+def bad_rows_run(tmp_path_factory, tiny_model_dir, ray_cluster):
+    tmp = tmp_path_factory.mktemp("job")
+    _write(tmp / "in.jsonl", GOOD, [line for line, _, _ in BAD])
+    spec = _spec(tiny_model_dir, tmp / "in.jsonl", tmp / "out", actors=2)
+    summary = run_job(spec, "r1")
+    return spec, summary
+
+
+@pytest.mark.cluster
+def test_every_row_is_written_once_with_a_status(bad_rows_run):
+    _, summary = bad_rows_run
+    assert summary.counts == {"ok": len(GOOD), "skipped": len(BAD), "error": 0}
+    assert summary.processed == summary.rows == len(GOOD) + len(BAD)
+    table = _read(summary.location)
+    ids = table.column("prompt_id").to_pylist()
+    assert len(ids) == len(set(ids)) == len(GOOD) + len(BAD)
+    rows = {r["prompt_id"]: r for r in table.to_pylist()}
+    for _, pid, message in BAD:
+        matches = [r for k, r in rows.items() if (k == pid if pid else r["error"] and message in r["error"])]
+        assert len(matches) == 1, message
+        assert matches[0]["status"] == "skipped" and message in matches[0]["error"]
+    for good in GOOD:
+        row = rows[str(good["id"])]
+        assert row["status"] == "ok" and row["error"] is None, row["error"]
+        n = len(row["unit_text"])
+        assert n > 0 and len(row["scores"]) == len(row["unit_start"]) == len(row["unit_length"]) == n
+        assert len(row["per_target"]) == n and all(len(p) == len(row["target_tokens"]) for p in row["per_target"])
+        for text, start, length in zip(row["unit_text"], row["unit_start"], row["unit_length"], strict=True):
+            assert row["prompt"][start : start + length] == text
+        assert row["base_target_ce"] > 0 and row["n_prompt_tokens"] > 0 and row["latency_ms"] >= 0
+    assert rows["gen"]["target"] and rows["gen"]["target_tokens"], "a generated target is written"
+    assert max(s + n for s, n in zip(rows["span"]["unit_start"], rows["span"]["unit_length"], strict=True)) <= 31
+    assert rows["qa"]["chat"] is True and rows["fr"]["chat"] is False
+    assert json.loads(rows["code"]["metadata"]) == {"topic": "code"}
+
+
+@pytest.mark.cluster
+def test_layout_schema_and_manifest(bad_rows_run, tiny_model_dir):
+    spec, summary = bad_rows_run
+    run_dir = Path(summary.location)
+    assert run_dir.parent.name == "run_id=r1" or run_dir.name == "run_id=r1"
+    assert run_dir.parent.name.startswith("run_date=") and run_dir.parent.parent.name.startswith("model=")
+    parts = sorted(run_dir.glob("part-*.parquet"))
+    assert parts and not list(run_dir.glob(".tmp-*")), "only whole parts are published"
+    for part in parts:
+        f = pq.ParquetFile(part)
+        assert f.schema_arrow.remove_metadata() == SCHEMA.remove_metadata()
+        assert {f.metadata.row_group(0).column(i).compression for i in range(f.metadata.num_columns)} == {"ZSTD"}
+    table = _read(summary.location)
+    for name in ("unit_text", "scores", "per_target", "target_tokens"):
+        assert pa.types.is_list(table.schema.field(name).type), "plain Arrow lists, no extension types"
+    assert set(table.column("run_id").to_pylist()) == {"r1"}
+    assert set(table.column("model_id").to_pylist()) == {tiny_model_dir}
+    params = {json.dumps(json.loads(p), sort_keys=True) for p in table.column("method_params").to_pylist()}
+    assert len(params) == 1 and json.loads(params.pop())["factor"] == 0.1
+    manifest = json.loads((run_dir / MANIFEST).read_text())
+    assert manifest["counts"] == summary.counts and manifest["rows"] == table.num_rows
+    assert manifest["config_hash"] == spec.config_hash() and manifest["config"]["name"] == "test"
+    assert {"torch", "transformers", "ray", "pyarrow", "atman-pipeline"} <= set(manifest["libraries"])
+    assert sorted(f["name"] for f in manifest["files"]) == [p.name for p in parts]
+    success = (run_dir / SUCCESS).stat().st_mtime_ns
+    assert all(p.stat().st_mtime_ns <= success for p in [*parts, run_dir / MANIFEST]), "_SUCCESS is written last"
+
+
+@pytest.mark.cluster
+def test_duckdb_reads_the_output(bad_rows_run):
+    import duckdb
+
+    _, summary = bad_rows_run
+    n, distinct, ok, top = duckdb.connect().execute(
+        f"SELECT count(*), count(DISTINCT prompt_id), count(*) FILTER (status = 'ok'), "
+        f"max(list_max(scores)) FROM read_parquet('{summary.location}/*.parquet')"
+    ).fetchone()
+    assert n == distinct == summary.rows and ok == summary.counts["ok"] and top > 0
+
+
+@pytest.mark.cluster
+def test_pandas_reads_the_output(bad_rows_run):
+    import pandas as pd
+
+    _, summary = bad_rows_run
+    df = pd.read_parquet(summary.location)
+    assert len(df) == summary.rows and df["prompt_id"].is_unique
+    assert (df["status"] == "skipped").sum() == summary.counts["skipped"]
+    assert len(df.loc[df["prompt_id"] == "fr", "scores"].iloc[0]) > 0
+
+
+@pytest.mark.cluster
+def test_polars_reads_the_output(bad_rows_run):
+    import polars as pl
+
+    _, summary = bad_rows_run
+    df = pl.read_parquet(f"{summary.location}/*.parquet")
+    assert df.height == summary.rows and df["prompt_id"].n_unique() == summary.rows
+    assert df.schema["scores"] == pl.List(pl.Float32)
+    assert df.filter(pl.col("status") == "ok")["scores"].list.len().min() > 0
+
+
+@pytest.mark.cluster
+def test_resume_processes_only_what_is_missing(tmp_path, tiny_model_dir, ray_cluster):
+    _write(tmp_path / "in.jsonl", GOOD[:4])
+    spec = _spec(tiny_model_dir, tmp_path / "in.jsonl", tmp_path / "out", batch_rows=2)
+    first = run_job(spec, "r2")
+    assert first.processed == 4 and first.counts["ok"] == 4
+    run_dir = Path(first.location)
+    before = {p.name: p.stat().st_mtime_ns for p in run_dir.glob("part-*.parquet")}
+
+    again = run_job(spec, "r2")
+    assert again.processed == 0 and again.rows == 4
+    assert {p.name: p.stat().st_mtime_ns for p in run_dir.glob("part-*.parquet")} == before, "nothing rewritten"
+
+    _write(tmp_path / "in.jsonl", GOOD)  # the input grew: only the new rows are explained
+    grown = run_job(spec, "r2")
+    assert grown.processed == len(GOOD) - 4 and grown.rows == len(GOOD)
+
+    # an earlier failure: one row written as 'error' (by rewriting its part the way a failed actor call would)
+    part = next(p for p in run_dir.glob("part-*.parquet") if "fr" in pq.read_table(p)["prompt_id"].to_pylist())
+    table = pq.read_table(part)
+    status = [
+        "error" if pid == "fr" else s
+        for pid, s in zip(table["prompt_id"].to_pylist(), table["status"].to_pylist(), strict=True)
+    ]
+    table = table.set_column(table.schema.get_field_index("status"), SCHEMA.field("status"), pa.array(status))
+    pq.write_table(table, part, compression="zstd")
+
+    kept = run_job(spec, "r2")
+    assert kept.processed == 0 and kept.counts["error"] == 1, "errors count as done without --retry-errors"
+    retried = run_job(spec, "r2", retry_errors=True)
+    assert retried.processed == 1 and retried.counts == {"ok": len(GOOD), "skipped": 0, "error": 0}
+    assert retried.deduplicated == 1, "the old error row (in a part shared with another id) is removed"
+    ids = _read(retried.location).column("prompt_id").to_pylist()
+    assert sorted(ids) == sorted(str(r["id"]) for r in GOOD), "each id exactly once after the retry"
+
+
+# --- the worker in-process: failures are isolated per row, CUDA OOM halves the batch -------------------------------
+
+
+@pytest.fixture
+def worker(tmp_path, tiny_model_dir):
+    (tmp_path / "in.jsonl").write_text("")
+    spec = _spec(tiny_model_dir, tmp_path / "in.jsonl", tmp_path / "out")
+    run = {"root": str(tmp_path / "out"), "model": "tiny", "run_date": "2026-01-01", "run_id": "w"}
+    return ExplainWorker(spec.model_dump_json(), run)
+
+
+def _requests(n: int) -> list[dict]:
+    return [
+        {"prompt_id": f"p{i}", "prompt": f"Prompt number {i} is about", "target": " cats", "source": f"x:{i}"}
+        for i in range(n)
+    ]
+
+
+def test_a_failing_row_does_not_take_the_batch_down(worker, monkeypatch):
+    run = worker.explainer.run
+    bad = worker.explainer.plan("Prompt number 2 is about", " cats").sweep_input.input_ids
+
+    def flaky(inputs, batch_size=None):
+        if any(torch.equal(i.input_ids, bad) for i in inputs):
+            raise RuntimeError("simulated kernel failure")
+        return run(inputs, batch_size=batch_size)
+
+    monkeypatch.setattr(worker.explainer, "run", flaky)
+    rows = {r["prompt_id"]: r for r in worker.explain_rows(_requests(4))}
+    assert rows["p2"]["status"] == "error" and rows["p2"]["error"] == "RuntimeError: simulated kernel failure"
+    assert all(rows[f"p{i}"]["status"] == "ok" for i in (0, 1, 3))
+
+
+def test_cuda_oom_halves_the_batch_then_marks_the_row(worker, monkeypatch):
+    run = worker.explainer.run
+    calls = []
+    hopeless = worker.explainer.plan("Prompt number 3 is about", " cats").sweep_input.input_ids
+
+    def small_memory(inputs, batch_size=None):
+        calls.append((len(inputs), batch_size))
+        if len(inputs) > 1 or any(torch.equal(i.input_ids, hopeless) for i in inputs):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return run(inputs, batch_size=batch_size)
+
+    monkeypatch.setattr(worker.explainer, "run", small_memory)
+    rows = {r["prompt_id"]: r for r in worker.explain_rows(_requests(4))}
+    assert calls[0] == (4, 16) and (2, 16) in calls, "the group of prompts is halved first"
+    assert [c for c in calls if c[0] == 1 and c[1] < 16], "then the forward batch of one prompt"
+    assert (1, 1) in calls, "down to one row per forward pass"
+    assert rows["p3"]["status"] == "error" and rows["p3"]["error"].startswith("OutOfMemoryError: CUDA out of memory")
+    assert all(rows[f"p{i}"]["status"] == "ok" for i in (0, 1, 2))
+
+
+_cells = st.one_of(st.none(), st.booleans(), st.integers(-3, 300), st.text(max_size=30), st.lists(st.integers(0, 9)))
+_row = st.fixed_dictionaries({}, optional={k: _cells for k in ("id", "prompt", "target", "span", "chat", "topic")})
+
+
+@pytest.mark.slow
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.lists(_row, min_size=1, max_size=6), junk=st.lists(st.binary(min_size=1, max_size=8), max_size=2))
+def test_random_rows_never_crash_the_job(tmp_path_factory, tiny_model_dir, rows, junk):
+    """Random rows (and undecodable lines) through the whole job in-process: it finishes, and every non-blank
+    line of the input is exactly one output row with a status."""
+    tmp = tmp_path_factory.mktemp("random")
+    lines = [json.dumps({"prompt": "anchor", "id": "anchor"}).encode()]
+    lines += [json.dumps(r).encode() for r in rows] + [j.replace(b"\n", b" ") for j in junk]
+    (tmp / "in.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    summary = run_job(_spec(tiny_model_dir, tmp / "in.jsonl", tmp / "out"), "h", address="inline")
+    expected = sum(1 for line in lines if line.strip())
+    assert summary.rows == sum(summary.counts.values()) == expected
+    assert len(set(_read(summary.location).column("prompt_id").to_pylist())) == expected
+
+
+# --- the CLI -------------------------------------------------------------------------------------------------------
+
+
+def _cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run([ATMAN, *args], capture_output=True, text=True, env=env, timeout=300, cwd=cwd)
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "sets", "field"),
+    [
+        ("name: x\ninput: {path: in.jsonl}\nmethod: {factr: 0.1}\n", [], "method.factr: unknown key"),
+        ("name: x\ninput: {path: in.jsonl}\nresources: {actors: two}\n", [], "resources.actors:"),
+        ("name: x\ninput: {path: in.jsonl}\n", ["method.mode=sideways"], "method.mode:"),
+        ("name: x\ninput: {path: in.jsonl}\n", ["method.factor"], "--set:"),
+        ("name: x\ninput: {path: nowhere.jsonl}\n", [], "input.path:"),
+        ("name: x\n", [], "input: Field required"),
+        ("name: 'bad name'\ninput: {path: in.jsonl}\n", [], "name:"),
+        ("name: x\ninput: {path: in.jsonl, prompt_column: text}\n", [], "input.prompt_column:"),
+    ],
+)
+def test_bad_job_spec_exits_2_naming_the_field(tmp_path, yaml_text, sets, field):
+    (tmp_path / "in.jsonl").write_text('{"prompt": "hello"}\n')
+    (tmp_path / "job.yaml").write_text(yaml_text)
+    out = _cli("run", "job.yaml", *[a for s in sets for a in ("--set", s)], cwd=tmp_path)
+    assert out.returncode == 2, out.stderr
+    assert field in out.stderr
+
+
+@pytest.mark.cluster
+def test_cli_run_leaves_nothing_in_home(tmp_path, tiny_model_dir):
+    """The CLI path a user runs: embedded Ray started and stopped for the run, summary printed, HOME untouched."""
+    _write(tmp_path / "in.jsonl", GOOD[:3])
+    (tmp_path / "job.yaml").write_text(
+        f"name: cli\nmodel: {{id: {tiny_model_dir}}}\ninput: {{path: in.jsonl}}\noutput: {{root: out}}\n"
+        "method: {granularity: word, generate_max_tokens: 2}\n"
+    )
+    home = tmp_path / "home"
+    home.mkdir()
+    out = _cli("run", "job.yaml", "--run-id", "c1", "--preview", "1", cwd=tmp_path, env={"HOME": str(home)})
+    assert out.returncode == 0, out.stderr
+    assert "ok" in out.stdout and "prompts/s" in out.stdout and "run_id=c1" in out.stdout
+    assert "top units:" in out.stdout
+    assert list(home.iterdir()) == [], f"left in HOME: {list(home.rglob('*'))[:5]}"
+    assert not (tmp_path / "out" / "_scratch" / "c1").exists(), "Ray's scratch dir is removed after the run"
