@@ -140,10 +140,14 @@ def test_duckdb_reads_the_output(bad_rows_run):
     import duckdb
 
     _, summary = bad_rows_run
-    n, distinct, ok, top = duckdb.connect().execute(
-        f"SELECT count(*), count(DISTINCT prompt_id), count(*) FILTER (status = 'ok'), "
-        f"max(list_max(scores)) FROM read_parquet('{summary.location}/*.parquet')"
-    ).fetchone()
+    n, distinct, ok, top = (
+        duckdb.connect()
+        .execute(
+            f"SELECT count(*), count(DISTINCT prompt_id), count(*) FILTER (status = 'ok'), "
+            f"max(list_max(scores)) FROM read_parquet('{summary.location}/*.parquet')"
+        )
+        .fetchone()
+    )
     assert n == distinct == summary.rows and ok == summary.counts["ok"] and top > 0
 
 
