@@ -137,8 +137,8 @@ def run(
         spec = load_job(job, set_ or [])
     except JobSpecError as error:
         fail(str(error))
-    if address not in ("local", "inline", "auto") and not address.startswith(("ray://", "http://", "https://")):
-        fail(f"address: {address!r} is not local, inline, auto or ray://HOST:PORT")
+    if address not in ("local", "inline", "auto") and not address.startswith("ray://"):
+        fail(f"address: {address!r} is not local, inline, auto or ray://HOST:10001 (use `atman submit` for http://)")
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from pipeline.job import RunIncomplete, run_job

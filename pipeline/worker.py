@@ -94,9 +94,8 @@ class ExplainWorker:
         self.spec = JobSpec.model_validate_json(spec_json)
         self.run = RunPaths(**run)
         self.fs = filesystem(self.run.root)[0]
-        threads = int(os.environ.get("ATMAN_TORCH_THREADS", "0")) or max(1, int(self.spec.resources.cpus_per_actor))
-        if not torch.cuda.is_available():
-            torch.set_num_threads(threads)
+        if not torch.cuda.is_available():  # one torch thread per CPU Ray gave this actor
+            torch.set_num_threads(max(1, int(self.spec.resources.cpus_per_actor)))
         m = self.spec.model
         self.lm = load_model(m.id, dtype=m.dtype, revision=m.revision, trust_remote_code=m.trust_remote_code)
         self.config = self.spec.method.atman_config()

@@ -31,3 +31,13 @@ def test_gpu_bench_script_runs_on_a_tiny_shape(tmp_path):
     for run in result["runs"]:
         assert run["passes"] == 49 and run["engine_s"] > 0
         assert run["max_abs_score_diff"] <= 1e-4
+
+
+def test_pipeline_bench_script_runs_on_a_tiny_model(tmp_path, tiny_model_dir):
+    out = tmp_path / "pipeline.json"
+    cmd = [sys.executable, str(ROOT / "bench/bench_pipeline.py"), "--prompts", "3", "--model", tiny_model_dir]
+    cmd += ["--configs", "engine,inline", "--out", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    result = json.loads(out.read_text())
+    assert result["prompts"] == 3 and set(result["results"]) == {"engine", "inline"}
+    assert result["results"]["inline"]["unit_passes_per_s"] > 0 and result["inline_over_engine"] > 0
