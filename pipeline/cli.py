@@ -147,6 +147,11 @@ def run(
         TextColumn("[bold]explaining"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err
     )
     task = progress.add_task("explain", total=None)
+
+    def started(paths, rows: int, pending: int) -> None:
+        err.print(f"run {paths.run_id}: {rows} input rows, {pending} to explain -> {paths.url}", highlight=False)
+        progress.update(task, total=pending)
+
     try:
         with progress:
             summary = run_job(
@@ -154,6 +159,7 @@ def run(
                 run_id,
                 address=address,
                 retry_errors=retry_errors,
+                on_start=started,
                 on_progress=lambda done, total: progress.update(task, completed=done, total=total),
             )
     except JobSpecError as error:

@@ -30,8 +30,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.jobspec import JobSpec
+from pipeline.jobspec import JobSpec, JobSpecError
 from pipeline.layout import RunPaths, new_run_id, valid_run_id
+from pipeline.models import check_model
 from pipeline.reader import read_input
 from pipeline.schema import SCHEMA_VERSION, STATUSES
 from pipeline.worker import ExplainWorker, parquet_bytes, part_name, publish
@@ -42,7 +43,8 @@ LIBRARIES = ("atman-pipeline", "torch", "transformers", "ray", "pyarrow", "datas
 
 
 class RunIncomplete(RuntimeError):
-    """The run finished without every input id in the output (it is not marked _SUCCESS)."""
+    """The run stopped before every input id was written (it is not marked _SUCCESS); the message says how to
+    resume it."""
 
 
 @dataclass
@@ -76,15 +78,22 @@ def run_job(
     address: str = "local",
     retry_errors: bool = False,
     on_progress: Callable[[int, int], None] | None = None,
+    on_start: Callable[[RunPaths, int, int], None] | None = None,
 ) -> RunSummary:
     """Run (or resume) a job. ``address``: ``local`` (embedded Ray), ``auto`` / ``ray://...`` (a cluster), or
-    ``inline`` (no Ray: one in-process worker; for debugging and benchmarks)."""
+    ``inline`` (no Ray: one in-process worker; for debugging and benchmarks). ``on_start(paths, rows, pending)``
+    is called once the input is read; ``on_progress(done, pending)`` after each batch."""
     started = time.perf_counter()
     started_at = dt.datetime.now(dt.timezone.utc)
     run_id = valid_run_id(run_id) if run_id else new_run_id()
     paths = RunPaths.locate(spec.output.root, spec.model.id, run_id)
     fs = paths.fs
     requests = read_input(spec.input)
+    if address in ("local", "inline"):  # a cluster may see models this machine does not
+        try:
+            check_model(spec.model.id, spec.model.revision, spec.model.trust_remote_code)
+        except ValueError as err:
+            raise JobSpecError(f"model.id: {str(err).removeprefix('model: ')}") from None
     written = _written(paths)
     redo = {"error"} if retry_errors else set()
     pending = [
@@ -95,6 +104,28 @@ def run_job(
     if pending and fs.exists(paths.success):
         fs.rm(paths.success)  # the run is about to change: it is not complete until finalize says so
     fs.makedirs(paths.dir, exist_ok=True)
+    if on_start:
+        on_start(paths, requests.num_rows, len(pending))
+    processed, passes = 0, 0
+    try:
+        processed, passes = _explain_pending(spec, paths, requests, pending, address, on_progress)
+    except Exception as err:
+        raise RunIncomplete(
+            f"the run stopped ({type(err).__name__}: {_first_line(err)}); rows written so far are kept: "
+            f"rerun with --run-id {run_id} to finish it"
+        ) from err
+    summary = finalize(spec, paths, requests, started_at)
+    summary.processed, summary.unit_passes = processed, passes
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0][:300] if text else ""
+
+
+def _explain_pending(spec, paths, requests, pending, address, on_progress) -> tuple[int, int]:
     processed, passes = 0, 0
     if pending:
         todo = requests.take(pending)
@@ -111,10 +142,7 @@ def run_job(
             )
             if on_progress:
                 on_progress(processed, todo.num_rows)
-    summary = finalize(spec, paths, requests, started_at)
-    summary.processed, summary.unit_passes = processed, passes
-    summary.seconds = time.perf_counter() - started
-    return summary
+    return processed, passes
 
 
 def _written(paths: RunPaths) -> dict[str, str]:
@@ -244,7 +272,7 @@ def finalize(spec: JobSpec, paths: RunPaths, requests: pa.Table, started_at: dt.
     if missing:
         raise RunIncomplete(
             f"{len(missing)} of {len(wanted)} input rows have no output row (e.g. {missing[:3]}); "
-            f"rerun with --run-id {paths.run_id} to finish the run"
+            f"rerun with --run-id {paths.run_id} to finish it"
         )
     extra = len(set(written) - set(wanted))
     counts = Counter(written.values())
@@ -254,6 +282,7 @@ def finalize(spec: JobSpec, paths: RunPaths, requests: pa.Table, started_at: dt.
         info = fs.info(part)
         files.append({"name": part.rsplit("/", 1)[-1], "bytes": info.get("size")})
     finished_at = dt.datetime.now(dt.timezone.utc)
+    previous = json.loads(fs.cat_file(paths.manifest)) if fs.exists(paths.manifest) else {}
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "job": spec.name,
@@ -267,7 +296,8 @@ def finalize(spec: JobSpec, paths: RunPaths, requests: pa.Table, started_at: dt.
         "counts": counts,
         "not_in_input": extra,
         "files": files,
-        "started_at": started_at.isoformat(),
+        "started_at": previous.get("started_at", started_at.isoformat()),  # the run's first attempt
+        "attempts": previous.get("attempts", 0) + 1,
         "finished_at": finished_at.isoformat(),
         "libraries": {"python": platform.python_version(), **_versions()},
     }

@@ -168,3 +168,27 @@ def load_model(
         ) from err
     model.to(dev).eval()
     return LoadedModel(model=model, tokenizer=tokenizer, model_id=model_id, revision=rev)
+
+
+def check_model(name: str, revision: str | None = None, trust_remote_code: bool = False) -> None:
+    """Fail fast (ValueError naming ``model``) when ``name`` cannot be loaded here, reading only its config.
+    For an embedded alias this also does the one-time conversion, before any worker needs it."""
+    from transformers import AutoConfig
+
+    if name in EMBEDDED_MODELS:
+        converted_dir(name)
+        return
+    kwargs = {"trust_remote_code": trust_remote_code}
+    if revision and not Path(name).is_dir():
+        kwargs["revision"] = revision
+    try:
+        AutoConfig.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"model: cannot load {name!r} ({_first_line(err)}). Use an alias ({', '.join(EMBEDDED_MODELS)}), "
+            "a local directory with safetensors weights, or a Hugging Face id reachable from here."
+        ) from None
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]

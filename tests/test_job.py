@@ -301,6 +301,7 @@ def _cli(*args: str, cwd: Path | None = None, env: dict | None = None) -> subpro
         ("name: x\n", [], "input: Field required"),
         ("name: 'bad name'\ninput: {path: in.jsonl}\n", [], "name:"),
         ("name: x\ninput: {path: in.jsonl, prompt_column: text}\n", [], "input.prompt_column:"),
+        ("name: x\nmodel: {id: ./no-such-model}\ninput: {path: in.jsonl}\n", [], "model.id: cannot load"),
     ],
 )
 def test_bad_job_spec_exits_2_naming_the_field(tmp_path, yaml_text, sets, field):
