@@ -1,0 +1,101 @@
+"""The job with input and output on S3 (a real SeaweedFS server on 127.0.0.1), credentials never written out."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+from seaweed import s3_bucket, s3_server  # noqa: F401 - fixtures
+
+from pipeline.jobspec import InputSpec
+from pipeline.reader import read_input
+
+ATMAN = str(Path(sys.executable).parent / "atman")
+ROWS = [
+    {"id": "fr", "prompt": "The capital of France is Paris. The capital of Germany is", "target": " Berlin"},
+    {"id": "qa", "prompt": "What is the capital of France?", "target": "Paris."},
+    {"id": "gen", "prompt": "Water freezes at a temperature of"},
+    {"id": "code", "prompt": "def add(a, b):\n    return", "target": " a + b"},
+]
+BAD = {"id": "bad", "prompt": 42}
+
+
+def _jsonl(rows) -> bytes:
+    return "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+
+def _cli(args, cwd, server, timeout=600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **server.env()}
+    return subprocess.run([ATMAN, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.cluster
+def test_job_reads_and_writes_s3(tmp_path, s3_server, s3_bucket, tiny_model_dir):  # noqa: F811
+    fs = s3_server.filesystem()
+    fs.pipe_file(f"{s3_bucket}/in/prompts.jsonl", _jsonl([*ROWS, BAD]))
+    (tmp_path / "job.yaml").write_text(
+        f"name: s3job\nmodel: {{id: {tiny_model_dir}}}\n"
+        f"input: {{path: 's3://{s3_bucket}/in/prompts.jsonl'}}\n"
+        f"output: {{root: 's3://{s3_bucket}/out'}}\n"
+        "method: {granularity: word, generate_max_tokens: 3}\nresources: {batch_rows: 2}\n"
+    )
+    out = _cli(["run", "job.yaml", "--run-id", "s1"], tmp_path, s3_server)
+    assert out.returncode == 0, out.stderr
+    (run_dir,) = fs.glob(f"{s3_bucket}/out/model=*/run_date=*/run_id=s1")
+    assert f"s3://{run_dir}" in out.stdout, "the summary names the S3 location"
+    names = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(run_dir))
+    assert "_SUCCESS" in names and "_manifest.json" in names and any(n.startswith("part-") for n in names)
+    assert not any(n.startswith(".tmp") for n in names)
+
+    table = ds.dataset(run_dir, filesystem=fs, format="parquet").to_table()
+    rows = {r["prompt_id"]: r for r in table.to_pylist()}
+    assert sorted(rows) == sorted(["bad", *(r["id"] for r in ROWS)]) and table.num_rows == len(rows)
+    assert rows["bad"]["status"] == "skipped" and "must be a string" in rows["bad"]["error"]
+    assert all(rows[r["id"]]["status"] == "ok" for r in ROWS)
+    assert rows["fr"]["source"].startswith(f"{s3_bucket}/in/prompts.jsonl:")
+    for name in ("unit_text", "scores", "per_target"):
+        assert pa.types.is_list(table.schema.field(name).type)
+
+    blobs = [out.stdout, out.stderr] + [fs.cat_file(f"{run_dir}/{n}").decode("latin-1") for n in names]
+    for blob in blobs:
+        assert s3_server.key not in blob and s3_server.secret not in blob, "credentials leaked into the output"
+
+    again = _cli(["run", "job.yaml", "--run-id", "s1"], tmp_path, s3_server)
+    assert again.returncode == 0, again.stderr
+    assert "explained now: 0" in again.stdout, "resume on S3 finds every row already written"
+    manifest = json.loads(fs.cat_file(f"{run_dir}/_manifest.json"))
+    assert manifest["counts"] == {"ok": len(ROWS), "skipped": 1, "error": 0} and manifest["attempts"] == 2
+
+
+def test_reader_formats_on_s3(s3_server, s3_bucket):  # noqa: F811
+    fs = s3_server.filesystem()
+    fs.pipe_file(f"{s3_bucket}/jsonl/a.jsonl", _jsonl(ROWS[:2]))
+    fs.pipe_file(f"{s3_bucket}/jsonl/b.jsonl", _jsonl(ROWS[2:]))
+    flat = [{"id": r["id"], "prompt": r["prompt"], "target": r.get("target")} for r in ROWS]
+    with fs.open(f"{s3_bucket}/p.parquet", "wb") as f:
+        pq.write_table(pa.Table.from_pylist(flat), f)
+    csv = "id,prompt,target\n" + "".join(f'{r["id"]},"{r["prompt"]}",{r["target"] or ""}\n' for r in flat)
+    fs.pipe_file(f"{s3_bucket}/p.csv", csv.encode())
+    expected = [r["id"] for r in ROWS]
+    for path in ("jsonl", "jsonl/*.jsonl", "p.parquet", "p.csv"):
+        table = read_input(InputSpec(path=f"s3://{s3_bucket}/{path}"))
+        assert table.column("prompt_id").to_pylist() == expected, path
+        assert table.column("prompt").to_pylist() == [r["prompt"] for r in ROWS], path
+
+
+def test_missing_s3_input_exits_2_without_leaking_credentials(tmp_path, s3_server, s3_bucket):  # noqa: F811
+    (tmp_path / "job.yaml").write_text(
+        f"name: s3missing\ninput: {{path: 's3://{s3_bucket}/nothing/here.jsonl'}}\n"
+        f"output: {{root: 's3://{s3_bucket}/out'}}\n"
+    )
+    out = _cli(["run", "job.yaml"], tmp_path, s3_server, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert "input.path:" in out.stderr and "does not exist" in out.stderr
+    assert s3_server.key not in out.stdout + out.stderr and s3_server.secret not in out.stdout + out.stderr
