@@ -176,6 +176,155 @@ def run(
         render_preview(summary.location, preview, out)
 
 
+@app.command()
+def query(
+    root: Annotated[str, typer.Argument(help="Output root (local path or s3://bucket/prefix).")],
+    sql: Annotated[str, typer.Argument(help="One SELECT over the views explanations, units and runs.")],
+    format: Annotated[str, typer.Option("--format", help="table, json or csv.")] = "table",
+    include_incomplete: Annotated[bool, typer.Option(help="Also read runs without _SUCCESS.")] = False,
+) -> None:
+    """SQL (DuckDB, read-only) over every run under ROOT: `explanations` (one row per prompt and run, with
+    columns model and run_date), `units` (one row per prompt, run and unit, with its rank) and `runs`."""
+    from pipeline.query import QueryError, connect, run_query
+
+    if format not in ("table", "json", "csv"):
+        fail(f"format: {format!r} is not table, json or csv")
+    try:
+        table = run_query(connect(root, include_incomplete), sql)
+    except QueryError as error:
+        fail(str(error))
+    from pipeline.render import print_table
+
+    print_table(table, format, Console())
+
+
+@app.command()
+def show(
+    root: Annotated[str, typer.Argument(help="Output root (local path or s3://...).")],
+    prompt_id: Annotated[str, typer.Argument(help="The prompt's id.")],
+    run_id: Annotated[str | None, typer.Option(help="Which run (default: the latest that has the prompt).")] = None,
+    top: Annotated[int, typer.Option(help="How many top units to list.")] = 5,
+) -> None:
+    """One prompt of a run in the terminal: units coloured by score, target, base CE, status, top units."""
+    from pipeline.query import connect
+    from pipeline.render import render_row
+
+    where = "prompt_id = $pid" + (" AND run_id = $rid" if run_id else "")
+    con = connect(root)
+    rows = con.execute(
+        f"SELECT * FROM explanations WHERE {where} ORDER BY run_date DESC, written_at DESC LIMIT 1",
+        {"pid": prompt_id, **({"rid": run_id} if run_id else {})},
+    ).fetchall()
+    if not rows:
+        scope = f"run {run_id!r}" if run_id else "any complete run"
+        fail(f"prompt_id: {prompt_id!r} is not in {scope} under {root}")
+    names = [d[0] for d in con.description]
+    render_row(dict(zip(names, rows[0], strict=True)), Console(), top_k=top)
+
+
+@app.command()
+def report(
+    root: Annotated[str, typer.Argument(help="Output root (local path or s3://...).")],
+    out: Annotated[str, typer.Option("--out", help="The HTML file to write.")],
+    run_id: Annotated[str | None, typer.Option(help="Which run (default: the latest complete one).")] = None,
+    max_prompts: Annotated[int, typer.Option(help="Most prompts on the page (first by prompt id).")] = 1000,
+) -> None:
+    """One self-contained HTML page: run summary, method, a heatmap per prompt (score on hover), errors."""
+    from pathlib import Path
+
+    from pipeline.report import run_report
+
+    try:
+        text, shown = run_report(root, run_id, max_prompts)
+    except ValueError as error:
+        fail(str(error))
+    Path(out).write_text(text, encoding="utf-8")
+    Console().print(f"wrote {out}: {shown} prompts", highlight=False)
+
+
+@app.command()
+def diff(
+    root: Annotated[str, typer.Argument(help="Output root (local path or s3://...).")],
+    base: Annotated[str, typer.Option(help="Base run: RUN_ID or MODEL/RUN_ID.")],
+    new: Annotated[str, typer.Option(help="New run: RUN_ID or MODEL/RUN_ID.")],
+    min_spearman: Annotated[float, typer.Option(help="Drift below this rank correlation.")] = 0.8,
+    min_top5_overlap: Annotated[float, typer.Option(help="Drift below this top-5 overlap.")] = 0.6,
+) -> None:
+    """Compare two runs prompt by prompt; writes ROOT/_audits/<base>__<new>/audit.parquet (+ .html, summary)."""
+    from pipeline.audit import diff_runs, resolve_run
+    from pipeline.jobspec import AuditSpec
+
+    try:
+        thresholds = AuditSpec(min_spearman=min_spearman, min_top5_overlap=min_top5_overlap)
+        result = diff_runs(root, resolve_run(root, base), resolve_run(root, new), thresholds)
+    except ValidationError as error:
+        fail(describe(error))
+    except ValueError as error:
+        fail(str(error))
+    _print_audit(result)
+
+
+def _print_audit(result) -> None:
+    from rich.table import Table
+
+    s = result.summary()
+    table = Table(show_header=False)
+    for key in ("compared", "only_in_base", "only_in_new", "mean_spearman", "mean_top5_overlap", "drifted"):
+        value = s[key]
+        table.add_row(
+            key.replace("_", " "),
+            "n/a" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value),
+        )
+    out = Console()
+    out.print(f"[bold]{s['new']}[/] vs [bold]{s['base']}[/]", highlight=False)
+    out.print(table)
+    for row in result.table.to_pylist():
+        if row["drift"]:
+            out.print(f"drift {row['prompt_id']}: {row['reason']}", highlight=False, markup=False)
+    out.print(f"audit: {result.location}/audit.parquet", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def audit(
+    job: Annotated[str, typer.Argument(help="Job spec (YAML) with an `audit:` section of thresholds.")],
+    date: Annotated[
+        str | None, typer.Option(help="The audit's date = its run id, YYYY-MM-DD (default: today, UTC).")
+    ] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a spec field (repeatable).")] = None,
+    address: Annotated[str, typer.Option(help="local, auto, ray://... or inline (as for `atman run`).")] = "local",
+) -> None:
+    """Nightly audit: run the job with run id = the date, diff it against the latest earlier successful run of the
+    same job and model. Exit 3 when any prompt drifts past the job's thresholds (for alerting)."""
+    from pipeline.audit import audit_date, diff_runs, previous_run
+    from pipeline.job import RunIncomplete, run_job
+    from pipeline.jobspec import JobSpecError, load_job
+    from pipeline.query import list_runs
+
+    _quiet_libraries()
+    try:
+        spec = load_job(job, set_ or [])
+        run_id = audit_date(date)
+        summary = run_job(spec, run_id, address=address)
+    except (JobSpecError, ValueError) as error:
+        fail(str(error))
+    except RunIncomplete as error:
+        fail(str(error), code=1)
+    from pipeline.render import render_summary
+
+    render_summary(summary, Console())
+    root = spec.output.root
+    current = next(r for r in list_runs(root) if r.url.rstrip("/") == summary.location.rstrip("/"))
+    before = previous_run(root, spec, current)
+    if before is None:
+        Console().print(f"no earlier successful run of job {spec.name!r} on this model: {run_id} is the baseline")
+        return
+    result = diff_runs(root, before, current, spec.audit)
+    _print_audit(result)
+    if result.drifted:
+        err.print(f"[bold red]drift:[/] {result.drifted} prompts past the thresholds of job {spec.name!r}")
+        raise typer.Exit(3)
+
+
 def main() -> None:
     app()
 

@@ -9,6 +9,7 @@ Shape (../shared/DESIGN.md):
     output: {root: out/, compression: zstd}
     resources: {actors: 1, gpus_per_actor: 0, batch_rows: 8}
     schedule: {cron: "0 2 * * *"}
+    audit: {min_spearman: 0.8, min_top5_overlap: 0.6}
 """
 
 from __future__ import annotations
@@ -108,6 +109,17 @@ class ScheduleSpec(_Strict):
         return v
 
 
+class AuditSpec(_Strict):
+    """Drift thresholds of `atman audit`: a prompt drifts when it falls below / rises above any of them."""
+
+    min_spearman: float = Field(0.8, ge=-1.0, le=1.0)
+    """Least Spearman rank correlation of a prompt's unit scores between the previous run and this one."""
+    min_top5_overlap: float = Field(0.6, ge=0.0, le=1.0)
+    """Least share of the previous run's top-5 units that are still in the top 5."""
+    max_abs_delta_ce: float | None = Field(None, ge=0.0)
+    """Largest change of the target's base cross-entropy (nats); null = not checked."""
+
+
 class JobSpec(_Strict):
     name: str
     """Job name: letters, digits, '-', '_' (it names submissions and audits)."""
@@ -117,6 +129,7 @@ class JobSpec(_Strict):
     output: OutputSpec = Field(default_factory=OutputSpec)
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     schedule: ScheduleSpec | None = None
+    audit: AuditSpec = Field(default_factory=AuditSpec)
 
     @field_validator("name")
     @classmethod

@@ -75,7 +75,52 @@ def render_preview(run_url: str, n: int, console: Console | None = None, top_k: 
     for row in table.to_pylist():
         console = console or Console()
         console.rule(f"{row['prompt_id']}  target {row['target']!r}", style="dim")
-        units = list(zip(row["unit_text"], row["unit_start"], row["unit_length"], strict=True))
-        console.print(heat_text(row["prompt"], units, row["scores"]))
-        top = sorted(zip(row["unit_text"], row["scores"], strict=True), key=lambda x: -x[1])[:top_k]
-        console.print("top units: " + ", ".join(f"{t!r} {s:+.3f}" for t, s in top), highlight=False)
+        render_row(row, console, top_k=top_k, header=False)
+
+
+def render_row(row: dict, console: Console | None = None, top_k: int = 5, header: bool = True) -> None:
+    """One output row (schema v1) in the terminal: heatmap of the prompt, target, base CE, status, top units."""
+    console = console or Console()
+    if header:
+        head = f"[bold]{row['prompt_id']}[/]  run {row['run_id']}  model {row['model_id']}"
+        console.print(f"{head}  status [bold]{row['status']}[/]")
+    if row["status"] != "ok":
+        console.print(Text(row["prompt"] or ""))
+        console.print(f"{row['status']}: {row['error']}", highlight=False, markup=False)
+        return
+    units = list(zip(row["unit_text"], row["unit_start"], row["unit_length"], strict=True))
+    console.print(heat_text(row["prompt"], units, row["scores"]))
+    if header:
+        console.print(
+            f"target: {row['target']!r}   base CE: {row['base_target_ce']:.3f} nats over "
+            f"{len(row['target_tokens'])} tokens   granularity: {row['granularity']}",
+            highlight=False,
+        )
+    top = sorted(zip(row["unit_text"], row["scores"], strict=True), key=lambda x: -x[1])[:top_k]
+    console.print("top units: " + ", ".join(f"{t!r} {s:+.3f}" for t, s in top), highlight=False)
+
+
+def print_table(table, fmt: str, console: Console | None = None) -> None:
+    """An Arrow table as a rich table, a JSON array of row objects, or CSV (stdout)."""
+    import csv
+    import json
+    import sys
+
+    rows = table.to_pylist()
+    if fmt == "json":
+        sys.stdout.write(json.dumps(rows, ensure_ascii=False, default=str) + "\n")
+    elif fmt == "csv":
+        writer = csv.writer(sys.stdout)
+        writer.writerow(table.column_names)
+        writer.writerows([_cell(r[c]) for c in table.column_names] for r in rows)
+    else:
+        out = Table(*table.column_names)
+        for r in rows:
+            out.add_row(*[str(_cell(r[c])) for c in table.column_names])
+        (console or Console()).print(out)
+
+
+def _cell(value):
+    import json
+
+    return json.dumps(value, ensure_ascii=False, default=str) if isinstance(value, (list, dict)) else value

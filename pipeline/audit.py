@@ -1,0 +1,199 @@
+"""Compare two runs prompt by prompt (``atman diff``) and the nightly audit (``atman audit``): run the job, diff it
+against the latest earlier successful run of the same job and model, flag drift past the job's thresholds.
+
+Per prompt present in both runs: Spearman rank correlation of the unit scores (units matched by their character
+span), overlap of the top-5 units, change of the base CE, status change. Prompts in one run only are listed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import re
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+from scipy.stats import spearmanr
+
+from pipeline.jobspec import AuditSpec, JobSpec
+from pipeline.layout import filesystem, model_slug
+from pipeline.query import Run, connect, list_runs
+from pipeline.report import _e, page, table_html
+from pipeline.worker import parquet_bytes, publish
+
+TOP_K = 5
+AUDIT_SCHEMA = pa.schema(
+    [
+        ("prompt_id", pa.string()),
+        ("in_base", pa.bool_()),
+        ("in_new", pa.bool_()),
+        ("status_base", pa.string()),
+        ("status_new", pa.string()),
+        ("n_units", pa.int32()),
+        ("spearman", pa.float64()),
+        ("top5_overlap", pa.float64()),
+        ("base_ce_base", pa.float64()),
+        ("base_ce_new", pa.float64()),
+        ("delta_ce", pa.float64()),
+        ("drift", pa.bool_()),
+        ("reason", pa.string()),
+    ]
+)
+
+
+@dataclass
+class DiffResult:
+    base: Run
+    new: Run
+    table: pa.Table
+    location: str
+    thresholds: AuditSpec
+
+    @property
+    def drifted(self) -> int:
+        return sum(self.table.column("drift").to_pylist())
+
+    def summary(self) -> dict:
+        rows = self.table.to_pylist()
+        both = [r for r in rows if r["in_base"] and r["in_new"]]
+        rho = [r["spearman"] for r in both if r["spearman"] is not None]
+        overlap = [r["top5_overlap"] for r in both if r["top5_overlap"] is not None]
+        return {
+            "base": f"{self.base.model}/{self.base.run_id}",
+            "new": f"{self.new.model}/{self.new.run_id}",
+            "compared": len(both),
+            "only_in_base": sum(1 for r in rows if not r["in_new"]),
+            "only_in_new": sum(1 for r in rows if not r["in_base"]),
+            "mean_spearman": float(np.mean(rho)) if rho else None,
+            "mean_top5_overlap": float(np.mean(overlap)) if overlap else None,
+            "drifted": self.drifted,
+            "thresholds": self.thresholds.model_dump(),
+            "location": self.location,
+        }
+
+
+def resolve_run(root: str, ref: str) -> Run:
+    """``RUN_ID`` or ``MODEL_SLUG/RUN_ID`` -> the complete run it names (ValueError naming the problem)."""
+    model, _, run_id = ref.rpartition("/")
+    runs = [r for r in list_runs(root) if r.run_id == run_id and (not model or r.model == model)]
+    if not runs:
+        raise ValueError(f"run: no complete run {ref!r} under {root} (see `atman query {root} 'SELECT * FROM runs'`)")
+    if len(runs) > 1:
+        models = ", ".join(f"{r.model}/{r.run_id}" for r in runs)
+        raise ValueError(f"run: {ref!r} names runs of several models ({models}); write MODEL/RUN_ID")
+    return runs[0]
+
+
+def diff_runs(root: str, base: Run, new: Run, thresholds: AuditSpec | None = None) -> DiffResult:
+    thresholds = thresholds or AuditSpec()
+    con = connect(root)
+    cols = "prompt_id, status, unit_start, unit_length, scores, base_target_ce"
+    sql = f"SELECT {cols} FROM explanations WHERE model = $m AND run_id = $r"
+    base_rows = {r[0]: r for r in con.execute(sql, {"m": base.model, "r": base.run_id}).fetchall()}
+    new_rows = {r[0]: r for r in con.execute(sql, {"m": new.model, "r": new.run_id}).fetchall()}
+    out = []
+    for pid in sorted(set(base_rows) | set(new_rows)):
+        out.append(_compare(pid, base_rows.get(pid), new_rows.get(pid), thresholds))
+    table = pa.Table.from_pylist(out, schema=AUDIT_SCHEMA)
+    fs, path = filesystem(root)
+    where = f"{path.rstrip('/')}/_audits/{base.model}.{base.run_id}__{new.model}.{new.run_id}"
+    publish(fs, f"{where}/audit.parquet", parquet_bytes(table, "zstd"))
+    protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
+    location = where if protocol in ("file", "local") else f"{protocol}://{where}"
+    result = DiffResult(base, new, table, location, thresholds)
+    publish(fs, f"{where}/audit.html", audit_html(result).encode())
+    publish(fs, f"{where}/summary.json", json.dumps(result.summary(), indent=2).encode())
+    return result
+
+
+def _compare(pid: str, b, n, t: AuditSpec) -> dict:
+    row = dict.fromkeys(AUDIT_SCHEMA.names)
+    row.update(prompt_id=pid, in_base=b is not None, in_new=n is not None, drift=False)
+    if b is None or n is None:
+        row["reason"] = "only in the new run" if b is None else "only in the base run"
+        row["status_base" if b is not None else "status_new"] = (b or n)[1]
+        return row
+    row.update(status_base=b[1], status_new=n[1])
+    if b[1] != n[1]:
+        row.update(drift=True, reason=f"status {b[1]} -> {n[1]}")
+        return row
+    if b[1] != "ok":
+        return row
+    base_units = {(s, ln): x for s, ln, x in zip(b[2], b[3], b[4], strict=True)}
+    new_units = {(s, ln): x for s, ln, x in zip(n[2], n[3], n[4], strict=True)}
+    common = sorted(set(base_units) & set(new_units))
+    x = np.array([base_units[k] for k in common], dtype=np.float64)
+    y = np.array([new_units[k] for k in common], dtype=np.float64)
+    row["n_units"] = len(common)
+    if len(common) >= 2:
+        if np.allclose(x, y, rtol=0, atol=1e-6):
+            row["spearman"] = 1.0
+        else:
+            rho = spearmanr(x, y).statistic
+            row["spearman"] = None if rho is None or math.isnan(rho) else float(rho)
+    k = min(TOP_K, len(base_units), len(new_units))
+    if k:
+        top_b = {u for u, _ in sorted(base_units.items(), key=lambda kv: (-kv[1], kv[0]))[:k]}
+        top_n = {u for u, _ in sorted(new_units.items(), key=lambda kv: (-kv[1], kv[0]))[:k]}
+        row["top5_overlap"] = len(top_b & top_n) / k
+    row.update(base_ce_base=float(b[5]), base_ce_new=float(n[5]), delta_ce=float(n[5] - b[5]))
+    reasons = []
+    if row["spearman"] is not None and row["spearman"] < t.min_spearman:
+        reasons.append(f"spearman {row['spearman']:.3f} < {t.min_spearman}")
+    if row["top5_overlap"] is not None and row["top5_overlap"] < t.min_top5_overlap:
+        reasons.append(f"top-5 overlap {row['top5_overlap']:.2f} < {t.min_top5_overlap}")
+    if t.max_abs_delta_ce is not None and abs(row["delta_ce"]) > t.max_abs_delta_ce:
+        reasons.append(f"|delta CE| {abs(row['delta_ce']):.3f} > {t.max_abs_delta_ce}")
+    if len(common) < max(len(base_units), len(new_units)):
+        reasons.append(f"units differ ({len(base_units)} vs {len(new_units)}, {len(common)} shared)")
+    row.update(drift=bool(reasons), reason="; ".join(reasons) or None)
+    return row
+
+
+def previous_run(root: str, spec: JobSpec, current: Run) -> Run | None:
+    """The latest complete run of the same job and model before ``current`` (by run id date, else start time)."""
+    fs = filesystem(root)[0]
+    slug = model_slug(spec.model.id)
+    mine = _when(current, current.manifest(fs))
+    candidates = []
+    for run in list_runs(root):
+        if run.model != slug or (run.run_id == current.run_id):
+            continue
+        manifest = run.manifest(fs)
+        if manifest.get("job") != spec.name:
+            continue
+        when = _when(run, manifest)
+        if when < mine:
+            candidates.append((when, run))
+    return max(candidates, key=lambda c: c[0])[1] if candidates else None
+
+
+def _when(run: Run, manifest: dict) -> tuple[str, str]:
+    """Audit runs are named by their date; other runs count from when they started."""
+    day = run.run_id if re.fullmatch(r"\d{4}-\d{2}-\d{2}", run.run_id) else manifest.get("started_at", "")[:10]
+    return day, manifest.get("started_at", "")
+
+
+def audit_date(value: str | None) -> str:
+    if value is None:
+        return dt.datetime.now(dt.timezone.utc).date().isoformat()
+    try:
+        return dt.date.fromisoformat(value).isoformat()
+    except ValueError:
+        raise ValueError(f"date: {value!r} is not YYYY-MM-DD") from None
+
+
+def audit_html(result: DiffResult) -> str:
+    s = result.summary()
+    rows = sorted(result.table.to_pylist(), key=lambda r: (not r["drift"], r["prompt_id"]))
+    fmt = lambda v: "" if v is None else (f"{v:.3f}" if isinstance(v, float) else v)  # noqa: E731
+    header = ["prompt_id", "drift", "reason", "spearman", "top5_overlap", "delta_ce", "status_base", "status_new"]
+    body = (
+        f"<h1>AtMan audit: {_e(s['new'])} vs {_e(s['base'])}</h1>"
+        + table_html(["", ""], [[k, json.dumps(v) if isinstance(v, dict) else fmt(v)] for k, v in s.items()])
+        + f"<h2>Prompts ({len(rows)}; drifted first)</h2>"
+        + table_html(header, [[fmt(r[h]) for h in header] for r in rows], lambda r: "drift" if r[1] else "")
+    )
+    return page(f"AtMan audit {s['new']} vs {s['base']}", body)
