@@ -280,7 +280,7 @@ def _print_audit(result) -> None:
     out.print(table)
     for row in result.table.to_pylist():
         if row["drift"]:
-            out.print(f"drift {row['prompt_id']}: {row['reason']}", highlight=False, markup=False)
+            out.print(f"drift {row['prompt_id']}: {row['reason']}", highlight=False, markup=False, soft_wrap=True)
     out.print(f"audit: {result.location}/audit.parquet", highlight=False, soft_wrap=True)
 
 
@@ -316,7 +316,11 @@ def audit(
     current = next(r for r in list_runs(root) if r.url.rstrip("/") == summary.location.rstrip("/"))
     before = previous_run(root, spec, current)
     if before is None:
-        Console().print(f"no earlier successful run of job {spec.name!r} on this model: {run_id} is the baseline")
+        Console().print(
+            f"no earlier successful run of job {spec.name!r} on this model: {run_id} is the baseline",
+            highlight=False,
+            soft_wrap=True,
+        )
         return
     result = diff_runs(root, before, current, spec.audit)
     _print_audit(result)

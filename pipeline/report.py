@@ -20,10 +20,17 @@ td,th{border:1px solid #ddd;padding:3px 8px;text-align:left;vertical-align:top}t
 .status-error{color:#b00}.status-skipped{color:#a60}.pager button{margin:0 4px}.drift{background:#fde8e8}
 """
 
+# first in <head>: counts uncaught errors and console.error calls (the page exposes the count as data-errors)
+ERRORS_JS = """
+window.__errors = [];
+window.addEventListener('error', function(e){ window.__errors.push(String(e.message)); });
+(function(){ var original = console.error;
+  console.error = function(){ window.__errors.push([].join.call(arguments, ' ')); original.apply(console, arguments); };
+})();
+"""
+
 PAGER_JS = """
 (function(){
-  window.__errors = [];
-  window.addEventListener('error', function(e){ window.__errors.push(String(e.message)); });
   var size = %d, items = Array.prototype.slice.call(document.querySelectorAll('.prompt')), page = 0;
   var pages = Math.max(1, Math.ceil(items.length / size)), label = document.getElementById('page-label');
   function show(p){
@@ -49,7 +56,8 @@ def _e(value) -> str:
 def page(title: str, body: str) -> str:
     return (
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
-        f"<meta name='viewport' content='width=device-width'><title>{_e(title)}</title><style>{CSS}</style></head>"
+        f"<meta name='viewport' content='width=device-width'><title>{_e(title)}</title><style>{CSS}</style>"
+        f"<script>{ERRORS_JS}</script></head>"
         f"<body>{body}<script>{PAGER_JS % PAGE_SIZE}</script></body></html>"
     )
 
