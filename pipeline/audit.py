@@ -50,6 +50,8 @@ class DiffResult:
     table: pa.Table
     location: str
     thresholds: AuditSpec
+    config_changed: list[str] | None = None
+    """Method/model settings that differ between the two runs' manifests (the comparison crosses them)."""
 
     @property
     def drifted(self) -> int:
@@ -69,6 +71,7 @@ class DiffResult:
             "mean_spearman": float(np.mean(rho)) if rho else None,
             "mean_top5_overlap": float(np.mean(overlap)) if overlap else None,
             "drifted": self.drifted,
+            "config_changed": self.config_changed or [],
             "thresholds": self.thresholds.model_dump(),
             "location": self.location,
         }
@@ -102,10 +105,21 @@ def diff_runs(root: str, base: Run, new: Run, thresholds: AuditSpec | None = Non
     publish(fs, f"{where}/audit.parquet", parquet_bytes(table, "zstd"))
     protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
     location = where if protocol in ("file", "local") else f"{protocol}://{where}"
-    result = DiffResult(base, new, table, location, thresholds)
+    result = DiffResult(base, new, table, location, thresholds, _config_changes(fs, base, new))
     publish(fs, f"{where}/audit.html", audit_html(result).encode())
     publish(fs, f"{where}/summary.json", json.dumps(result.summary(), indent=2).encode())
     return result
+
+
+def _config_changes(fs, base: Run, new: Run) -> list[str]:
+    a, b = base.manifest(fs).get("config", {}), new.manifest(fs).get("config", {})
+    changes = []
+    for section in ("model", "method"):
+        for key in sorted(set(a.get(section, {})) | set(b.get(section, {}))):
+            old, now = a.get(section, {}).get(key), b.get(section, {}).get(key)
+            if old != now:
+                changes.append(f"{section}.{key}: {old!r} -> {now!r}")
+    return changes
 
 
 def _compare(pid: str, b, n, t: AuditSpec) -> dict:

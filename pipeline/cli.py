@@ -278,6 +278,8 @@ def _print_audit(result) -> None:
     out = Console()
     out.print(f"[bold]{s['new']}[/] vs [bold]{s['base']}[/]", highlight=False)
     out.print(table)
+    for change in s["config_changed"]:
+        out.print(f"note: the runs differ in {change}", highlight=False, markup=False, soft_wrap=True)
     for row in result.table.to_pylist():
         if row["drift"]:
             out.print(f"drift {row['prompt_id']}: {row['reason']}", highlight=False, markup=False, soft_wrap=True)
