@@ -206,7 +206,7 @@ def audit_html(result: DiffResult) -> str:
     header = ["prompt_id", "drift", "reason", "spearman", "top5_overlap", "delta_ce", "status_base", "status_new"]
     body = (
         f"<h1>AtMan audit: {_e(s['new'])} vs {_e(s['base'])}</h1>"
-        + table_html(["", ""], [[k, json.dumps(v) if isinstance(v, dict) else fmt(v)] for k, v in s.items()])
+        + table_html(None, [[k, json.dumps(v) if isinstance(v, (dict, list)) else fmt(v)] for k, v in s.items()])
         + f"<h2>Prompts ({len(rows)}; drifted first)</h2>"
         + table_html(header, [[fmt(r[h]) for h in header] for r in rows], lambda r: "drift" if r[1] else "")
     )

@@ -331,6 +331,118 @@ def audit(
         raise typer.Exit(3)
 
 
+@app.command()
+def submit(
+    job: Annotated[str, typer.Argument(help="Job spec (YAML).")],
+    address: Annotated[str, typer.Option(help="Ray Jobs API of the cluster, e.g. http://HEAD:8265.")],
+    run_id: Annotated[str | None, typer.Option(help="Run id (default: new; with --audit: today's date).")] = None,
+    wait: Annotated[bool, typer.Option(help="Stream the logs and exit with the job's status.")] = False,
+    audit: Annotated[
+        bool, typer.Option(help="Submit `atman audit` (run id = the date) instead of `atman run`.")
+    ] = False,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a spec field (repeatable).")] = None,
+    ship_package: Annotated[
+        bool, typer.Option(help="Ship this package with the job (--no-ship-package: the cluster image has it).")
+    ] = True,
+    resume: Annotated[bool, typer.Option(help="Resubmit a FAILED/STOPPED run (same run id, new attempt).")] = False,
+) -> None:
+    """Submit the job to a Ray cluster (Ray Jobs API). The submission id is atman-<job>-<run id>, so the same run
+    cannot be submitted twice."""
+    from pipeline import submit as submitting
+    from pipeline.jobspec import JobSpecError, load_job
+
+    try:
+        spec = load_job(job, set_ or [])
+        sub = submitting.submit(spec, address, run_id=run_id, audit=audit, ship_package=ship_package, resume=resume)
+    except (JobSpecError, FileExistsError, ValueError) as error:
+        fail(str(error))
+    except ConnectionError as error:
+        fail(str(error), code=1)
+    out = Console()
+    out.print(f"submitted {sub.submission_id} (run {sub.run_id}): {sub.entrypoint}", highlight=False, soft_wrap=True)
+    if wait:
+        code = submitting.wait(address, sub.submission_id, echo=lambda text: out.out(text, highlight=False))
+        out.print(f"{sub.submission_id}: exit {code}", highlight=False)
+        raise typer.Exit(code)
+
+
+def _jobs(address: str):
+    from pipeline.submit import client
+
+    try:
+        return client(address)
+    except ConnectionError as error:
+        fail(str(error), code=1)
+
+
+@app.command()
+def status(
+    submission_id: Annotated[str, typer.Argument(help="e.g. atman-demo-2026-11-28")],
+    address: Annotated[str, typer.Option(help="Ray Jobs API, e.g. http://HEAD:8265.")],
+) -> None:
+    """The status of a submitted job."""
+    try:
+        info = _jobs(address).get_job_info(submission_id)
+    except RuntimeError as error:
+        fail(f"submission_id: {submission_id!r}: {error}")
+    Console().print(f"{submission_id}: {info.status.value}" + (f" ({info.message})" if info.message else ""))
+
+
+@app.command()
+def logs(
+    submission_id: Annotated[str, typer.Argument(help="e.g. atman-demo-2026-11-28")],
+    address: Annotated[str, typer.Option(help="Ray Jobs API, e.g. http://HEAD:8265.")],
+) -> None:
+    """The logs of a submitted job."""
+    try:
+        sys.stdout.write(_jobs(address).get_job_logs(submission_id))
+    except RuntimeError as error:
+        fail(f"submission_id: {submission_id!r}: {error}")
+
+
+@app.command()
+def stop(
+    submission_id: Annotated[str, typer.Argument(help="e.g. atman-demo-2026-11-28")],
+    address: Annotated[str, typer.Option(help="Ray Jobs API, e.g. http://HEAD:8265.")],
+) -> None:
+    """Stop a submitted job (rows written so far stay; `atman submit --resume --run-id ...` finishes the run)."""
+    try:
+        stopped = _jobs(address).stop_job(submission_id)
+    except RuntimeError as error:
+        fail(f"submission_id: {submission_id!r}: {error}")
+    Console().print(f"{submission_id}: {'stopping' if stopped else 'not running'}")
+
+
+@app.command()
+def schedule(
+    job: Annotated[str, typer.Argument(help="Job spec (YAML) with a `schedule:` section.")],
+    format: Annotated[
+        str, typer.Option("--format", help="raycronjob, cronjob, crontab; unscheduled: rayjob, raycluster.")
+    ] = "raycronjob",
+    image: Annotated[str | None, typer.Option(help="Cluster image (built from infra/Dockerfile).")] = None,
+    namespace: Annotated[str, typer.Option(help="Kubernetes namespace of the manifests.")] = "default",
+    address: Annotated[str | None, typer.Option(help="crontab: the cluster's Jobs API, http://HEAD:8265.")] = None,
+    out: Annotated[str | None, typer.Option(help="Write to this file instead of stdout.")] = None,
+) -> None:
+    """Render the job's nightly audit: a KubeRay RayCronJob, a Kubernetes CronJob that creates RayJobs, or a
+    crontab line that submits to a running cluster; or (unscheduled) a RayJob running it once, a RayCluster."""
+    from pathlib import Path
+
+    from pipeline.jobspec import JobSpecError, load_job
+    from pipeline.schedule import DEFAULT_IMAGE, render
+
+    try:
+        spec = load_job(job)
+        text = render(spec, format, image=image or DEFAULT_IMAGE, namespace=namespace, address=address, job_path=job)
+    except JobSpecError as error:
+        fail(str(error))
+    if out:
+        Path(out).write_text(text, encoding="utf-8")
+        Console().print(f"wrote {out}", highlight=False)
+    else:
+        sys.stdout.write(text)
+
+
 def main() -> None:
     app()
 

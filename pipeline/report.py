@@ -62,13 +62,13 @@ def page(title: str, body: str) -> str:
     )
 
 
-def table_html(header: list[str], rows: list[list], row_class=None) -> str:
-    head = "".join(f"<th>{_e(h)}</th>" for h in header)
+def table_html(header: list[str] | None, rows: list[list], row_class=None) -> str:
+    head = "<tr>" + "".join(f"<th>{_e(h)}</th>" for h in header) + "</tr>" if header else ""
     body = "".join(
         f"<tr class='{row_class(r) if row_class else ''}'>" + "".join(f"<td>{_e(c)}</td>" for c in r) + "</tr>"
         for r in rows
     )
-    return f"<table><tr>{head}</tr>{body}</table>"
+    return f"<table>{head}{body}</table>"
 
 
 def _colour(score: float, scale: float) -> str:
@@ -159,7 +159,7 @@ def run_report(root: str, run_id: str | None = None, max_prompts: int = MAX_PROM
             f"use <code>--max-prompts</code> or <code>atman query</code> for the rest.</p>"
         )
     body = (
-        f"<h1>AtMan run {_e(run.run_id)}</h1><h2>Summary</h2>{table_html(['', ''], summary)}"
+        f"<h1>AtMan run {_e(run.run_id)}</h1><h2>Summary</h2>{table_html(None, summary)}"
         f"<h2>Method</h2>{table_html(['parameter', 'value'], params)}"
         f"<h2>Prompts ({len(rows)})</h2>{note}"
         "<p class='pager'><button data-page='-1'>previous</button><span id='page-label'></span>"

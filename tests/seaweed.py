@@ -84,6 +84,8 @@ def s3_server():
         f"-s3.port={ports['s3']}",
         f"-s3.port.grpc={ports['sg']}",
         f"-metricsPort={ports['metrics']}",
+        "-s3.port.iceberg=0",  # fixed default ports (8181, 9101): off, so two servers never collide
+        "-s3.port.lance=0",
         "-master.volumeSizeLimitMB=64",
     ]
     log = open(data / "weed.log", "wb")  # noqa: SIM115 - closed in teardown

@@ -1,0 +1,81 @@
+"""A real Ray head for the submission tests: `ray start --head` on 127.0.0.1 with the dashboard (Jobs API) on
+loopback, the venv's bin first on PATH (a job's entrypoint runs with the PATH of the process that ran
+`ray start`), stopped afterwards by killing exactly its own processes (`ray stop` would also stop the other
+Ray instances of the test session)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _own_processes(temp_dir: str) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            cmd = " ".join(proc.info["cmdline"] or [])
+            if temp_dir in cmd or any(f.path.startswith(temp_dir) for f in proc.open_files()):
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+@pytest.fixture(scope="session")
+def ray_head():
+    temp_dir = tempfile.mkdtemp(prefix="atman-head-")
+    port, dashboard = _free_port(), _free_port()
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_AUTH_MODE": "disabled"}
+    env["HF_HUB_OFFLINE"] = "1"
+    cmd = [
+        str(BIN / "ray"), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
+        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true",
+        "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+    ]  # fmt: skip
+    started = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    address = f"http://127.0.0.1:{dashboard}"
+    try:
+        if started.returncode != 0:
+            raise RuntimeError(f"ray start failed: {started.stderr[-2000:]}")
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(f"{address}/api/version", timeout=2):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the Jobs API at {address} did not come up") from None
+                time.sleep(0.5)
+        yield address
+    finally:
+        procs = _own_processes(temp_dir)
+        for proc in procs:
+            try:
+                proc.terminate()
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(procs, timeout=10)
+        for proc in alive:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+        shutil.rmtree(temp_dir, ignore_errors=True)
