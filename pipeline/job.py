@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import platform
+import re
 import shutil
 import tempfile
 import time
@@ -31,7 +32,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.jobspec import JobSpec, JobSpecError
-from pipeline.layout import RunPaths, new_run_id, valid_run_id
+from pipeline.layout import RunPaths, new_run_id, storage_error, valid_run_id
 from pipeline.models import check_model
 from pipeline.reader import read_input
 from pipeline.schema import SCHEMA_VERSION, STATUSES
@@ -86,7 +87,15 @@ def run_job(
     started = time.perf_counter()
     started_at = dt.datetime.now(dt.timezone.utc)
     run_id = valid_run_id(run_id) if run_id else new_run_id()
-    paths = RunPaths.locate(spec.output.root, spec.model.id, run_id)
+    try:
+        paths = RunPaths.locate(spec.output.root, spec.model.id, run_id)
+        written = _written(paths)
+    except Exception as err:
+        if not storage_error(err):
+            raise
+        raise JobSpecError(
+            f"output.root: {spec.output.root!r}: cannot read it ({type(err).__name__}: {_first_line(err)})"
+        ) from None
     fs = paths.fs
     requests = read_input(spec.input)
     if address in ("local", "inline"):  # a cluster may see models this machine does not
@@ -94,7 +103,6 @@ def run_job(
             check_model(spec.model.id, spec.model.revision, spec.model.trust_remote_code)
         except ValueError as err:
             raise JobSpecError(f"model.id: {str(err).removeprefix('model: ')}") from None
-    written = _written(paths)
     redo = {"error"} if retry_errors else set()
     pending = [
         i
@@ -121,8 +129,12 @@ def run_job(
 
 
 def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0][:300] if text else ""
+    """The line that names the cause; for a Ray task error, the user's exception inside it (no colour codes)."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(err).strip().splitlines()]
+    cause = [
+        line for line in lines if re.match(r"[A-Za-z_][\w.]*(Error|Exception)\b", line) and not line.startswith("ray.")
+    ]
+    return (cause[-1] if cause else lines[0] if lines else "")[:300]
 
 
 def _explain_pending(spec, paths, requests, pending, address, on_progress) -> tuple[int, int]:

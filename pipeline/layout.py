@@ -42,6 +42,17 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return url_to_fs(url)
 
 
+def storage_error(err: BaseException) -> bool:
+    """Whether ``err`` says a store cannot be reached or read (network, permissions, credentials)."""
+    if isinstance(err, OSError):
+        return True
+    try:
+        import botocore.exceptions as boto
+    except ImportError:
+        return False
+    return isinstance(err, (boto.BotoCoreError, boto.ClientError))
+
+
 @dataclass(frozen=True)
 class RunPaths:
     root: str

@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.jobspec import InputSpec, JobSpecError
-from pipeline.layout import filesystem
+from pipeline.layout import filesystem, storage_error
 from pipeline.schema import INPUT_SCHEMA
 
 EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet"}
@@ -42,6 +42,17 @@ def read_input(spec: InputSpec) -> pa.Table:
 
 def _records(spec: InputSpec) -> Iterator[tuple[str, dict | None, str | None]]:
     """(source, record, problem): record None when the row itself could not be parsed."""
+    try:
+        yield from _records_of(spec)
+    except JobSpecError:
+        raise
+    except Exception as err:  # unreachable store, denied access, no credentials: name the path, not a traceback
+        if not storage_error(err):
+            raise
+        raise JobSpecError(f"input.path: {spec.path!r}: cannot read it ({type(err).__name__}: {err})") from None
+
+
+def _records_of(spec: InputSpec) -> Iterator[tuple[str, dict | None, str | None]]:
     fs, path = filesystem(spec.path)
     fmt = spec.format
     if fmt == "hf" or (fmt == "auto" and fs.isdir(path) and _is_saved_dataset(fs, path)):

@@ -87,6 +87,7 @@ def s3_server():
         "-s3.port.iceberg=0",  # fixed default ports (8181, 9101): off, so two servers never collide
         "-s3.port.lance=0",
         "-master.volumeSizeLimitMB=64",
+        "-volume.max=200",  # each bucket takes 7 volume slots; the default 8 would allow a single bucket
     ]
     log = open(data / "weed.log", "wb")  # noqa: SIM115 - closed in teardown
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=data)

@@ -328,3 +328,15 @@ def test_cli_run_leaves_nothing_in_home(tmp_path, tiny_model_dir):
     assert "top units:" in out.stdout
     assert list(home.iterdir()) == [], f"left in HOME: {list(home.rglob('*'))[:5]}"
     assert not (tmp_path / "out" / "_scratch" / "c1").exists(), "Ray's scratch dir is removed after the run"
+
+
+def test_a_stopped_run_names_the_cause_inside_rays_error():
+    from pipeline.job import _first_line
+
+    ray_error = RuntimeError(
+        "\x1b[36mray::MapWorker(MapBatches(ExplainWorker)).submit()\x1b[39m (pid=1, ip=1.2.3.4)\n"
+        "  File \"worker.py\", line 3, in __call__\n    raise ValueError('model: cannot load x')\n"
+        "ray.exceptions.RayTaskError: wrapped\nValueError: model: cannot load x"
+    )
+    assert _first_line(ray_error) == "ValueError: model: cannot load x"
+    assert _first_line(OSError("disk full")) == "disk full"

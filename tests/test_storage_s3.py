@@ -99,3 +99,24 @@ def test_missing_s3_input_exits_2_without_leaking_credentials(tmp_path, s3_serve
     assert out.returncode == 2, out.stderr
     assert "input.path:" in out.stderr and "does not exist" in out.stderr
     assert s3_server.key not in out.stdout + out.stderr and s3_server.secret not in out.stdout + out.stderr
+
+
+def test_unreachable_s3_exits_2_naming_the_input(tmp_path):
+    """No server at the endpoint: the job names the store it cannot reach, no traceback, no credentials printed."""
+    from seaweed import KEY, SECRET, S3Server
+
+    server = S3Server(endpoint="http://127.0.0.1:9")  # nothing listens on port 9
+    (tmp_path / "job.yaml").write_text(
+        "name: s3down\ninput: {path: 's3://bucket/in.jsonl'}\noutput: {root: 's3://bucket/out'}\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **server.env(), "AWS_MAX_ATTEMPTS": "1"}
+    out = subprocess.run([ATMAN, "run", "job.yaml"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert "output.root: 's3://bucket/out': cannot read it" in out.stderr and "Traceback" not in out.stderr
+    assert KEY not in out.stdout + out.stderr and SECRET not in out.stdout + out.stderr
+    (tmp_path / "job2.yaml").write_text("name: s3down\ninput: {path: 's3://bucket/in.jsonl'}\noutput: {root: out}\n")
+    out = subprocess.run(
+        [ATMAN, "run", "job2.yaml"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert out.returncode == 2, out.stderr
+    assert "input.path: 's3://bucket/in.jsonl': cannot read it" in out.stderr and "Traceback" not in out.stderr
