@@ -443,6 +443,65 @@ def schedule(
         sys.stdout.write(text)
 
 
+eval_app = typer.Typer(help="Evaluate attribution methods (the paper's protocols).", no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
+
+
+@eval_app.command("squad")
+def eval_squad(
+    data: Annotated[str, typer.Option(help="SQuAD JSONL: id, context, question, answers[{text, answer_start}].")],
+    limit: Annotated[int | None, typer.Option(help="Only the first N examples.")] = None,
+    methods: Annotated[
+        str, typer.Option(help="Comma-separated: atman, atman:<mode>[+conceptual], ixg, ig, rollout, random.")
+    ] = "atman,ixg,ig,rollout,random",
+    model: Annotated[str, typer.Option(help="Embedded alias, Hugging Face id or local directory.")] = DEFAULT_MODEL,
+    granularity: Annotated[str, typer.Option(help="word or token.")] = "word",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the JSON result (DESIGN.md shape).")] = False,
+    out: Annotated[str | None, typer.Option(help="Also write the JSON result to this file.")] = None,
+) -> None:
+    """SQuAD plausibility (mAP / mAR, means and interquartile means, 0-100) and deletion AOPC per method."""
+    from pipeline.evaluate import evaluate, load_squad, parse_methods
+
+    _quiet_libraries()
+    if granularity not in ("word", "token"):
+        fail(f"granularity: {granularity!r} is not word or token")
+    try:
+        names = parse_methods(methods)
+        examples = load_squad(data, limit)
+    except (ValueError, FileNotFoundError) as error:
+        fail(str(error))
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from pipeline import load_model
+
+    try:
+        lm = load_model(model)
+    except ValueError as error:
+        fail(str(error))
+    progress = Progress(
+        TextColumn("[bold]examples"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err
+    )
+    task = progress.add_task("eval", total=len(examples))
+    with progress:
+        result = evaluate(lm, examples, names, granularity, on_example=lambda i, n: progress.update(task, completed=i))
+    text = json.dumps(result, ensure_ascii=False)
+    if out:
+        with open(out, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+    if as_json:
+        sys.stdout.write(text + "\n")
+        return
+    from rich.table import Table
+
+    table = Table("method", "mAP", "mAR", "mAP IQ", "mAR IQ", "AOPC (nats)", "s / example",
+                  title=f"SQuAD, {result['n']} examples, {result['model']}, {granularity} units")  # fmt: skip
+    for name, m in result["methods"].items():
+        table.add_row(name, *(f"{m[k]:.1f}" for k in ("mAP", "mAR", "mAP_IQ", "mAR_IQ")), f"{m['aopc']:.3f}",
+                      f"{m['seconds_per_example']:.2f}")  # fmt: skip
+    Console().print(table)
+    Console().print(f"answer units are {100 * result['answer_share']:.1f} % of all units (random's expected mAP)")
+
+
 def main() -> None:
     app()
 

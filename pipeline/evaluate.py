@@ -1,0 +1,256 @@
+"""The paper's SQuAD protocol (../shared/ATMAN.md, Table 1a) for AtMan and the usual baselines, on identical units.
+
+Per example: prompt = context + question (the model's chat template for instruct models), target = the first
+reference answer, units = the context's units only (``explain_span``); ground truth y = units whose characters
+overlap a reference answer span. With relevance x over those units:
+    AP = sum(|x| * y) / sum(|x|)            AR = sum(|x| / max|x| * y) / sum(y)
+reported as means and interquartile means (0-100), plus seconds per example. Faithfulness: AOPC of the deletion
+curve, the mean rise of the target CE (nats) when the top-k units (k = 1..5) are removed from attention together.
+
+Methods: ``atman`` (the library defaults), ``atman:<mode>`` and ``atman:<mode>+conceptual``, ``ixg`` and ``ig``
+(Captum's InputXGradient-on-embeddings and LayerIntegratedGradients), ``rollout`` (attention rollout, Abnar &
+Zuidema 2020), ``random``. Gradient and rollout scores are summed per unit over the unit's tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from scipy.stats import trim_mean
+
+from pipeline.atman.config import MODES, AtManConfig
+from pipeline.atman.explainer import Explainer, _Planned
+from pipeline.atman.plan import embedding_cosine, unit_multipliers
+from pipeline.atman.sweep import SweepInput
+
+DEFAULT_METHODS = ("atman", "ixg", "ig", "rollout", "random")
+DELETION_K = (1, 2, 3, 4, 5)
+
+
+@dataclass(frozen=True)
+class Example:
+    id: str
+    context: str
+    question: str
+    answers: list[dict]
+
+
+@dataclass
+class MethodResult:
+    ap: list[float] = field(default_factory=list)
+    ar: list[float] = field(default_factory=list)
+    aopc: list[float] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        def pct(values, iq=False):
+            v = np.asarray(values, dtype=np.float64)
+            return float(100 * (trim_mean(v, 0.25) if iq else v.mean())) if v.size else None
+
+        return {
+            "mAP": pct(self.ap),
+            "mAR": pct(self.ar),
+            "mAP_IQ": pct(self.ap, iq=True),
+            "mAR_IQ": pct(self.ar, iq=True),
+            "aopc": float(np.mean(self.aopc)) if self.aopc else None,
+            "seconds_per_example": float(np.mean(self.seconds)) if self.seconds else None,
+        }
+
+
+def load_squad(path: str, limit: int | None = None) -> list[Example]:
+    examples = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                examples.append(Example(str(row["id"]), row["context"], row["question"], list(row["answers"])))
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise ValueError(f"data: {path}:{number} is not a SQuAD example ({err})") from None
+            if limit is not None and len(examples) >= limit:
+                break
+    if not examples:
+        raise ValueError(f"data: {path} holds no examples")
+    return examples
+
+
+def parse_methods(text: str) -> list[str]:
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    valid = {"atman", "ixg", "ig", "rollout", "random"} | {f"atman:{m}" for m in MODES}
+    valid |= {f"atman:{m}+conceptual" for m in MODES}
+    for name in names:
+        if name not in valid:
+            raise ValueError(f"methods: {name!r} is not one of {', '.join(sorted(valid))}")
+    return names
+
+
+def method_config(name: str, granularity: str) -> AtManConfig:
+    """``atman`` = library defaults; ``atman:<mode>`` = that mode without conceptual suppression; ``+conceptual``
+    adds it with the paper's kappa 0.7."""
+    if name == "atman":
+        return AtManConfig(granularity=granularity)
+    mode, _, extra = name.removeprefix("atman:").partition("+")
+    return AtManConfig(granularity=granularity, mode=mode, conceptual_threshold=0.7 if extra else None)
+
+
+class SquadEval:
+    """Runs the methods on examples with one loaded model; every method sees the same units."""
+
+    def __init__(self, lm, granularity: str = "word", seed: int = 0) -> None:
+        self.lm = lm
+        self.granularity = granularity
+        self.seed = seed
+        self.base = Explainer(lm, AtManConfig(granularity=granularity))
+        self.chat = bool(getattr(lm.tokenizer, "chat_template", None))
+
+    def prepare(self, ex: Example) -> tuple[_Planned, np.ndarray]:
+        prompt = f"{ex.context}\n\n{ex.question}"
+        target = ex.answers[0]["text"]
+        if not self.chat:
+            prompt, target = f"{prompt}\nAnswer:", f" {target}"
+        planned = self.base.plan(prompt, target, explain_span=(0, len(ex.context)), chat=self.chat)
+        spans = [(a["answer_start"], a["answer_start"] + len(a["text"])) for a in ex.answers]
+        truth = np.array(
+            [any(u.start < end and start < u.start + u.length for start, end in spans) for u in planned.units],
+            dtype=np.float64,
+        )
+        return planned, truth
+
+    def scores(self, name: str, planned: _Planned, rng: np.random.Generator) -> np.ndarray:
+        if name.startswith("atman"):
+            cfg = method_config(name, self.granularity)
+            explainer = Explainer(self.lm, cfg)
+            ids = planned.sweep_input.input_ids
+            cosine = None
+            if cfg.conceptual_threshold is not None:
+                emb = self.lm.model.get_input_embeddings().weight.detach()
+                cosine = embedding_cosine(emb, ids.to(emb.device)).cpu()
+            mult = unit_multipliers(len(ids), planned.units, cfg.factor, cosine, cfg.conceptual_threshold)
+            out = explainer.run([SweepInput(ids, planned.sweep_input.n_target, mult)])[0]
+            return (out.ce - out.base_ce[None]).sum(dim=1).numpy().astype(np.float64)
+        if name == "random":
+            return rng.random(len(planned.units))
+        token_scores = {"ixg": self._ixg, "ig": self._ig, "rollout": self._rollout}[name](planned)
+        return np.array([token_scores[list(u.positions)].sum() for u in planned.units], dtype=np.float64)
+
+    # --- baselines on the same tokens ---------------------------------------------------------------------------
+
+    def _ids(self, planned: _Planned) -> tuple[torch.Tensor, int, int]:
+        ids = planned.sweep_input.input_ids
+        n_target = planned.sweep_input.n_target
+        return ids.to(self.lm.device)[None], len(ids) - n_target, n_target
+
+    def _target_logprob(self, n_prompt: int, ids: torch.Tensor) -> Callable:
+        def forward(inputs_embeds: torch.Tensor) -> torch.Tensor:
+            logits = self.lm.model(inputs_embeds=inputs_embeds).logits[:, n_prompt - 1 : -1].float()
+            target = ids[:, n_prompt:].expand(logits.shape[0], -1)
+            return torch.log_softmax(logits, -1).gather(-1, target[..., None]).squeeze(-1).sum(-1)
+
+        return forward
+
+    def _ixg(self, planned: _Planned) -> np.ndarray:
+        from captum.attr import InputXGradient
+
+        ids, n_prompt, _ = self._ids(planned)
+        embeds = self.lm.model.get_input_embeddings()(ids).detach().requires_grad_()
+        attr = InputXGradient(self._target_logprob(n_prompt, ids)).attribute(embeds)
+        return attr.sum(-1)[0].detach().float().cpu().numpy()
+
+    def _ig(self, planned: _Planned, steps: int = 20) -> np.ndarray:
+        from captum.attr import IntegratedGradients
+
+        ids, n_prompt, _ = self._ids(planned)
+        embeds = self.lm.model.get_input_embeddings()(ids).detach()
+        baseline = embeds.clone()
+        baseline[:, :n_prompt] = 0.0  # the prompt goes from nothing to itself; the target tokens stay
+        ig = IntegratedGradients(self._target_logprob(n_prompt, ids))
+        attr = ig.attribute(embeds, baselines=baseline, n_steps=steps, internal_batch_size=4)
+        return attr.sum(-1)[0].detach().float().cpu().numpy()
+
+    def _rollout(self, planned: _Planned) -> np.ndarray:
+        ids, n_prompt, _ = self._ids(planned)
+        model = self.lm.model
+        previous = model.config._attn_implementation
+        model.set_attn_implementation("eager")
+        try:
+            with torch.no_grad():
+                attentions = model(input_ids=ids, output_attentions=True).attentions
+        finally:
+            model.set_attn_implementation(previous)
+        n = ids.shape[1]
+        rollout = torch.eye(n, dtype=torch.float64)
+        for layer in attentions:
+            a = layer[0].double().mean(0).cpu()
+            a = 0.5 * a + 0.5 * torch.eye(n, dtype=torch.float64)
+            rollout = (a / a.sum(-1, keepdim=True)) @ rollout
+        rows = rollout[n_prompt - 1 : n - 1]  # the positions that predict the target tokens
+        return rows.mean(0).numpy()
+
+    # --- faithfulness -----------------------------------------------------------------------------------------
+
+    def deletion(self, planned: _Planned, scores: np.ndarray) -> float:
+        """AOPC: mean CE rise (nats, whole target) with the top-k units removed from attention, k = 1..5."""
+        order = np.argsort(-scores, kind="stable")
+        n = len(planned.sweep_input.input_ids)
+        ks = [k for k in DELETION_K if k <= len(order)]
+        if not ks:
+            return 0.0
+        mult = torch.ones(len(ks), n, dtype=torch.float32)
+        for row, k in enumerate(ks):
+            for unit in order[:k]:
+                mult[row, list(planned.units[unit].positions)] = 0.0
+        cfg = AtManConfig(mode="log_additive", factor=0.0, conceptual_threshold=None, granularity=self.granularity)
+        out = Explainer(self.lm, cfg).run(
+            [SweepInput(planned.sweep_input.input_ids, planned.sweep_input.n_target, mult)]
+        )
+        return float((out[0].ce - out[0].base_ce[None]).sum(dim=1).mean())
+
+
+def average_precision(x: np.ndarray, y: np.ndarray) -> float:
+    mass = np.abs(x)
+    return float((mass * y).sum() / mass.sum()) if mass.sum() > 0 else 0.0
+
+
+def average_recall(x: np.ndarray, y: np.ndarray) -> float:
+    mass = np.abs(x)
+    if y.sum() == 0 or mass.max() == 0:
+        return 0.0
+    return float((mass / mass.max() * y).sum() / y.sum())
+
+
+def evaluate(lm, examples: list[Example], methods: list[str], granularity: str = "word", seed: int = 0,
+             on_example: Callable[[int, int], None] | None = None) -> dict:  # fmt: skip
+    """The DESIGN.md JSON shape: n, model, methods {name: metrics}, examples [...]."""
+    ev = SquadEval(lm, granularity, seed)
+    results = {m: MethodResult() for m in methods}
+    per_example = []
+    for i, ex in enumerate(examples):
+        planned, truth = ev.prepare(ex)
+        rng = np.random.default_rng([seed, i])
+        record = {"id": ex.id, "n_units": len(planned.units), "n_answer_units": int(truth.sum()), "methods": {}}
+        for name in methods:
+            start = time.perf_counter()
+            scores = ev.scores(name, planned, rng)
+            seconds = time.perf_counter() - start
+            ap, ar = average_precision(scores, truth), average_recall(scores, truth)
+            aopc = ev.deletion(planned, scores)
+            res = results[name]
+            res.ap.append(ap), res.ar.append(ar), res.aopc.append(aopc), res.seconds.append(seconds)
+            record["methods"][name] = {"AP": 100 * ap, "AR": 100 * ar, "aopc": aopc, "seconds": seconds}
+        per_example.append(record)
+        if on_example:
+            on_example(i + 1, len(examples))
+    return {
+        "n": len(examples),
+        "model": lm.model_id,
+        "granularity": granularity,
+        "answer_share": float(np.mean([r["n_answer_units"] / max(r["n_units"], 1) for r in per_example])),
+        "methods": {m: results[m].summary() for m in methods},
+        "examples": per_example,
+    }

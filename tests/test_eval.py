@@ -1,0 +1,115 @@
+"""`atman eval squad`: the paper's metrics, identical units for every method, the JSON shape of DESIGN.md."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.evaluate import (
+    SquadEval,
+    average_precision,
+    average_recall,
+    evaluate,
+    load_squad,
+    parse_methods,
+)
+
+ATMAN = str(Path(sys.executable).parent / "atman")
+DEV = Path(__file__).parent.parent.parent / "shared" / "data" / "squad" / "dev.jsonl"
+EXAMPLES = [
+    {
+        "id": "e1",
+        "context": "The Eiffel Tower is in Paris. It was finished in 1889 and is made of iron.",
+        "question": "When was the Eiffel Tower finished?",
+        "answers": [{"text": "1889", "answer_start": 49}],
+    },
+    {
+        "id": "e2",
+        "context": "Mount Fuji is the highest mountain in Japan. Its summit is 3,776 metres above the sea.",
+        "question": "Which country is Mount Fuji in?",
+        "answers": [{"text": "Japan", "answer_start": 38}, {"text": "in Japan", "answer_start": 35}],
+    },
+]
+
+
+@pytest.fixture
+def squad_file(tmp_path) -> Path:
+    path = tmp_path / "squad.jsonl"
+    path.write_text("".join(json.dumps(e) + "\n" for e in EXAMPLES))
+    return path
+
+
+def test_metrics_by_hand():
+    x, y = np.array([3.0, -1.0, 0.0, 4.0]), np.array([0.0, 1.0, 0.0, 1.0])
+    assert average_precision(x, y) == pytest.approx((1 + 4) / 8)
+    assert average_recall(x, y) == pytest.approx((1 / 4 + 4 / 4) / 2)
+    assert average_precision(np.zeros(3), np.ones(3)) == 0.0 and average_recall(np.ones(3), np.zeros(3)) == 0.0
+
+
+def test_parse_methods():
+    assert parse_methods("atman, ixg,atman:scale+conceptual") == ["atman", "ixg", "atman:scale+conceptual"]
+    with pytest.raises(ValueError, match="^methods: 'chefer'"):
+        parse_methods("atman,chefer")
+
+
+def test_ground_truth_and_identical_units(tiny_lms, squad_file):
+    lm = tiny_lms["llama"]
+    ev = SquadEval(lm)
+    planned, truth = ev.prepare(load_squad(str(squad_file))[1])
+    marked = [u.text for u, t in zip(planned.units, truth, strict=True) if t]
+    assert marked == ["in", "Japan"], "units overlapping any reference answer"
+    assert all(u.start + u.length <= len(EXAMPLES[1]["context"]) for u in planned.units), "context units only"
+    rng = np.random.default_rng(0)
+    for name in ("atman", "atman:multiplicative+conceptual", "ixg", "ig", "rollout", "random"):
+        scores = ev.scores(name, planned, rng)
+        assert scores.shape == (len(planned.units),) and np.isfinite(scores).all(), name
+
+
+def test_evaluate_shape_and_ranges(tiny_lms, squad_file):
+    methods = ["atman", "atman:scale", "ixg", "ig", "rollout", "random"]
+    result = evaluate(tiny_lms["llama"], load_squad(str(squad_file)), methods)
+    assert result["n"] == 2 and set(result["methods"]) == set(methods)
+    for name, m in result["methods"].items():
+        assert set(m) >= {"mAP", "mAR", "mAP_IQ", "mAR_IQ", "seconds_per_example", "aopc"}, name
+        assert 0 <= m["mAP"] <= 100 and 0 <= m["mAR"] <= 100 and m["seconds_per_example"] >= 0, name
+    assert len(result["examples"]) == 2 and set(result["examples"][0]["methods"]) == set(methods)
+
+
+@pytest.mark.slow
+def test_random_scores_near_the_answer_share(real_lm):
+    """The random baseline's mAP is the answer's share of the units (the floor every method must beat)."""
+    if not DEV.exists():
+        pytest.skip(f"{DEV} is not here (it lives in the shared data folder, outside the repository)")
+    examples = load_squad(str(DEV), limit=20)
+    result = evaluate(real_lm, examples, ["random"], seed=1)
+    share = 100 * result["answer_share"]
+    assert abs(result["methods"]["random"]["mAP"] - share) < max(2.0, 0.5 * share)
+
+
+@pytest.mark.slow
+def test_cli_on_three_examples(tmp_path):
+    """What CI runs on the real model: three examples, JSON out."""
+    path = DEV if DEV.exists() else None
+    if path is None:
+        path = tmp_path / "squad.jsonl"
+        path.write_text("".join(json.dumps(e) + "\n" for e in EXAMPLES * 2))
+    out = subprocess.run([ATMAN, "eval", "squad", "--data", str(path), "--limit", "3", "--methods",
+                          "atman,ixg,random", "--json"], capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout)
+    assert result["n"] == 3 and result["model"] and set(result["methods"]) == {"atman", "ixg", "random"}
+    assert result["methods"]["atman"]["mAP"] > result["methods"]["random"]["mAP"]
+
+
+def test_cli_bad_arguments_exit_2(squad_file):
+    out = subprocess.run([ATMAN, "eval", "squad", "--data", str(squad_file), "--methods", "chefer"],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 2 and "methods: 'chefer'" in out.stderr
+    out = subprocess.run([ATMAN, "eval", "squad", "--data", "/nonexistent.jsonl"], capture_output=True, text=True,
+                         timeout=120)  # fmt: skip
+    assert out.returncode == 2
