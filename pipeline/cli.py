@@ -502,6 +502,49 @@ def eval_squad(
     Console().print(f"answer units are {100 * result['answer_share']:.1f} % of all units (random's expected mAP)")
 
 
+@eval_app.command("sweep")
+def eval_sweep(
+    data: Annotated[str, typer.Option(help="SQuAD JSONL, as for `atman eval squad`.")],
+    limit: Annotated[int | None, typer.Option(help="Only the first N examples.")] = None,
+    mode: Annotated[str, typer.Option(help=f"Suppression form: {', '.join(MODES)}.")] = "log_additive",
+    factors: Annotated[str, typer.Option(help="Comma-separated factors m.")] = "0,0.05,0.1,0.3",
+    kappas: Annotated[str, typer.Option(help="Comma-separated conceptual thresholds; 'none' = off.")] = "none,0.7,0.9",
+    model: Annotated[str, typer.Option(help="Embedded alias, Hugging Face id or local directory.")] = DEFAULT_MODEL,
+    granularity: Annotated[str, typer.Option(help="word or token.")] = "word",
+    out: Annotated[str | None, typer.Option(help="Also write the JSON result to this file.")] = None,
+) -> None:
+    """The paper's line sweep: AtMan's mAP / mAR / AOPC over factor x conceptual threshold on SQuAD."""
+    from pipeline.evaluate import load_squad, sweep
+
+    _quiet_libraries()
+    if mode not in MODES:
+        fail(f"mode: {mode!r} is not one of {', '.join(MODES)}")
+    try:
+        grid_f = [float(x) for x in factors.split(",")]
+        grid_k = [_threshold(x) for x in kappas.split(",")]
+        examples = load_squad(data, limit)
+    except ValueError as error:
+        fail(f"factors: {error}" if "could not convert" in str(error) else str(error))
+    except FileNotFoundError as error:
+        fail(f"data: {error}")
+    from pipeline import load_model
+
+    lm = load_model(model)
+    result = sweep(lm, examples, mode, grid_f, grid_k, granularity)
+    if out:
+        with open(out, "w", encoding="utf-8") as f:
+            f.write(json.dumps(result) + "\n")
+    from rich.table import Table
+
+    table = Table("factor", "kappa", "mAP", "mAR", "mAP IQ", "mAR IQ", "AOPC", "s / example",
+                  title=f"AtMan {mode} sweep, SQuAD, {result['n']} examples")  # fmt: skip
+    for g in result["grid"]:
+        kappa = "off" if g["conceptual_threshold"] is None else str(g["conceptual_threshold"])
+        table.add_row(str(g["factor"]), kappa, *(f"{g[k]:.1f}" for k in ("mAP", "mAR", "mAP_IQ", "mAR_IQ")),
+                      f"{g['aopc']:.3f}", f"{g['seconds_per_example']:.2f}")  # fmt: skip
+    Console().print(table)
+
+
 def main() -> None:
     app()
 

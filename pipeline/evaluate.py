@@ -124,20 +124,22 @@ class SquadEval:
 
     def scores(self, name: str, planned: _Planned, rng: np.random.Generator) -> np.ndarray:
         if name.startswith("atman"):
-            cfg = method_config(name, self.granularity)
-            explainer = Explainer(self.lm, cfg)
-            ids = planned.sweep_input.input_ids
-            cosine = None
-            if cfg.conceptual_threshold is not None:
-                emb = self.lm.model.get_input_embeddings().weight.detach()
-                cosine = embedding_cosine(emb, ids.to(emb.device)).cpu()
-            mult = unit_multipliers(len(ids), planned.units, cfg.factor, cosine, cfg.conceptual_threshold)
-            out = explainer.run([SweepInput(ids, planned.sweep_input.n_target, mult)])[0]
-            return (out.ce - out.base_ce[None]).sum(dim=1).numpy().astype(np.float64)
+            return self.atman_scores(planned, method_config(name, self.granularity))
         if name == "random":
             return rng.random(len(planned.units))
         token_scores = {"ixg": self._ixg, "ig": self._ig, "rollout": self._rollout}[name](planned)
         return np.array([token_scores[list(u.positions)].sum() for u in planned.units], dtype=np.float64)
+
+    def atman_scores(self, planned: _Planned, cfg: AtManConfig) -> np.ndarray:
+        """Whole-target AtMan scores of the planned units under ``cfg`` (mode, factor, kappa)."""
+        ids = planned.sweep_input.input_ids
+        cosine = None
+        if cfg.conceptual_threshold is not None:
+            emb = self.lm.model.get_input_embeddings().weight.detach()
+            cosine = embedding_cosine(emb, ids.to(emb.device)).cpu()
+        mult = unit_multipliers(len(ids), planned.units, cfg.factor, cosine, cfg.conceptual_threshold)
+        out = Explainer(self.lm, cfg).run([SweepInput(ids, planned.sweep_input.n_target, mult)])[0]
+        return (out.ce - out.base_ce[None]).sum(dim=1).numpy().astype(np.float64)
 
     # --- baselines on the same tokens ---------------------------------------------------------------------------
 
@@ -253,4 +255,31 @@ def evaluate(lm, examples: list[Example], methods: list[str], granularity: str =
         "answer_share": float(np.mean([r["n_answer_units"] / max(r["n_units"], 1) for r in per_example])),
         "methods": {m: results[m].summary() for m in methods},
         "examples": per_example,
+    }
+
+
+def sweep(lm, examples: list[Example], mode: str, factors: list[float], kappas: list[float | None],
+          granularity: str = "word", on_example: Callable[[int, int], None] | None = None) -> dict:  # fmt: skip
+    """The paper's line sweep: mAP / mAR / AOPC of AtMan for every (factor, kappa) on the same examples."""
+    ev = SquadEval(lm, granularity)
+    grid = [(f, k) for f in factors for k in kappas]
+    results = {g: MethodResult() for g in grid}
+    for i, ex in enumerate(examples):
+        planned, truth = ev.prepare(ex)
+        for factor, kappa in grid:
+            cfg = AtManConfig(mode=mode, factor=factor, conceptual_threshold=kappa, granularity=granularity)
+            start = time.perf_counter()
+            scores = ev.atman_scores(planned, cfg)
+            res = results[(factor, kappa)]
+            res.seconds.append(time.perf_counter() - start)
+            res.ap.append(average_precision(scores, truth)), res.ar.append(average_recall(scores, truth))
+            res.aopc.append(ev.deletion(planned, scores))
+        if on_example:
+            on_example(i + 1, len(examples))
+    return {
+        "n": len(examples),
+        "model": lm.model_id,
+        "mode": mode,
+        "granularity": granularity,
+        "grid": [{"factor": f, "conceptual_threshold": k, **results[(f, k)].summary()} for f, k in grid],
     }

@@ -25,6 +25,7 @@ import pipeline
 from pipeline.jobspec import JobSpec, JobSpecError
 from pipeline.layout import new_run_id, valid_run_id
 
+AGENT_WAIT_S = 60  # how long to wait for a fresh head's job agent
 MAX_SHIPPED_INPUT = 100 * 2**20  # Ray's working_dir limit is 500 MiB; inputs that big belong on S3
 
 
@@ -94,17 +95,19 @@ def submit(
         runtime_env: dict = {"working_dir": str(workdir)}
         if ship_package:
             runtime_env["py_modules"] = [str(Path(pipeline.__file__).parent)]
-        try:
-            jobs.submit_job(
-                entrypoint=entrypoint,
-                submission_id=sid,
-                runtime_env=runtime_env,
-                metadata={"atman_job": spec.name, "atman_run_id": run_id, "atman_config_hash": spec.config_hash()},
-            )
-        except RuntimeError as err:
-            if "already exists" in str(err):
-                raise FileExistsError(f"submission {sid!r} exists already: each run is submitted once") from None
-            raise
+        metadata = {"atman_job": spec.name, "atman_run_id": run_id, "atman_config_hash": spec.config_hash()}
+        deadline = time.monotonic() + AGENT_WAIT_S
+        while True:
+            try:
+                jobs.submit_job(entrypoint=entrypoint, submission_id=sid, runtime_env=runtime_env, metadata=metadata)
+                break
+            except RuntimeError as err:
+                if "already exists" in str(err):
+                    raise FileExistsError(f"submission {sid!r} exists already: each run is submitted once") from None
+                # a head that has just started answers before its job agent is up: wait for it, briefly
+                if "No available agent" not in str(err) or time.monotonic() > deadline:
+                    raise
+                time.sleep(2)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return Submission(sid, run_id, entrypoint)

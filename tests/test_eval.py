@@ -113,3 +113,17 @@ def test_cli_bad_arguments_exit_2(squad_file):
     out = subprocess.run([ATMAN, "eval", "squad", "--data", "/nonexistent.jsonl"], capture_output=True, text=True,
                          timeout=120)  # fmt: skip
     assert out.returncode == 2
+
+
+def test_sweep_grid(tiny_lms, squad_file):
+    from pipeline.evaluate import sweep
+
+    result = sweep(tiny_lms["llama"], load_squad(str(squad_file)), "log_additive", [0.0, 0.1], [None, 0.7])
+    assert [(g["factor"], g["conceptual_threshold"]) for g in result["grid"]] == [
+        (0.0, None), (0.0, 0.7), (0.1, None), (0.1, 0.7)
+    ]  # fmt: skip
+    for g in result["grid"]:
+        assert 0 <= g["mAP"] <= 100 and 0 <= g["mAR"] <= 100 and g["seconds_per_example"] > 0
+    # factor 0.1 without kappa is the same setting `atman:log_additive` scores
+    single = evaluate(tiny_lms["llama"], load_squad(str(squad_file)), ["atman:log_additive"])
+    assert result["grid"][2]["mAP"] == pytest.approx(single["methods"]["atman:log_additive"]["mAP"], abs=1e-6)

@@ -144,3 +144,16 @@ def test_bad_input_names_the_parameter(llama, kwargs, field):
 def test_bad_config_names_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         AtManConfig(**kwargs)
+
+
+@pytest.mark.parametrize("mode", ["log_additive", "multiplicative", "scale"])
+def test_conceptual_at_factor_zero_stays_finite(llama, mode):
+    """Repeated tokens have cosine 1 (or 1 + rounding) to the unit: their multiplier must be 0, never below."""
+    same = torch.full((3, 3), 1.0000001)  # positions 0 and 1 hold the same token; cosine rounds above 1
+    same[2, :2] = same[:2, 2] = 0.9
+    units = [Unit("a", 0, 1, (0,)), Unit("a", 2, 1, (1,)), Unit("b", 4, 1, (2,))]
+    mult = unit_multipliers(3, units, 0.0, same, 0.7)
+    assert mult.min() >= 0.0 and mult[0, 1] == 0.0 and mult[0, 2] == pytest.approx(0.1)
+    prompt = "the cat and the dog and the bird and the fish saw the"
+    e = Explainer(llama, AtManConfig(mode=mode, factor=0.0, conceptual_threshold=0.7)).explain(prompt, " end")
+    assert np.isfinite(e.scores).all()

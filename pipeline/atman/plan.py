@@ -34,7 +34,8 @@ def unit_multipliers(
         candidates = torch.tensor(sorted({p for u in units for p in u.positions}))
         strength = 1.0 - factor
         for i, unit in enumerate(units):
-            cos = cosine[list(unit.positions)][:, candidates].amax(dim=0)
+            # a token's cosine to itself can round to 1 + 1e-7: clamp, or m = 1 - cos would go negative at factor 0
+            cos = cosine[list(unit.positions)][:, candidates].amax(dim=0).clamp(max=1.0)
             hit = cos >= threshold
             mult[i, candidates[hit]] = 1.0 - strength * cos[hit]
     for i, unit in enumerate(units):
