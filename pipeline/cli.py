@@ -366,13 +366,18 @@ def submit(
         raise typer.Exit(code)
 
 
-def _jobs(address: str):
+def _on_job(address: str, submission_id: str, call):
+    """``call(JobSubmissionClient)``; an unreachable address exits 1, an unknown submission id exits 2."""
     from pipeline.submit import client
 
     try:
-        return client(address)
+        jobs = client(address)
     except ConnectionError as error:
         fail(str(error), code=1)
+    try:
+        return call(jobs)
+    except RuntimeError as error:
+        fail(f"submission_id: {submission_id!r}: {error}")
 
 
 @app.command()
@@ -381,10 +386,7 @@ def status(
     address: Annotated[str, typer.Option(help="Ray Jobs API, e.g. http://HEAD:8265.")],
 ) -> None:
     """The status of a submitted job."""
-    try:
-        info = _jobs(address).get_job_info(submission_id)
-    except RuntimeError as error:
-        fail(f"submission_id: {submission_id!r}: {error}")
+    info = _on_job(address, submission_id, lambda jobs: jobs.get_job_info(submission_id))
     Console().print(f"{submission_id}: {info.status.value}" + (f" ({info.message})" if info.message else ""))
 
 
@@ -394,10 +396,7 @@ def logs(
     address: Annotated[str, typer.Option(help="Ray Jobs API, e.g. http://HEAD:8265.")],
 ) -> None:
     """The logs of a submitted job."""
-    try:
-        sys.stdout.write(_jobs(address).get_job_logs(submission_id))
-    except RuntimeError as error:
-        fail(f"submission_id: {submission_id!r}: {error}")
+    sys.stdout.write(_on_job(address, submission_id, lambda jobs: jobs.get_job_logs(submission_id)))
 
 
 @app.command()
@@ -406,10 +405,7 @@ def stop(
     address: Annotated[str, typer.Option(help="Ray Jobs API, e.g. http://HEAD:8265.")],
 ) -> None:
     """Stop a submitted job (rows written so far stay; `atman submit --resume --run-id ...` finishes the run)."""
-    try:
-        stopped = _jobs(address).stop_job(submission_id)
-    except RuntimeError as error:
-        fail(f"submission_id: {submission_id!r}: {error}")
+    stopped = _on_job(address, submission_id, lambda jobs: jobs.stop_job(submission_id))
     Console().print(f"{submission_id}: {'stopping' if stopped else 'not running'}")
 
 

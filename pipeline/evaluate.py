@@ -47,6 +47,13 @@ class MethodResult:
     aopc: list[float] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
 
+    def add(self, ev: SquadEval, planned: _Planned, truth: np.ndarray, scores: np.ndarray, seconds: float) -> dict:
+        """Score one example's relevance against its ground truth (AP, AR, deletion AOPC) and keep the numbers."""
+        ap, ar = average_precision(scores, truth), average_recall(scores, truth)
+        aopc = ev.deletion(planned, scores)
+        self.ap.append(ap), self.ar.append(ar), self.aopc.append(aopc), self.seconds.append(seconds)
+        return {"AP": 100 * ap, "AR": 100 * ar, "aopc": aopc, "seconds": seconds}
+
     def summary(self) -> dict:
         def pct(values, iq=False):
             v = np.asarray(values, dtype=np.float64)
@@ -239,12 +246,7 @@ def evaluate(lm, examples: list[Example], methods: list[str], granularity: str =
         for name in methods:
             start = time.perf_counter()
             scores = ev.scores(name, planned, rng)
-            seconds = time.perf_counter() - start
-            ap, ar = average_precision(scores, truth), average_recall(scores, truth)
-            aopc = ev.deletion(planned, scores)
-            res = results[name]
-            res.ap.append(ap), res.ar.append(ar), res.aopc.append(aopc), res.seconds.append(seconds)
-            record["methods"][name] = {"AP": 100 * ap, "AR": 100 * ar, "aopc": aopc, "seconds": seconds}
+            record["methods"][name] = results[name].add(ev, planned, truth, scores, time.perf_counter() - start)
         per_example.append(record)
         if on_example:
             on_example(i + 1, len(examples))
@@ -270,10 +272,7 @@ def sweep(lm, examples: list[Example], mode: str, factors: list[float], kappas: 
             cfg = AtManConfig(mode=mode, factor=factor, conceptual_threshold=kappa, granularity=granularity)
             start = time.perf_counter()
             scores = ev.atman_scores(planned, cfg)
-            res = results[(factor, kappa)]
-            res.seconds.append(time.perf_counter() - start)
-            res.ap.append(average_precision(scores, truth)), res.ar.append(average_recall(scores, truth))
-            res.aopc.append(ev.deletion(planned, scores))
+            results[(factor, kappa)].add(ev, planned, truth, scores, time.perf_counter() - start)
         if on_example:
             on_example(i + 1, len(examples))
     return {
