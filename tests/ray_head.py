@@ -43,12 +43,17 @@ def _own_processes(temp_dir: str) -> list[psutil.Process]:
 def ray_head():
     temp_dir = tempfile.mkdtemp(prefix="atman-head-")
     port, dashboard = _free_port(), _free_port()
+    # every port a head opens, free: the defaults (dashboard agent 52365, metrics, runtime-env agent, client server)
+    # collide with the session's other Ray, whose agent then answers nothing: "No available agent to submit job"
+    extra = [f"--{name}={_free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+             "metrics-export-port", "runtime-env-agent-port", "ray-client-server-port", "node-manager-port",
+             "object-manager-port")]  # fmt: skip
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_AUTH_MODE": "disabled"}
     env["HF_HUB_OFFLINE"] = "1"
     cmd = [
         str(BIN / "ray"), "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--include-dashboard=true",
-        "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats",
+        "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats", *extra,
     ]  # fmt: skip
     started = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
     address = f"http://127.0.0.1:{dashboard}"
