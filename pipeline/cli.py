@@ -14,6 +14,8 @@ from rich.console import Console
 from pipeline.atman.config import GRANULARITIES, MODES, AtManConfig
 from pipeline.models import DEFAULT_MODEL
 
+ENGINE = AtManConfig()  # the library defaults, so every command's defaults are the same ones
+
 app = typer.Typer(
     help="AtMan explanations of causal LMs: which parts of the prompt the prediction relies on.",
     no_args_is_help=True,
@@ -73,11 +75,13 @@ def explain(
     model: Annotated[str, typer.Option(help="Embedded alias, Hugging Face id or local directory.")] = DEFAULT_MODEL,
     granularity: Annotated[str, typer.Option(help=f"One of {', '.join(GRANULARITIES)}.")] = "token",
     delimiter: Annotated[str | None, typer.Option(help="Separator for --granularity custom.")] = None,
-    mode: Annotated[str, typer.Option(help=f"Suppression form: {', '.join(MODES)}.")] = "log_additive",
-    factor: Annotated[float, typer.Option(help="Attention multiplier m of suppressed units (paper: 0.1).")] = 0.1,
+    mode: Annotated[str, typer.Option(help=f"Suppression form: {', '.join(MODES)}.")] = ENGINE.mode,
+    factor: Annotated[
+        float, typer.Option(help="Attention multiplier m of suppressed units (paper: 0.1).")
+    ] = ENGINE.factor,
     conceptual_threshold: Annotated[
         str, typer.Option(help="Conceptual suppression cosine threshold (paper: 0.7), or 'none'.")
-    ] = "0.7",
+    ] = str(ENGINE.conceptual_threshold).lower(),
     explain_span: Annotated[str | None, typer.Option(help="Only explain prompt characters START:END.")] = None,
     chat: Annotated[
         bool | None,
@@ -443,10 +447,32 @@ eval_app = typer.Typer(help="Evaluate attribution methods (the paper's protocols
 app.add_typer(eval_app, name="eval")
 
 
+def _eval_model(model: str):
+    from pipeline import load_model
+
+    try:
+        return load_model(model)
+    except ValueError as error:
+        fail(str(error))
+
+
+def _with_progress(total: int, run):
+    """Run ``run(tick)`` under a progress bar on stderr; ``tick(done, total)`` advances it."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    progress = Progress(
+        TextColumn("[bold]examples"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err
+    )
+    task = progress.add_task("eval", total=total)
+    with progress:
+        return run(lambda done, _total: progress.update(task, completed=done))
+
+
 @eval_app.command("squad")
 def eval_squad(
     data: Annotated[str, typer.Option(help="SQuAD JSONL: id, context, question, answers[{text, answer_start}].")],
     limit: Annotated[int | None, typer.Option(help="Only the first N examples.")] = None,
+    sample: Annotated[int | None, typer.Option(help="N examples evenly spaced through the file.")] = None,
     methods: Annotated[
         str, typer.Option(help="Comma-separated: atman, atman:<mode>[+conceptual], ixg, ig, rollout, random.")
     ] = "atman,ixg,ig,rollout,random",
@@ -463,23 +489,11 @@ def eval_squad(
         fail(f"granularity: {granularity!r} is not word or token")
     try:
         names = parse_methods(methods)
-        examples = load_squad(data, limit)
+        examples = load_squad(data, limit, sample)
     except (ValueError, FileNotFoundError) as error:
         fail(str(error))
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from pipeline import load_model
-
-    try:
-        lm = load_model(model)
-    except ValueError as error:
-        fail(str(error))
-    progress = Progress(
-        TextColumn("[bold]examples"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err
-    )
-    task = progress.add_task("eval", total=len(examples))
-    with progress:
-        result = evaluate(lm, examples, names, granularity, on_example=lambda i, n: progress.update(task, completed=i))
+    lm = _eval_model(model)
+    result = _with_progress(len(examples), lambda tick: evaluate(lm, examples, names, granularity, on_example=tick))
     text = json.dumps(result, ensure_ascii=False)
     if out:
         with open(out, "w", encoding="utf-8") as f:
@@ -502,7 +516,8 @@ def eval_squad(
 def eval_sweep(
     data: Annotated[str, typer.Option(help="SQuAD JSONL, as for `atman eval squad`.")],
     limit: Annotated[int | None, typer.Option(help="Only the first N examples.")] = None,
-    mode: Annotated[str, typer.Option(help=f"Suppression form: {', '.join(MODES)}.")] = "log_additive",
+    sample: Annotated[int | None, typer.Option(help="N examples evenly spaced through the file.")] = None,
+    mode: Annotated[str, typer.Option(help=f"Suppression form: {', '.join(MODES)}.")] = ENGINE.mode,
     factors: Annotated[str, typer.Option(help="Comma-separated factors m.")] = "0,0.05,0.1,0.3",
     kappas: Annotated[str, typer.Option(help="Comma-separated conceptual thresholds; 'none' = off.")] = "none,0.7,0.9",
     model: Annotated[str, typer.Option(help="Embedded alias, Hugging Face id or local directory.")] = DEFAULT_MODEL,
@@ -518,15 +533,15 @@ def eval_sweep(
     try:
         grid_f = [float(x) for x in factors.split(",")]
         grid_k = [_threshold(x) for x in kappas.split(",")]
-        examples = load_squad(data, limit)
+        examples = load_squad(data, limit, sample)
     except ValueError as error:
         fail(f"factors: {error}" if "could not convert" in str(error) else str(error))
     except FileNotFoundError as error:
         fail(f"data: {error}")
-    from pipeline import load_model
-
-    lm = load_model(model)
-    result = sweep(lm, examples, mode, grid_f, grid_k, granularity)
+    lm = _eval_model(model)
+    result = _with_progress(
+        len(examples), lambda tick: sweep(lm, examples, mode, grid_f, grid_k, granularity, on_example=tick)
+    )
     if out:
         with open(out, "w", encoding="utf-8") as f:
             f.write(json.dumps(result) + "\n")

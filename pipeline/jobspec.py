@@ -64,10 +64,13 @@ class InputSpec(_Strict):
     """Input columns passed through, as JSON, into the output's `metadata` column."""
 
 
+_ENGINE = AtManConfig()  # the library defaults, chosen by the SQuAD evaluation (README, docs/EVAL.md)
+
+
 class MethodSpec(_Strict):
-    mode: Literal["multiplicative", "log_additive", "scale"] = "log_additive"
-    factor: float = Field(0.1, ge=0.0)
-    conceptual_threshold: float | None = Field(0.7, ge=0.0, le=1.0)
+    mode: Literal["multiplicative", "log_additive", "scale"] = _ENGINE.mode
+    factor: float = Field(_ENGINE.factor, ge=0.0)
+    conceptual_threshold: float | None = Field(_ENGINE.conceptual_threshold, ge=0.0, le=1.0)
     granularity: Literal["token", "word", "sentence", "paragraph", "custom"] = "word"
     delimiter: str | None = None
     generate_max_tokens: int = Field(16, ge=1)

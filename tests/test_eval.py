@@ -126,3 +126,31 @@ def test_sweep_grid(tiny_lms, squad_file):
     # factor 0.1 without kappa is the same setting `atman:log_additive` scores
     single = evaluate(tiny_lms["llama"], load_squad(str(squad_file)), ["atman:log_additive"])
     assert result["grid"][2]["mAP"] == pytest.approx(single["methods"]["atman:log_additive"]["mAP"], abs=1e-6)
+
+
+def test_sample_spans_the_file(tmp_path):
+    rows = [{**EXAMPLES[0], "id": f"q{i}"} for i in range(76)]
+    path = tmp_path / "76.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [e.id for e in load_squad(str(path), sample=16)] == [f"q{i}" for i in range(0, 76, 5)]
+    assert [e.id for e in load_squad(str(path), sample=200)] == [f"q{i}" for i in range(76)]
+    assert [e.id for e in load_squad(str(path), limit=2)] == ["q0", "q1"]
+    with pytest.raises(ValueError, match="^sample: give --limit or --sample"):
+        load_squad(str(path), limit=3, sample=3)
+    with pytest.raises(ValueError, match="^sample: must be at least 1"):
+        load_squad(str(path), sample=0)
+
+
+def test_cli_sweep_end_to_end(tiny_model_dir, squad_file, tmp_path):
+    out_json = tmp_path / "sweep.json"
+    cmd = [ATMAN, "eval", "sweep", "--data", str(squad_file), "--model", tiny_model_dir, "--factors", "0,0.3",
+           "--kappas", "none,0.9", "--sample", "2", "--out", str(out_json)]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out_json.read_text())
+    assert result["n"] == 2 and len(result["grid"]) == 4
+    assert "AtMan log_additive sweep" in out.stdout and "0.9" in out.stdout
+    bad = subprocess.run(cmd[:-2] + ["--factors", "0,x"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "factors:" in bad.stderr
+    bad = subprocess.run([*cmd[:-2], "--limit", "1"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "sample: give --limit or --sample" in bad.stderr
