@@ -468,6 +468,21 @@ def _with_progress(total: int, run):
         return run(lambda done, _total: progress.update(task, completed=done))
 
 
+def _print_metrics(title: str, keys: list[str], rows: list[tuple[list[str], dict]]) -> None:
+    """One table layout for `eval squad` and `eval sweep`: key columns, then the metrics of MethodResult.summary."""
+    from rich.table import Table
+
+    table = Table(*keys, "mAP", "mAR", "mAP IQ", "mAR IQ", "AOPC (nats)", "AOPC removal", "s / example", title=title)
+    for names, m in rows:
+        table.add_row(
+            *names,
+            *(f"{m[k]:.1f}" for k in ("mAP", "mAR", "mAP_IQ", "mAR_IQ")),
+            *(f"{m[k]:.3f}" for k in ("aopc", "aopc_removal")),
+            f"{m['seconds_per_example']:.2f}",
+        )
+    Console().print(table)
+
+
 @eval_app.command("squad")
 def eval_squad(
     data: Annotated[str, typer.Option(help="SQuAD JSONL: id, context, question, answers[{text, answer_start}].")],
@@ -501,14 +516,11 @@ def eval_squad(
     if as_json:
         sys.stdout.write(text + "\n")
         return
-    from rich.table import Table
-
-    table = Table("method", "mAP", "mAR", "mAP IQ", "mAR IQ", "AOPC (nats)", "s / example",
-                  title=f"SQuAD, {result['n']} examples, {result['model']}, {granularity} units")  # fmt: skip
-    for name, m in result["methods"].items():
-        table.add_row(name, *(f"{m[k]:.1f}" for k in ("mAP", "mAR", "mAP_IQ", "mAR_IQ")), f"{m['aopc']:.3f}",
-                      f"{m['seconds_per_example']:.2f}")  # fmt: skip
-    Console().print(table)
+    _print_metrics(
+        f"SQuAD, {result['n']} examples, {result['model']}, {granularity} units",
+        ["method"],
+        [([name], m) for name, m in result["methods"].items()],
+    )
     Console().print(f"answer units are {100 * result['answer_share']:.1f} % of all units (random's expected mAP)")
 
 
@@ -545,15 +557,14 @@ def eval_sweep(
     if out:
         with open(out, "w", encoding="utf-8") as f:
             f.write(json.dumps(result) + "\n")
-    from rich.table import Table
-
-    table = Table("factor", "kappa", "mAP", "mAR", "mAP IQ", "mAR IQ", "AOPC", "s / example",
-                  title=f"AtMan {mode} sweep, SQuAD, {result['n']} examples")  # fmt: skip
-    for g in result["grid"]:
-        kappa = "off" if g["conceptual_threshold"] is None else str(g["conceptual_threshold"])
-        table.add_row(str(g["factor"]), kappa, *(f"{g[k]:.1f}" for k in ("mAP", "mAR", "mAP_IQ", "mAR_IQ")),
-                      f"{g['aopc']:.3f}", f"{g['seconds_per_example']:.2f}")  # fmt: skip
-    Console().print(table)
+    _print_metrics(
+        f"AtMan {mode} sweep, SQuAD, {result['n']} examples, {result['model']}",
+        ["factor", "kappa"],
+        [
+            ([str(g["factor"]), "off" if g["conceptual_threshold"] is None else str(g["conceptual_threshold"])], g)
+            for g in result["grid"]
+        ],  # fmt: skip
+    )
 
 
 def main() -> None:

@@ -5,7 +5,9 @@ reference answer, units = the context's units only (``explain_span``); ground tr
 overlap a reference answer span. With relevance x over those units:
     AP = sum(|x| * y) / sum(|x|)            AR = sum(|x| / max|x| * y) / sum(y)
 reported as means and interquartile means (0-100), plus seconds per example. Faithfulness: AOPC of the deletion
-curve, the mean rise of the target CE (nats) when the top-k units (k = 1..5) are removed from attention together.
+curve, the mean rise of the target CE (nats) when the top-k units (k = 1..5) are removed from attention together
+(``aopc``, through AtMan's suppression) and when their tokens are dropped from the input (``aopc_removal``, the
+neutral check: no method's own machinery).
 
 Methods: ``atman`` (the library defaults), ``atman:<mode>`` and ``atman:<mode>+conceptual``, ``ixg`` and ``ig``
 (Captum's InputXGradient-on-embeddings and LayerIntegratedGradients), ``rollout`` (attention rollout, Abnar &
@@ -45,14 +47,16 @@ class MethodResult:
     ap: list[float] = field(default_factory=list)
     ar: list[float] = field(default_factory=list)
     aopc: list[float] = field(default_factory=list)
+    aopc_removal: list[float] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
 
     def add(self, ev: SquadEval, planned: _Planned, truth: np.ndarray, scores: np.ndarray, seconds: float) -> dict:
         """Score one example's relevance against its ground truth (AP, AR, deletion AOPC) and keep the numbers."""
         ap, ar = average_precision(scores, truth), average_recall(scores, truth)
-        aopc = ev.deletion(planned, scores)
-        self.ap.append(ap), self.ar.append(ar), self.aopc.append(aopc), self.seconds.append(seconds)
-        return {"AP": 100 * ap, "AR": 100 * ar, "aopc": aopc, "seconds": seconds}
+        aopc, removal = ev.deletion(planned, scores), ev.removal(planned, scores)
+        self.ap.append(ap), self.ar.append(ar), self.seconds.append(seconds)
+        self.aopc.append(aopc), self.aopc_removal.append(removal)
+        return {"AP": 100 * ap, "AR": 100 * ar, "aopc": aopc, "aopc_removal": removal, "seconds": seconds}
 
     def summary(self) -> dict:
         def pct(values, iq=False):
@@ -65,6 +69,7 @@ class MethodResult:
             "mAP_IQ": pct(self.ap, iq=True),
             "mAR_IQ": pct(self.ar, iq=True),
             "aopc": float(np.mean(self.aopc)) if self.aopc else None,
+            "aopc_removal": float(np.mean(self.aopc_removal)) if self.aopc_removal else None,
             "seconds_per_example": float(np.mean(self.seconds)) if self.seconds else None,
         }
 
@@ -229,6 +234,30 @@ class SquadEval:
             [SweepInput(planned.sweep_input.input_ids, planned.sweep_input.n_target, mult)]
         )
         return float((out[0].ce - out[0].base_ce[None]).sum(dim=1).mean())
+
+    def removal(self, planned: _Planned, scores: np.ndarray) -> float:
+        """AOPC with the top-k units' tokens dropped from the input (k = 1..5): the neutral deletion, which uses no
+        method's own machinery (the suppression deletion above is AtMan's)."""
+        order = np.argsort(-scores, kind="stable")
+        ids = planned.sweep_input.input_ids
+        n_target = planned.sweep_input.n_target
+        ks = [k for k in DELETION_K if k <= len(order)]
+        if not ks:
+            return 0.0
+        base = self._plain_ce(ids, n_target)
+        rises = []
+        for k in ks:
+            drop = {p for unit in order[:k] for p in planned.units[unit].positions}
+            keep = torch.tensor([i for i in range(len(ids)) if i not in drop], dtype=torch.long)
+            rises.append(self._plain_ce(ids[keep], n_target) - base)
+        return float(np.mean(rises))
+
+    def _plain_ce(self, ids: torch.Tensor, n_target: int) -> float:
+        """Target CE (nats, summed over the target tokens) of one plain forward."""
+        with torch.no_grad():
+            logits = self.lm.model(input_ids=ids.to(self.lm.device)[None]).logits[0, -n_target - 1 : -1].float()
+        target = ids[-n_target:].to(logits.device)
+        return float(torch.nn.functional.cross_entropy(logits, target, reduction="sum"))
 
 
 def average_precision(x: np.ndarray, y: np.ndarray) -> float:

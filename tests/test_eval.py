@@ -75,7 +75,7 @@ def test_evaluate_shape_and_ranges(tiny_lms, squad_file):
     result = evaluate(tiny_lms["llama"], load_squad(str(squad_file)), methods)
     assert result["n"] == 2 and set(result["methods"]) == set(methods)
     for name, m in result["methods"].items():
-        assert set(m) >= {"mAP", "mAR", "mAP_IQ", "mAR_IQ", "seconds_per_example", "aopc"}, name
+        assert set(m) >= {"mAP", "mAR", "mAP_IQ", "mAR_IQ", "seconds_per_example", "aopc", "aopc_removal"}, name
         assert 0 <= m["mAP"] <= 100 and 0 <= m["mAR"] <= 100 and m["seconds_per_example"] >= 0, name
     assert len(result["examples"]) == 2 and set(result["examples"][0]["methods"]) == set(methods)
 
@@ -154,3 +154,28 @@ def test_cli_sweep_end_to_end(tiny_model_dir, squad_file, tmp_path):
     assert bad.returncode == 2 and "factors:" in bad.stderr
     bad = subprocess.run([*cmd[:-2], "--limit", "1"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "sample: give --limit or --sample" in bad.stderr
+
+
+def test_removal_deletion_drops_the_top_units_tokens(tiny_lms, squad_file):
+    """aopc_removal = mean over k = 1..5 of the target CE rise with the top-k units' tokens dropped from the
+    input; checked against transformers' own loss on hand-built inputs."""
+    import torch
+
+    lm = tiny_lms["llama"]
+    ev = SquadEval(lm)
+    planned, _ = ev.prepare(load_squad(str(squad_file))[0])
+    ids, n_target = planned.sweep_input.input_ids, planned.sweep_input.n_target
+    scores = np.arange(len(planned.units), dtype=np.float64)[::-1].copy()  # unit 0 first, then 1, ...
+
+    def ce(kept: torch.Tensor) -> float:
+        labels = torch.full_like(kept, -100)
+        labels[-n_target:] = kept[-n_target:]
+        with torch.no_grad():
+            return float(lm.model(input_ids=kept[None], labels=labels[None]).loss) * n_target
+
+    rises = []
+    for k in range(1, 6):
+        dropped = {p for u in planned.units[:k] for p in u.positions}
+        rises.append(ce(torch.tensor([t for i, t in enumerate(ids.tolist()) if i not in dropped])) - ce(ids))
+    assert ev.removal(planned, scores) == pytest.approx(np.mean(rises), abs=1e-4)
+    assert any(abs(r) > 1e-3 for r in rises), "dropping tokens changes the target CE"
