@@ -80,7 +80,7 @@ def explain(
         float, typer.Option(help="Attention multiplier m of suppressed units (paper: 0.1).")
     ] = ENGINE.factor,
     conceptual_threshold: Annotated[
-        str, typer.Option(help="Conceptual suppression cosine threshold (paper: 0.7), or 'none'.")
+        str, typer.Option(help="Conceptual suppression cosine threshold, or 'none' (default: off; paper: 0.7).")
     ] = str(ENGINE.conceptual_threshold).lower(),
     explain_span: Annotated[str | None, typer.Option(help="Only explain prompt characters START:END.")] = None,
     chat: Annotated[

@@ -5,7 +5,7 @@ Shape (../shared/DESIGN.md):
     name: demo
     model: {id: smollm2-135m-instruct, revision: null, dtype: auto}
     input: {path: jobs/examples/prompts.jsonl, format: auto, id_column: id, prompt_column: prompt, ...}
-    method: {mode: log_additive, factor: 0.1, conceptual_threshold: 0.7, granularity: word, ...}
+    method: {mode: log_additive, factor: 0.1, conceptual_threshold: null, granularity: word, ...}
     output: {root: out/, compression: zstd}
     resources: {actors: 1, gpus_per_actor: 0, batch_rows: 8}
     schedule: {cron: "0 2 * * *"}
