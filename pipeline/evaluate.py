@@ -10,8 +10,9 @@ curve, the mean rise of the target CE (nats) when the top-k units (k = 1..5) are
 neutral check: no method's own machinery).
 
 Methods: ``atman`` (the library defaults), ``atman:<mode>`` and ``atman:<mode>+conceptual``, ``ixg`` and ``ig``
-(Captum's InputXGradient-on-embeddings and LayerIntegratedGradients), ``rollout`` (attention rollout, Abnar &
-Zuidema 2020), ``random``. Gradient and rollout scores are summed per unit over the unit's tokens.
+(Captum's InputXGradient and IntegratedGradients on the input embeddings; IG starts from zeroed prompt embeddings),
+``rollout`` (attention rollout, Abnar & Zuidema 2020), ``random``. Gradient and rollout scores are summed per unit
+over the unit's tokens.
 """
 
 from __future__ import annotations
