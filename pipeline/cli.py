@@ -11,6 +11,7 @@ import typer
 from pydantic import ValidationError
 from rich.console import Console
 
+from pipeline.atman.attention import UnsupportedModelError
 from pipeline.atman.config import GRANULARITIES, MODES, AtManConfig
 from pipeline.models import DEFAULT_MODEL
 
@@ -112,6 +113,8 @@ def explain(
         )
     except ValidationError as error:
         fail(describe(error))
+    except UnsupportedModelError as error:
+        fail(f"model: {model!r} cannot be explained exactly: {str(error).removeprefix('model: ')}")
     except (ValueError, FileNotFoundError) as error:
         fail(str(error))
     if as_json:

@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.atman.attention import UnsupportedModelError
 from pipeline.jobspec import JobSpec, JobSpecError
 from pipeline.layout import RunPaths, new_run_id, storage_error, valid_run_id
 from pipeline.models import check_model
@@ -118,6 +119,10 @@ def run_job(
     try:
         processed, passes = _explain_pending(spec, paths, requests, pending, address, on_progress)
     except Exception as err:
+        cause = _first_line(err)
+        if UnsupportedModelError.__name__ in cause:  # the model, not the data: nothing was written
+            reason = cause.split(": model: ", 1)[-1]
+            raise JobSpecError(f"model.id: {spec.model.id!r} cannot be explained exactly: {reason}") from None
         raise RunIncomplete(
             f"the run stopped ({type(err).__name__}: {_first_line(err)}); rows written so far are kept: "
             f"rerun with --run-id {run_id} to finish it"
@@ -134,7 +139,7 @@ def _first_line(err: BaseException) -> str:
     cause = [
         line for line in lines if re.match(r"[A-Za-z_][\w.]*(Error|Exception)\b", line) and not line.startswith("ray.")
     ]
-    return (cause[-1] if cause else lines[0] if lines else "")[:300]
+    return (cause[-1] if cause else lines[0] if lines else "")[:500]
 
 
 def _explain_pending(spec, paths, requests, pending, address, on_progress) -> tuple[int, int]:

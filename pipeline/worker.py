@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from pipeline.atman.attention import UnsupportedModelError
 from pipeline.jobspec import JobSpec
 from pipeline.layout import RunPaths, filesystem
 from pipeline.schema import SCHEMA
@@ -166,6 +167,8 @@ class ExplainWorker:
             else:
                 group[0].result = self._row(group[0].request, "error", _message(err))
             return
+        except UnsupportedModelError:
+            raise  # the model, not the row: the run stops before writing anything (the driver exits 2)
         except Exception as err:  # noqa: BLE001
             if len(group) > 1:  # find the row that fails; the others still get explained
                 for row in group:

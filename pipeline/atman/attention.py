@@ -1,22 +1,31 @@
-"""Suppression inside attention, plugged into transformers' AttentionInterface (no per-model patch).
+"""How suppression reaches every attention layer, and the proof that it did.
 
-One attention function named ``atman`` is registered. A forward pass that carries an ``atman=<context>``
-keyword hands every attention call to that context (the fast ``SweepAttention`` or the naive
-``ReferenceAttention``); without it the model runs plain SDPA, so generation and ordinary use are unchanged.
-The mask interface is registered as ``eager_mask`` so the attention function always receives the model's
-explicit float mask (padding, causal, sliding window); without that registration transformers passes
-``attention_mask=None`` and padding is silently ignored.
+Two routes hand a layer's query/key/value to the active context (the fast ``SweepAttention`` or the naive
+``ReferenceAttention``), both chosen only for the duration of ``activated(model)``, so the caller's model is
+left as it was found:
+- models that use transformers' AttentionInterface are switched to the attention function ``atman``;
+- families whose attention modules ignore that interface get a small adapter (``families.py``).
+The context is not passed through ``model(**kwargs)`` (some decoder layers drop extra keyword arguments) but set
+in a context variable around one forward pass. Each attention call is counted per layer; after every pass
+``attention.forward`` refuses unless every layer was reached exactly once, so a model on a route we do not
+control raises ``UnsupportedModelError`` instead of returning unperturbed numbers as scores.
 
-The three suppression forms (../shared/ATMAN.md, paper Eq. 4), for the pre-softmax score H_qk of a key k
-with multiplier m_k (1 = untouched):
+The three suppression forms (paper Eq. 4; README "How the engine works"), for the pre-softmax score H_qk of a key k with
+multiplier m_k (1 = untouched); H is everything a model adds before the softmax but the mask (scaled QK^T,
+logit soft-capping, ALiBi):
 - multiplicative: (H_qk - min_q) * m_k + min_q, min over the keys the query can see;
 - log_additive:   H_qk + log m_k;
-- scale:          H_qk * m_k, identical to scaling key vector k by m_k.
+- scale:          H_qk * m_k (with no ALiBi or soft-capping: identical to scaling key vector k by m_k).
 """
 
 from __future__ import annotations
 
+import logging
 import math
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Protocol
 
 import torch
@@ -26,19 +35,81 @@ LOG_FLOOR = math.log(1e-30)
 """log m for m = 0 in log_additive: the limit m -> 0+. A key is removed unless every key a query sees is
 suppressed, where renormalisation keeps the row as it was (instead of 0/0)."""
 
+_ACTIVE: ContextVar[AttentionContext | None] = ContextVar("atman_attention_context", default=None)
+
+
+class UnsupportedModelError(ValueError):
+    """The model's attention cannot be suppressed exactly; the message names the model class and the reason."""
+
 
 class AttentionContext(Protocol):
+    calls: Counter
+
     def attend(
         self,
-        module: torch.nn.Module,
+        layer: int,
         query: torch.Tensor,
         key: torch.Tensor,
         value: torch.Tensor,
-        attention_mask: torch.Tensor | None,
+        *,
         scaling: float,
-        sliding_window: int | None,
+        sliding_window: int | None = None,
+        softcap: float | None = None,
+        alibi: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """query [B, H, Lq, d], key/value [B, KV, Lq, d] -> output [B, H, Lq, d]."""
+        """query [B, H, Lq, d], key/value [B, KV, Lq, d] (post-RoPE) -> output [B, H, Lq, d].
+
+        ``alibi``: per-head slopes [H]; the score of key position p gains slope * p. ``mask``: the model's own
+        additive mask [B, 1, Lq, Lk] where the model supplies one."""
+
+
+def active() -> AttentionContext | None:
+    return _ACTIVE.get()
+
+
+@contextmanager
+def attending(ctx: AttentionContext) -> Iterator[None]:
+    """Hand every attention call of the forward passes inside the block to ``ctx``."""
+    token = _ACTIVE.set(ctx)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def num_layers(model: torch.nn.Module) -> int:
+    return int(model.config.get_text_config().num_hidden_layers)
+
+
+def forward(model: torch.nn.Module, ctx: AttentionContext, **inputs):
+    """One forward pass of ``model`` with every attention call handed to ``ctx``; refuses (``UnsupportedModelError``
+    naming the model class) unless every attention layer was reached exactly once."""
+    try:
+        with attending(ctx):
+            out = model(**inputs)
+    except UnsupportedModelError as err:
+        raise UnsupportedModelError(f"model: {type(model).__name__}: {err}") from None
+    _verify(model, ctx.calls)
+    return out
+
+
+def _verify(model: torch.nn.Module, calls: Counter) -> None:
+    n = num_layers(model)
+    if sorted(calls) == list(range(n)) and set(calls.values()) == {1}:
+        return
+    reached = ", ".join(f"{layer}x{count}" for layer, count in sorted(calls.items())) or "none"
+    raise UnsupportedModelError(
+        f"model: {type(model).__name__}: suppression reached attention layers [{reached}] of {n}; its attention "
+        "uses neither transformers' attention interface nor an AtMan adapter "
+        f"(adapters: {', '.join(_adapter_names())})"
+    )
+
+
+def _adapter_names() -> list[str]:
+    from pipeline.atman.families import ADAPTERS
+
+    return sorted(ADAPTERS)
 
 
 def log_multiplier(m: torch.Tensor) -> torch.Tensor:
@@ -53,18 +124,34 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x[:, :, None].expand(b, kv, n_rep, length, d).reshape(b, kv * n_rep, length, d)
 
 
+_REFUSED_KWARGS = {
+    "s_aux": "attention sinks (s_aux)",
+    "position_bias": "a learned relative position bias",
+}
+
+
 def _atman_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    ctx: AttentionContext | None = kwargs.pop("atman", None)
-    if ctx is None:
+    ctx = _ACTIVE.get()
+    if ctx is None:  # an ordinary forward pass while activated (e.g. generation): plain SDPA
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
-    unsupported = [k for k in ("softcap", "s_aux", "position_bias") if kwargs.get(k) is not None]
-    if unsupported:
-        raise NotImplementedError(f"AtMan attention does not support {', '.join(unsupported)} (model {module})")
-    if scaling is None:
-        scaling = query.shape[-1] ** -0.5
-    out = ctx.attend(module, query, key, value, attention_mask, scaling, kwargs.get("sliding_window"))
+    refused = [why for name, why in _REFUSED_KWARGS.items() if kwargs.get(name) is not None]
+    layer = getattr(module, "layer_idx", None)
+    if layer is None:
+        refused.append(f"attention module {type(module).__name__} has no layer_idx")
+    if refused:
+        raise UnsupportedModelError(f"AtMan cannot suppress attention with {', '.join(refused)}")
+    out = ctx.attend(
+        layer,
+        query,
+        key,
+        value,
+        scaling=query.shape[-1] ** -0.5 if scaling is None else scaling,
+        sliding_window=kwargs.get("sliding_window"),
+        softcap=kwargs.get("softcap"),
+        mask=attention_mask,
+    )
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -77,18 +164,37 @@ def register() -> None:
     AttentionMaskInterface.register(ATTN_NAME, eager_mask)
 
 
-def enable(model: torch.nn.Module) -> None:
-    """Route ``model``'s attention through ``atman`` (plain SDPA when no context is passed)."""
+@contextmanager
+def activated(model: torch.nn.Module) -> Iterator[None]:
+    """Route ``model``'s attention through AtMan inside the block; restore it exactly on exit.
+
+    Families with an adapter get it on their attention modules; every other model is switched to the ``atman``
+    attention function and back to its own implementation afterwards. Whether the route took effect is not
+    trusted: ``forward`` checks every pass.
+    """
+    from pipeline.atman import families
+
     register()
-    if getattr(model.config, "_attn_implementation", None) == ATTN_NAME:
-        return
+    patched = families.install(model)
+    before = getattr(model.config, "_attn_implementation", None)
+    switched = False
+    if not patched and before != ATTN_NAME:
+        tf_logger = logging.getLogger("transformers")
+        level = tf_logger.level
+        tf_logger.setLevel(logging.ERROR)  # models that cannot switch only log it; forward() catches that
+        try:
+            model.set_attn_implementation(ATTN_NAME)
+            switched = True
+        except (ValueError, KeyError, AttributeError, ImportError):
+            pass
+        finally:
+            tf_logger.setLevel(level)
     try:
-        model.set_attn_implementation(ATTN_NAME)
-    except (ValueError, KeyError, AttributeError) as err:
-        raise ValueError(
-            f"model: {type(model).__name__} does not use transformers' attention interface, "
-            "so AtMan cannot suppress its attention"
-        ) from err
+        yield
+    finally:
+        if switched and before is not None:
+            model.set_attn_implementation(before)
+        families.uninstall(patched)
 
 
 def suppress_scores(scores: torch.Tensor, visible: torch.Tensor, mult: torch.Tensor, mode: str) -> torch.Tensor:
@@ -110,3 +216,24 @@ def suppress_scores(scores: torch.Tensor, visible: torch.Tensor, mult: torch.Ten
     else:
         raise ValueError(f"mode: {mode!r} is not one of multiplicative, log_additive, scale")
     return scores.masked_fill(~visible, -torch.inf)
+
+
+def explicit_scores(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    scaling: float,
+    softcap: float | None,
+    alibi: torch.Tensor | None,
+    key_positions: torch.Tensor,
+) -> torch.Tensor:
+    """H in float32 [B, H, Lq, Lk]: scaled QK^T, soft-capped (Gemma 2), plus ALiBi slope * key position.
+
+    ``key`` is already repeated to the query heads; ``key_positions`` [B, Lk] (or [Lk]) are absolute positions.
+    """
+    scores = torch.matmul(query.float(), key.float().transpose(-1, -2)) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if alibi is not None:
+        pos = key_positions.float().reshape(-1, 1, 1, key_positions.shape[-1])
+        scores = scores + alibi.float()[None, :, None, None] * pos
+    return scores

@@ -24,8 +24,6 @@ from pipeline.atman.reference import reference_sweep
 from pipeline.atman.sweep import SweepInput, SweepOutput, sweep
 from pipeline.atman.units import Span, Unit, build_units
 
-ENGINES = {"fast": sweep, "reference": reference_sweep}
-
 
 @dataclass(frozen=True)
 class _Planned:
@@ -43,9 +41,17 @@ class Explainer:
         self.lm = lm
         self.model, self.tokenizer = lm.model, lm.tokenizer
         self.config = config or AtManConfig()
-        attention.enable(self.model)
         self._embeddings = self.model.get_input_embeddings().weight
         self._context = context_length(self.model, self.tokenizer)
+        self.check_supported()
+
+    def check_supported(self) -> None:
+        """Refuse a model AtMan cannot explain exactly, before any request: one tiny sweep (3 tokens, one unit)
+        must reach every attention layer through AtMan with the masks the model means. Raises
+        ``UnsupportedModelError`` (a ValueError naming the model class and the reason). Every later forward
+        pass is checked the same way, so a model that passes here still cannot return unperturbed scores."""
+        probe = SweepInput(torch.tensor([0, 1, 2]), 1, torch.tensor([[self.config.factor, 1.0, 1.0]]))
+        self.run([probe])
 
     def explain(
         self,
@@ -118,19 +124,22 @@ class Explainer:
 
     def run(self, inputs: list[SweepInput], batch_size: int | None = None) -> list[SweepOutput]:
         """The suppression sweeps of planned requests, batched together; ``batch_size`` overrides the config's
-        forward batch (the job halves it on CUDA out-of-memory)."""
+        forward batch (the job halves it on CUDA out-of-memory). The model's attention is routed through AtMan
+        for this call only. Raises ``UnsupportedModelError`` (a ValueError naming the model class and the reason)
+        when suppression cannot reach every attention layer."""
         cfg = self.config
-        if cfg.engine == "reference":
-            return reference_sweep(self.model, inputs, mode=cfg.mode)
-        return ENGINES[cfg.engine](
-            self.model,
-            inputs,
-            mode=cfg.mode,
-            prefix_reuse=cfg.prefix_reuse,
-            batch_size=batch_size or cfg.batch_size,
-            max_batch_tokens=cfg.max_batch_tokens,
-            padding_side=cfg.padding_side,
-        )
+        with attention.activated(self.model):
+            if cfg.engine == "reference":
+                return reference_sweep(self.model, inputs, mode=cfg.mode)
+            return sweep(
+                self.model,
+                inputs,
+                mode=cfg.mode,
+                prefix_reuse=cfg.prefix_reuse,
+                batch_size=batch_size or cfg.batch_size,
+                max_batch_tokens=cfg.max_batch_tokens,
+                padding_side=cfg.padding_side,
+            )
 
     def _check_length(self, n: int) -> None:
         if self._context is not None and n > self._context:

@@ -1,15 +1,20 @@
-"""The naive AtMan method, written as ../shared/ATMAN.md states it: the oracle for tests, the benchmark baseline.
+"""The naive AtMan method, written as the paper states it (Eq. 4): the benchmark baseline and ``engine="reference"``.
 
 One prompt, one suppression pass per unit, the whole sequence recomputed every time, eager attention with the
-model's own mask, an explicit [1, 1, n, n] factor matrix, full-vocabulary logits at every position. No batching,
-no prefix reuse, nothing shared with the fast path but the model and the multipliers.
+model's own mask where the model hands one over (else plain causal / sliding-window visibility), an explicit
+[1, 1, n, n] factor matrix, full-vocabulary logits at every position. No batching, no prefix reuse. It shares the
+attention routes (``attention.activated``) with the fast path, so the tests check both against an oracle that
+runs the untouched model (tests/test_families.py).
 """
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 
-from pipeline.atman.attention import LOG_FLOOR, repeat_kv
+from pipeline.atman import attention
+from pipeline.atman.attention import LOG_FLOOR, explicit_scores, repeat_kv
 from pipeline.atman.sweep import SweepInput, SweepOutput
 
 
@@ -18,15 +23,23 @@ class ReferenceAttention:
 
     def __init__(self, multipliers: torch.Tensor | None, mode: str) -> None:
         self.multipliers, self.mode = multipliers, mode
+        self.calls: Counter = Counter()
 
-    def attend(self, module, query, key, value, attention_mask, scaling, sliding_window):
+    def attend(self, layer, query, key, value, *, scaling, sliding_window=None, softcap=None, alibi=None, mask=None):
+        self.calls[layer] += 1
         n_rep = query.shape[1] // key.shape[1]
-        key, value = repeat_kv(key, n_rep).float(), repeat_kv(value, n_rep).float()
-        scores = torch.matmul(query.float(), key.transpose(2, 3)) * scaling  # H = Q K^T, [1, H, n, n]
-        mask = attention_mask.float()  # the model's own mask: 0 = visible, dtype-min = hidden
+        n = key.shape[2]
+        positions = torch.arange(n, device=query.device)
+        scores = explicit_scores(query, repeat_kv(key, n_rep), scaling, softcap, alibi, positions)  # [1, H, n, n]
+        if mask is None:
+            q, k = positions[:, None], positions[None, :]
+            hidden = k > q
+            if sliding_window is not None:
+                hidden |= q - k >= sliding_window
+            mask = torch.zeros(n, n, device=query.device).masked_fill(hidden, torch.finfo(torch.float32).min)
+        mask = mask.float()  # 0 = visible, dtype-min = hidden
         visible = mask == 0
         if self.multipliers is not None:
-            n = scores.shape[-1]
             factor = self.multipliers.to(scores.device).float()[None, None, None, :].expand(1, 1, n, n)
             if self.mode == "multiplicative":
                 # shift each row so its minimum over the visible keys is 0, multiply the columns, shift back
@@ -39,13 +52,12 @@ class ReferenceAttention:
                 scores = scores * factor
             else:
                 raise ValueError(f"mode: {self.mode!r} is not one of multiplicative, log_additive, scale")
-        scores = scores + mask
-        probs = torch.softmax(scores, dim=-1)
-        return torch.matmul(probs, value).to(query.dtype)
+        probs = torch.softmax(scores + mask, dim=-1)
+        return torch.matmul(probs, repeat_kv(value, n_rep).float()).to(query.dtype)
 
 
 def _target_ce(model, ids: torch.Tensor, n_target: int, ctx: ReferenceAttention) -> torch.Tensor:
-    logits = model(input_ids=ids[None], use_cache=False, atman=ctx).logits[0].float()  # [n, vocab]
+    logits = attention.forward(model, ctx, input_ids=ids[None], use_cache=False).logits[0].float()  # [n, vocab]
     n = len(ids)
     logprobs = torch.log_softmax(logits, dim=-1)
     targets = ids[n - n_target :]
@@ -54,7 +66,8 @@ def _target_ce(model, ids: torch.Tensor, n_target: int, ctx: ReferenceAttention)
 
 @torch.inference_mode()
 def reference_sweep(model: torch.nn.Module, inputs: list[SweepInput], *, mode: str) -> list[SweepOutput]:
-    """Same contract as ``sweep.sweep``, computed the plain way, one prompt and one unit at a time."""
+    """Same contract as ``sweep.sweep``, computed the plain way, one prompt and one unit at a time. Call it
+    inside ``attention.activated(model)``."""
     device = next(model.parameters()).device
     outputs = []
     for seq in inputs:

@@ -13,13 +13,16 @@ What one batch goes through (all exact, checked against ``reference.py`` in the 
 
 from __future__ import annotations
 
+import inspect
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from pipeline.atman.attention import log_multiplier, repeat_kv, suppress_scores
+from pipeline.atman import attention
+from pipeline.atman.attention import UnsupportedModelError, explicit_scores, log_multiplier, repeat_kv, suppress_scores
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,7 @@ class SweepAttention:
         device: torch.device,
     ) -> None:
         self.rows, self.store, self.mode = rows, store, mode
+        self.calls: Counter = Counter()
         self.record = all(r.unit is None for r in rows)
         # the last target token is never an input that matters: no later position reads it
         lengths = [len(inputs[r.seq].input_ids) - 1 - r.start for r in rows]
@@ -138,17 +142,27 @@ class SweepAttention:
             out[i, :, : row.start] = per_seq[row.seq][:, : row.start]
         return out
 
-    def attend(self, module, query, key, value, attention_mask, scaling, sliding_window):
-        layer = module.layer_idx
+    def attend(self, layer, query, key, value, *, scaling, sliding_window=None, softcap=None, alibi=None, mask=None):
+        self.calls[layer] += 1
         if self.record:
             ks, vs = self.store.keys.setdefault(layer, {}), self.store.values.setdefault(layer, {})
             for i, row in enumerate(self.rows):
                 sl = slice(self.offsets[i], self.offsets[i] + self.lengths[i])
                 ks[row.seq], vs[row.seq] = key[i, :, sl], value[i, :, sl]
+            if mask is not None:
+                self._check_mask(layer, mask, sliding_window)
         if self.prefix:
             key = torch.cat([self._prefix(layer, self.store.keys, key), key], dim=2)
             value = torch.cat([self._prefix(layer, self.store.values, value), value], dim=2)
         n_rep = query.shape[1] // key.shape[1]
+        if softcap is not None or alibi is not None or (self.mode == "multiplicative" and self.suppressing):
+            # the row minimum, soft-capping and ALiBi need explicit score rows: float32
+            vis = self.visible(sliding_window)
+            scores = explicit_scores(query, repeat_kv(key, n_rep), scaling, softcap, alibi, self.k_pos)
+            if self.suppressing:
+                scores = suppress_scores(scores, vis, self.k_mult[:, None, None, :], self.mode)
+            probs = torch.softmax(scores.masked_fill(~vis, -torch.inf), dim=-1)
+            return torch.matmul(probs, repeat_kv(value, n_rep).float()).to(query.dtype)
         if self.mode == "scale" or not self.suppressing:  # H * m == scaled keys: any fused kernel works
             if self.suppressing:
                 key = key * self.k_mult[:, None, :, None].to(key.dtype)
@@ -158,20 +172,27 @@ class SweepAttention:
                 return F.scaled_dot_product_attention(query, key, value, attn_mask=self._causal, scale=scaling)
             vis = self.visible(sliding_window)
             return F.scaled_dot_product_attention(query, key, value, attn_mask=vis, scale=scaling, enable_gqa=n_rep > 1)
-        vis = self.visible(sliding_window)
-        if self.mode == "log_additive":  # an additive float mask
-            if sliding_window not in self._bias:
-                bias = log_multiplier(self.k_mult)[:, None, None, :].expand_as(vis)
-                self._bias[sliding_window] = bias.masked_fill(~vis, -torch.inf).to(query.dtype)
-            bias = self._bias[sliding_window]
-            return F.scaled_dot_product_attention(
-                query, key, value, attn_mask=bias, scale=scaling, enable_gqa=n_rep > 1
-            )
-        # multiplicative needs each full score row (its minimum): explicit scores, float32
-        scores = torch.matmul(query.float(), repeat_kv(key, n_rep).float().transpose(-1, -2)) * scaling
-        scores = suppress_scores(scores, vis, self.k_mult[:, None, None, :], self.mode)
-        probs = torch.softmax(scores, dim=-1)
-        return torch.matmul(probs, repeat_kv(value, n_rep).float()).to(query.dtype)
+        # log_additive: an additive float mask
+        if sliding_window not in self._bias:
+            vis = self.visible(sliding_window)
+            bias = log_multiplier(self.k_mult)[:, None, None, :].expand_as(vis)
+            self._bias[sliding_window] = bias.masked_fill(~vis, -torch.inf).to(query.dtype)
+        bias = self._bias[sliding_window]
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=scaling, enable_gqa=n_rep > 1)
+
+    def _check_mask(self, layer: int, mask: torch.Tensor, window: int | None) -> None:
+        """The unperturbed pass: the model's own mask must agree with the visibility the sweep computes from
+        positions (causal, sliding window) on every real token, or prefix reuse and batching would be wrong."""
+        ours = self.visible(window)
+        theirs = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+        for i, (off, n) in enumerate(zip(self.offsets, self.lengths, strict=True)):
+            real = slice(off, off + n)
+            if not torch.equal(ours[i, 0, real, real], theirs[min(i, len(theirs) - 1), 0, real, real]):
+                kind = f"causal with a sliding window of {window}" if window else "causal"
+                raise UnsupportedModelError(
+                    f"model: attention layer {layer} masks keys differently from {kind} attention (chunked, "
+                    "bidirectional or prefix attention?); AtMan's prefix reuse and batching assume causal masks"
+                )
 
 
 def _target_ce(model, ctx: SweepAttention, inputs: list[SweepInput]) -> list[torch.Tensor]:
@@ -183,12 +204,14 @@ def _target_ce(model, ctx: SweepAttention, inputs: list[SweepInput]) -> list[tor
         wanted.append([ctx.slot(i, p) for p in range(n - t - 1, n - 1)])
     keep = sorted({s for w in wanted for s in w})
     index = {s: j for j, s in enumerate(keep)}
-    out = model(
+    kwargs = {"position_ids": ctx.position_ids} if _takes(model, "position_ids") else {}  # ALiBi models do not
+    out = attention.forward(
+        model,
+        ctx,
         input_ids=ctx.input_ids,
-        position_ids=ctx.position_ids,
         logits_to_keep=torch.tensor(keep, device=ctx.input_ids.device),
         use_cache=False,
-        atman=ctx,
+        **kwargs,
     )
     logprobs = torch.log_softmax(out.logits.float(), dim=-1)  # [B, K, V]
     result = []
@@ -198,6 +221,10 @@ def _target_ce(model, ctx: SweepAttention, inputs: list[SweepInput]) -> list[tor
         cols = torch.tensor([index[s] for s in wanted[i]], device=logprobs.device)
         result.append(-logprobs[i, cols].gather(-1, targets[:, None])[:, 0].cpu())
     return result
+
+
+def _takes(model: torch.nn.Module, name: str) -> bool:
+    return name in inspect.signature(model.forward).parameters
 
 
 def _batches(rows: list[_Row], inputs: list[SweepInput], batch_size: int, max_tokens: int) -> list[list[_Row]]:
@@ -234,8 +261,11 @@ def sweep(
     max_batch_tokens: int = 8192,
     padding_side: str = "left",
 ) -> list[SweepOutput]:
-    """Target CE of every prompt, unperturbed and with each unit suppressed. The model must be
-    ``attention.enable``-d. Rows whose multipliers are all 1 perturb nothing: their CE is the base CE."""
+    """Target CE of every prompt, unperturbed and with each unit suppressed. Call it inside
+    ``attention.activated(model)``. Rows whose multipliers are all 1 perturb nothing: their CE is the base CE.
+
+    Raises ``UnsupportedModelError`` (a ValueError naming the model class) from the first forward pass whose attention
+    did not go through AtMan in every layer, before any score exists."""
     device = next(model.parameters()).device
     store = _KVStore()
     base: dict[int, torch.Tensor] = {}
