@@ -119,9 +119,8 @@ def run_job(
     try:
         processed, passes = _explain_pending(spec, paths, requests, pending, address, on_progress)
     except Exception as err:
-        cause = _first_line(err)
-        if UnsupportedModelError.__name__ in cause:  # the model, not the data: nothing was written
-            reason = cause.split(": model: ", 1)[-1]
+        reason = _unsupported_model(err)
+        if reason is not None:  # the model, not the data: every worker refuses it before writing a row
             raise JobSpecError(f"model.id: {spec.model.id!r} cannot be explained exactly: {reason}") from None
         raise RunIncomplete(
             f"the run stopped ({type(err).__name__}: {_first_line(err)}); rows written so far are kept: "
@@ -140,6 +139,19 @@ def _first_line(err: BaseException) -> str:
         line for line in lines if re.match(r"[A-Za-z_][\w.]*(Error|Exception)\b", line) and not line.startswith("ray.")
     ]
     return (cause[-1] if cause else lines[0] if lines else "")[:500]
+
+
+def _unsupported_model(err: BaseException) -> str | None:
+    """The reason when ``err`` is (or, through Ray, wraps) the engine's refusal of the model; else None."""
+    name = UnsupportedModelError.__name__
+    if isinstance(err, UnsupportedModelError):
+        message = str(err)
+    else:
+        cause = _first_line(err)
+        if not re.match(rf"(?:[\w.]+\.)?{name}: ", cause):
+            return None
+        message = cause.split(": ", 1)[1]
+    return message.removeprefix("model: ")
 
 
 def _explain_pending(spec, paths, requests, pending, address, on_progress) -> tuple[int, int]:
