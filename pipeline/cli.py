@@ -84,6 +84,9 @@ def explain(
     conceptual_threshold: Annotated[
         str, typer.Option(help="Conceptual suppression cosine threshold, or 'none' (default: off; paper: 0.7).")
     ] = str(ENGINE.conceptual_threshold).lower(),
+    aggregate: Annotated[
+        str, typer.Option(help="Per-target-token ΔCE combined by sum, or sum_of_squares (the paper's evaluation).")
+    ] = ENGINE.aggregate,
     explain_span: Annotated[str | None, typer.Option(help="Only explain prompt characters START:END.")] = None,
     chat: Annotated[
         bool | None,
@@ -102,6 +105,7 @@ def explain(
             granularity=granularity,
             delimiter=delimiter,
             conceptual_threshold=_threshold(conceptual_threshold),
+            aggregate=aggregate,
         )
     except ValidationError as error:
         fail(describe(error))
@@ -493,7 +497,8 @@ def eval_squad(
     limit: Annotated[int | None, typer.Option(help="Only the first N examples.")] = None,
     sample: Annotated[int | None, typer.Option(help="N examples evenly spaced through the file.")] = None,
     methods: Annotated[
-        str, typer.Option(help="Comma-separated: atman, atman:<mode>[+conceptual], ixg, ig, rollout, random.")
+        str,
+        typer.Option(help="Comma-separated: atman, atman:<mode>[+conceptual][+squares], ixg, ig, rollout, random."),
     ] = "atman,ixg,ig,rollout,random",
     model: Annotated[str, typer.Option(help="Embedded alias, Hugging Face id or local directory.")] = DEFAULT_MODEL,
     granularity: Annotated[str, typer.Option(help="word or token.")] = "word",

@@ -9,7 +9,8 @@ curve, the mean rise of the target CE (nats) when the top-k units (k = 1..5) are
 (``aopc``, through AtMan's suppression) and when their tokens are dropped from the input (``aopc_removal``, the
 neutral check: no method's own machinery).
 
-Methods: ``atman`` (the library defaults), ``atman:<mode>`` and ``atman:<mode>+conceptual``, ``ixg`` and ``ig``
+Methods: ``atman`` (the library defaults), ``atman:<mode>`` and ``atman:<mode>+conceptual``, each optionally with
+``+squares`` (per-target-token ΔCE squared, then summed: the paper's aggregation), ``ixg`` and ``ig``
 (Captum's InputXGradient and IntegratedGradients on the input embeddings; IG starts from zeroed prompt embeddings),
 ``rollout`` (attention rollout, Abnar & Zuidema 2020), ``random``. Gradient and rollout scores are summed per unit
 over the unit's tokens.
@@ -17,6 +18,7 @@ over the unit's tokens.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -105,8 +107,8 @@ def load_squad(path: str, limit: int | None = None, sample: int | None = None) -
 
 def parse_methods(text: str) -> list[str]:
     names = [m.strip() for m in text.split(",") if m.strip()]
-    valid = {"atman", "ixg", "ig", "rollout", "random"} | {f"atman:{m}" for m in MODES}
-    valid |= {f"atman:{m}+conceptual" for m in MODES}
+    atman = {"atman"} | {f"atman:{m}" for m in MODES} | {f"atman:{m}+conceptual" for m in MODES}
+    valid = {"ixg", "ig", "rollout", "random"} | atman | {f"{a}+squares" for a in atman}
     for name in names:
         if name not in valid:
             raise ValueError(f"methods: {name!r} is not one of {', '.join(sorted(valid))}")
@@ -115,11 +117,17 @@ def parse_methods(text: str) -> list[str]:
 
 def method_config(name: str, granularity: str) -> AtManConfig:
     """``atman`` = library defaults; ``atman:<mode>`` = that mode without conceptual suppression; ``+conceptual``
-    adds it with the paper's kappa 0.7."""
-    if name == "atman":
-        return AtManConfig(granularity=granularity)
-    mode, _, extra = name.removeprefix("atman:").partition("+")
-    return AtManConfig(granularity=granularity, mode=mode, conceptual_threshold=0.7 if extra else None)
+    adds it with the paper's kappa 0.7; ``+squares`` aggregates per-target-token ΔCE as the paper's evaluation."""
+    base, *extras = name.split("+")
+    aggregate = "sum_of_squares" if "squares" in extras else "sum"
+    if base == "atman":
+        return AtManConfig(granularity=granularity, aggregate=aggregate)
+    return AtManConfig(
+        granularity=granularity,
+        mode=base.removeprefix("atman:"),
+        conceptual_threshold=0.7 if "conceptual" in extras else None,
+        aggregate=aggregate,
+    )
 
 
 class SquadEval:
@@ -154,15 +162,17 @@ class SquadEval:
         return np.array([token_scores[list(u.positions)].sum() for u in planned.units], dtype=np.float64)
 
     def atman_scores(self, planned: _Planned, cfg: AtManConfig) -> np.ndarray:
-        """Whole-target AtMan scores of the planned units under ``cfg`` (mode, factor, kappa)."""
+        """Whole-target AtMan scores of the planned units under ``cfg`` (mode, factor, kappa, aggregation)."""
         ids = planned.sweep_input.input_ids
         cosine = None
         if cfg.conceptual_threshold is not None:
             emb = self.lm.model.get_input_embeddings().weight.detach()
             cosine = embedding_cosine(emb, ids.to(emb.device)).cpu()
         mult = unit_multipliers(len(ids), planned.units, cfg.factor, cosine, cfg.conceptual_threshold)
-        out = Explainer(self.lm, cfg).run([SweepInput(ids, planned.sweep_input.n_target, mult)])[0]
-        return (out.ce - out.base_ce[None]).sum(dim=1).numpy().astype(np.float64)
+        planned = dataclasses.replace(planned, sweep_input=SweepInput(ids, planned.sweep_input.n_target, mult))
+        explainer = Explainer(self.lm, cfg)
+        out = explainer.run([planned.sweep_input])[0]
+        return explainer.explanation(planned, out).scores.astype(np.float64)
 
     # --- baselines on the same tokens ---------------------------------------------------------------------------
 

@@ -75,6 +75,8 @@ class MethodSpec(_Strict):
     delimiter: str | None = None
     generate_max_tokens: int = Field(16, ge=1)
     keep_per_target: bool = True
+    aggregate: Literal["sum", "sum_of_squares"] = _ENGINE.aggregate
+    """Per-target-token ΔCE combined by `sum` or `sum_of_squares` (the paper's evaluation)."""
     postprocess: Literal["none", "abs", "square"] = "none"
     normalize: bool = False
 

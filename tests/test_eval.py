@@ -53,6 +53,7 @@ def test_metrics_by_hand():
 
 def test_parse_methods():
     assert parse_methods("atman, ixg,atman:scale+conceptual") == ["atman", "ixg", "atman:scale+conceptual"]
+    assert parse_methods("atman+squares,atman:scale+conceptual+squares")[1] == "atman:scale+conceptual+squares"
     with pytest.raises(ValueError, match="^methods: 'chefer'"):
         parse_methods("atman,chefer")
 

@@ -83,6 +83,19 @@ def test_postprocess_and_normalize(llama):
     assert sq.scores.max() == pytest.approx(1.0)
 
 
+def test_sum_of_squares_aggregates_each_target_token_squared(llama):
+    """The paper's evaluation squares each target token's rise in CE, then sums; ``sum`` squares nothing."""
+    plain = Explainer(llama, AtManConfig(granularity="word")).explain(PROMPT, " The cat", chat=False)
+    squares = Explainer(llama, AtManConfig(granularity="word", aggregate="sum_of_squares")).explain(
+        PROMPT, " The cat", chat=False
+    )
+    assert plain.per_target.shape[1] == 2 and (np.abs(plain.per_target) > 1e-3).any(axis=0).all()
+    np.testing.assert_allclose(squares.per_target, plain.per_target**2, rtol=1e-6)
+    np.testing.assert_allclose(squares.scores, (plain.per_target**2).sum(axis=1), rtol=1e-5)
+    np.testing.assert_allclose(plain.scores, plain.per_target.sum(axis=1), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(squares.scores, plain.scores**2, atol=1e-4), "squaring the sum is another aggregation"
+
+
 def test_explain_batch_matches_single(llama):
     ex = Explainer(llama, AtManConfig(granularity="word"))
     prompts, targets = [PROMPT, "One two three."], [" The", " Four"]

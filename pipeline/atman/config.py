@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 Mode = Literal["multiplicative", "log_additive", "scale"]
 Granularity = Literal["token", "word", "sentence", "paragraph", "custom"]
 Postprocess = Literal["none", "abs", "square"]
+Aggregate = Literal["sum", "sum_of_squares"]
 
 MODES: tuple[str, ...] = Mode.__args__
 GRANULARITIES: tuple[str, ...] = Granularity.__args__
@@ -36,8 +37,12 @@ class AtManConfig(BaseModel):
     """Unit of explanation: token, word, sentence, paragraph, or `custom` (split on `delimiter`)."""
     delimiter: str | None = None
     """Separator for granularity `custom`, e.g. '|' or ';'. The delimiter itself belongs to no unit."""
+    aggregate: Aggregate = "sum"
+    """How a unit's per-target-token rises in CE combine into its score: `sum` (the whole target's ΔCE, signed) or
+    `sum_of_squares` (each token's ΔCE squared, then summed: the paper's evaluation). ``per_target`` holds the
+    summands, so ``scores == per_target.sum(1)`` before postprocess and normalize."""
     postprocess: Postprocess = "none"
-    """Applied to the signed scores after summing over target tokens: none, abs or square."""
+    """Applied to the aggregated scores (and the per-target summands): none, abs or square."""
     normalize: bool = False
     """Divide scores (and per-target scores) by their largest magnitude: signed scores land in [-1, 1],
     abs/square scores in [0, 1]."""

@@ -152,8 +152,9 @@ class Explainer:
         """Scores of one planned request from its sweep output (postprocess and normalize applied)."""
         cfg = self.config
         delta = (out.ce - out.base_ce[None]).numpy().astype(np.float32)  # [U, T], positive = supported
-        scores = delta.sum(axis=1)
-        per_target = delta if cfg.keep_per_target else None
+        terms = delta**2 if cfg.aggregate == "sum_of_squares" else delta
+        scores = terms.sum(axis=1)
+        per_target = terms if cfg.keep_per_target else None
         if cfg.postprocess == "abs":
             scores, per_target = np.abs(scores), None if per_target is None else np.abs(per_target)
         elif cfg.postprocess == "square":
