@@ -87,6 +87,13 @@ def explain(
     aggregate: Annotated[
         str, typer.Option(help="Per-target-token ΔCE combined by sum, or sum_of_squares (the paper's evaluation).")
     ] = ENGINE.aggregate,
+    preset: Annotated[
+        str,
+        typer.Option(
+            help="'paper': the AtMan authors' research code (AtManConfig.paper(): mode, factor, conceptual "
+            "suppression, target units, aggregation); --granularity still applies. 'none': the options above."
+        ),
+    ] = "none",
     explain_span: Annotated[str | None, typer.Option(help="Only explain prompt characters START:END.")] = None,
     chat: Annotated[
         bool | None,
@@ -98,15 +105,20 @@ def explain(
 ) -> None:
     """Explain one prediction: score every unit of the prompt by how much suppressing it hurts the target."""
     _quiet_libraries()
+    if preset not in ("none", "paper"):
+        fail(f"preset: {preset!r} is not one of none, paper")
     try:
-        config = AtManConfig(
-            mode=mode,
-            factor=factor,
-            granularity=granularity,
-            delimiter=delimiter,
-            conceptual_threshold=_threshold(conceptual_threshold),
-            aggregate=aggregate,
-        )
+        if preset == "paper":
+            config = AtManConfig.paper(granularity=granularity, delimiter=delimiter)
+        else:
+            config = AtManConfig(
+                mode=mode,
+                factor=factor,
+                granularity=granularity,
+                delimiter=delimiter,
+                conceptual_threshold=_threshold(conceptual_threshold),
+                aggregate=aggregate,
+            )
     except ValidationError as error:
         fail(describe(error))
     from pipeline import Explainer, load_model

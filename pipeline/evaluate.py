@@ -10,7 +10,8 @@ curve, the mean rise of the target CE (nats) when the top-k units (k = 1..5) are
 neutral check: no method's own machinery).
 
 Methods: ``atman`` (the library defaults), ``atman:<mode>`` and ``atman:<mode>+conceptual``, each optionally with
-``+squares`` (per-target-token ΔCE squared, then summed: the paper's aggregation), ``ixg`` and ``ig``
+``+squares`` (per-target-token ΔCE squared, then summed: the paper's aggregation), ``atman:paper``
+(``AtManConfig.paper()``, the authors' research code, on the evaluation's units), ``ixg`` and ``ig``
 (Captum's InputXGradient and IntegratedGradients on the input embeddings; IG starts from zeroed prompt embeddings),
 ``rollout`` (attention rollout, Abnar & Zuidema 2020), ``random``. Gradient and rollout scores are summed per unit
 over the unit's tokens.
@@ -18,7 +19,6 @@ over the unit's tokens.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -29,8 +29,7 @@ import torch
 from scipy.stats import trim_mean
 
 from pipeline.atman.config import MODES, AtManConfig
-from pipeline.atman.explainer import Explainer, _Planned
-from pipeline.atman.plan import embedding_cosine, unit_multipliers
+from pipeline.atman.explainer import Explainer, Planned
 from pipeline.atman.sweep import SweepInput
 
 DEFAULT_METHODS = ("atman", "ixg", "ig", "rollout", "random")
@@ -53,7 +52,7 @@ class MethodResult:
     aopc_removal: list[float] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
 
-    def add(self, ev: SquadEval, planned: _Planned, truth: np.ndarray, scores: np.ndarray, seconds: float) -> dict:
+    def add(self, ev: SquadEval, planned: Planned, truth: np.ndarray, scores: np.ndarray, seconds: float) -> dict:
         """Score one example's relevance against its ground truth (AP, AR, deletion AOPC) and keep the numbers."""
         ap, ar = average_precision(scores, truth), average_recall(scores, truth)
         aopc, removal = ev.deletion(planned, scores), ev.removal(planned, scores)
@@ -108,7 +107,7 @@ def load_squad(path: str, limit: int | None = None, sample: int | None = None) -
 def parse_methods(text: str) -> list[str]:
     names = [m.strip() for m in text.split(",") if m.strip()]
     atman = {"atman"} | {f"atman:{m}" for m in MODES} | {f"atman:{m}+conceptual" for m in MODES}
-    valid = {"ixg", "ig", "rollout", "random"} | atman | {f"{a}+squares" for a in atman}
+    valid = {"ixg", "ig", "rollout", "random", "atman:paper"} | atman | {f"{a}+squares" for a in atman}
     for name in names:
         if name not in valid:
             raise ValueError(f"methods: {name!r} is not one of {', '.join(sorted(valid))}")
@@ -118,6 +117,8 @@ def parse_methods(text: str) -> list[str]:
 def method_config(name: str, granularity: str) -> AtManConfig:
     """``atman`` = library defaults; ``atman:<mode>`` = that mode without conceptual suppression; ``+conceptual``
     adds it with the paper's kappa 0.7; ``+squares`` aggregates per-target-token ΔCE as the paper's evaluation."""
+    if name == "atman:paper":  # the authors' code on the evaluation's units; target units do not score context
+        return AtManConfig.paper(granularity=granularity, target_units=False)
     base, *extras = name.split("+")
     aggregate = "sum_of_squares" if "squares" in extras else "sum"
     if base == "atman":
@@ -140,7 +141,7 @@ class SquadEval:
         self.base = Explainer(lm, AtManConfig(granularity=granularity))
         self.chat = bool(getattr(lm.tokenizer, "chat_template", None))
 
-    def prepare(self, ex: Example) -> tuple[_Planned, np.ndarray]:
+    def prepare(self, ex: Example) -> tuple[Planned, np.ndarray]:
         prompt = f"{ex.context}\n\n{ex.question}"
         target = ex.answers[0]["text"]
         if not self.chat:
@@ -153,7 +154,7 @@ class SquadEval:
         )
         return planned, truth
 
-    def scores(self, name: str, planned: _Planned, rng: np.random.Generator) -> np.ndarray:
+    def scores(self, name: str, planned: Planned, rng: np.random.Generator) -> np.ndarray:
         if name.startswith("atman"):
             return self.atman_scores(planned, method_config(name, self.granularity))
         if name == "random":
@@ -161,22 +162,16 @@ class SquadEval:
         token_scores = {"ixg": self._ixg, "ig": self._ig, "rollout": self._rollout}[name](planned)
         return np.array([token_scores[list(u.positions)].sum() for u in planned.units], dtype=np.float64)
 
-    def atman_scores(self, planned: _Planned, cfg: AtManConfig) -> np.ndarray:
-        """Whole-target AtMan scores of the planned units under ``cfg`` (mode, factor, kappa, aggregation)."""
-        ids = planned.sweep_input.input_ids
-        cosine = None
-        if cfg.conceptual_threshold is not None:
-            emb = self.lm.model.get_input_embeddings().weight.detach()
-            cosine = embedding_cosine(emb, ids.to(emb.device)).cpu()
-        mult = unit_multipliers(len(ids), planned.units, cfg.factor, cosine, cfg.conceptual_threshold)
-        planned = dataclasses.replace(planned, sweep_input=SweepInput(ids, planned.sweep_input.n_target, mult))
+    def atman_scores(self, planned: Planned, cfg: AtManConfig) -> np.ndarray:
+        """AtMan scores of the planned (prompt) units under ``cfg``: its passes, aggregation and postprocess."""
         explainer = Explainer(self.lm, cfg)
+        planned = explainer.passes(planned)
         out = explainer.run([planned.sweep_input])[0]
         return explainer.explanation(planned, out).scores.astype(np.float64)
 
     # --- baselines on the same tokens ---------------------------------------------------------------------------
 
-    def _ids(self, planned: _Planned) -> tuple[torch.Tensor, int, int]:
+    def _ids(self, planned: Planned) -> tuple[torch.Tensor, int, int]:
         ids = planned.sweep_input.input_ids
         n_target = planned.sweep_input.n_target
         return ids.to(self.lm.device)[None], len(ids) - n_target, n_target
@@ -189,7 +184,7 @@ class SquadEval:
 
         return forward
 
-    def _ixg(self, planned: _Planned) -> np.ndarray:
+    def _ixg(self, planned: Planned) -> np.ndarray:
         from captum.attr import InputXGradient
 
         ids, n_prompt, _ = self._ids(planned)
@@ -197,7 +192,7 @@ class SquadEval:
         attr = InputXGradient(self._target_logprob(n_prompt, ids)).attribute(embeds)
         return attr.sum(-1)[0].detach().float().cpu().numpy()
 
-    def _ig(self, planned: _Planned, steps: int = 20) -> np.ndarray:
+    def _ig(self, planned: Planned, steps: int = 20) -> np.ndarray:
         from captum.attr import IntegratedGradients
 
         ids, n_prompt, _ = self._ids(planned)
@@ -208,7 +203,7 @@ class SquadEval:
         attr = ig.attribute(embeds, baselines=baseline, n_steps=steps, internal_batch_size=4)
         return attr.sum(-1)[0].detach().float().cpu().numpy()
 
-    def _rollout(self, planned: _Planned) -> np.ndarray:
+    def _rollout(self, planned: Planned) -> np.ndarray:
         ids, n_prompt, _ = self._ids(planned)
         model = self.lm.model
         previous = model.config._attn_implementation
@@ -229,7 +224,7 @@ class SquadEval:
 
     # --- faithfulness -----------------------------------------------------------------------------------------
 
-    def deletion(self, planned: _Planned, scores: np.ndarray) -> float:
+    def deletion(self, planned: Planned, scores: np.ndarray) -> float:
         """AOPC: mean CE rise (nats, whole target) with the top-k units removed from attention, k = 1..5."""
         order = np.argsort(-scores, kind="stable")
         n = len(planned.sweep_input.input_ids)
@@ -246,7 +241,7 @@ class SquadEval:
         )
         return float((out[0].ce - out[0].base_ce[None]).sum(dim=1).mean())
 
-    def removal(self, planned: _Planned, scores: np.ndarray) -> float:
+    def removal(self, planned: Planned, scores: np.ndarray) -> float:
         """AOPC with the top-k units' tokens dropped from the input (k = 1..5): the neutral deletion, which uses no
         method's own machinery (the suppression deletion above is AtMan's)."""
         order = np.argsort(-scores, kind="stable")

@@ -23,7 +23,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from pipeline.atman.config import AtManConfig
+from pipeline.atman.config import Aggregate, AtManConfig, ConceptualCandidates, Mode
 from pipeline.models import DEFAULT_MODEL
 
 
@@ -68,14 +68,16 @@ _ENGINE = AtManConfig()  # the library defaults, chosen by the SQuAD evaluation 
 
 
 class MethodSpec(_Strict):
-    mode: Literal["multiplicative", "log_additive", "scale"] = _ENGINE.mode
+    mode: Mode = _ENGINE.mode
     factor: float = Field(_ENGINE.factor, ge=0.0)
     conceptual_threshold: float | None = Field(_ENGINE.conceptual_threshold, ge=0.0, le=1.0)
     granularity: Literal["token", "word", "sentence", "paragraph", "custom"] = "word"
     delimiter: str | None = None
     generate_max_tokens: int = Field(16, ge=1)
     keep_per_target: bool = True
-    aggregate: Literal["sum", "sum_of_squares"] = _ENGINE.aggregate
+    conceptual_candidates: ConceptualCandidates = _ENGINE.conceptual_candidates
+    """Tokens conceptual suppression may pull in: the prompt's units, or those and the target's input tokens."""
+    aggregate: Aggregate = _ENGINE.aggregate
     """Per-target-token ΔCE combined by `sum` or `sum_of_squares` (the paper's evaluation)."""
     postprocess: Literal["none", "abs", "square"] = "none"
     normalize: bool = False

@@ -15,7 +15,9 @@ multiplier m_k (1 = untouched); H is everything a model adds before the softmax 
 logit soft-capping, ALiBi):
 - multiplicative: (H_qk - min_q) * m_k + min_q, min over the keys the query can see;
 - log_additive:   H_qk + log m_k;
-- scale:          H_qk * m_k (with no ALiBi or soft-capping: identical to scaling key vector k by m_k).
+- scale:          H_qk * m_k (with no ALiBi or soft-capping: identical to scaling key vector k by m_k);
+- multiplicative_full_row: as multiplicative, min over every key of the pass, later (hidden) keys included: the
+  authors' research code.
 """
 
 from __future__ import annotations
@@ -197,24 +199,29 @@ def activated(model: torch.nn.Module) -> Iterator[None]:
         families.uninstall(patched)
 
 
-def suppress_scores(scores: torch.Tensor, visible: torch.Tensor, mult: torch.Tensor, mode: str) -> torch.Tensor:
+def suppress_scores(
+    scores: torch.Tensor, visible: torch.Tensor, mult: torch.Tensor, mode: str, keys: torch.Tensor | None = None
+) -> torch.Tensor:
     """Apply one suppression form to explicit scores.
 
     Args:
         scores: pre-softmax scores [B, H, Lq, Lk], float32.
         visible: bool [B, 1, Lq, Lk], the keys each query may attend to.
         mult: multipliers broadcastable to scores (1 = untouched).
+        keys: bool, broadcastable to scores: every key of the pass (no padding), for `multiplicative_full_row`'s
+            minimum over the whole row, causally hidden keys included.
     Returns: scores with invisible keys at -inf.
     """
-    if mode == "multiplicative":
-        row_min = scores.masked_fill(~visible, torch.inf).amin(dim=-1, keepdim=True)
+    if mode in ("multiplicative", "multiplicative_full_row"):
+        over = visible if mode == "multiplicative" else keys
+        row_min = scores.masked_fill(~over, torch.inf).amin(dim=-1, keepdim=True)
         scores = torch.where(mult != 1, (scores - row_min) * mult + row_min, scores)
     elif mode == "log_additive":
         scores = scores + log_multiplier(mult)
     elif mode == "scale":
         scores = scores * mult
     else:
-        raise ValueError(f"mode: {mode!r} is not one of multiplicative, log_additive, scale")
+        raise ValueError(f"mode: {mode!r} is not one of multiplicative, log_additive, scale, multiplicative_full_row")
     return scores.masked_fill(~visible, -torch.inf)
 
 

@@ -6,10 +6,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-Mode = Literal["multiplicative", "log_additive", "scale"]
+Mode = Literal["multiplicative", "log_additive", "scale", "multiplicative_full_row"]
 Granularity = Literal["token", "word", "sentence", "paragraph", "custom"]
 Postprocess = Literal["none", "abs", "square"]
 Aggregate = Literal["sum", "sum_of_squares"]
+ConceptualCandidates = Literal["prompt", "prompt_and_target"]
 
 MODES: tuple[str, ...] = Mode.__args__
 GRANULARITIES: tuple[str, ...] = Granularity.__args__
@@ -24,8 +25,10 @@ class AtManConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     mode: Mode = "log_additive"
-    """Suppression form: `multiplicative` (research code: shift the score row to min 0, multiply the column),
-    `log_additive` (hosted API: add log m to the column) or `scale` (multiply the column == scale the key)."""
+    """Suppression form: `multiplicative` (shift the score row so its minimum over the keys the query sees is 0,
+    multiply the column), `log_additive` (hosted API: add log m to the column), `scale` (multiply the column ==
+    scale the key), or `multiplicative_full_row` (the authors' research code: the minimum over the whole score row,
+    causally hidden later keys included; see docs/METHOD.md)."""
     factor: float = Field(0.1, ge=0.0)
     """Multiplier m applied to a suppressed unit's attention columns (paper: m = 1 - f = 0.1). 1 is the identity,
     > 1 amplifies. In `log_additive`, m = 0 is taken as the limit m -> 0+ (log m = log 1e-30)."""
@@ -33,6 +36,12 @@ class AtManConfig(BaseModel):
     """kappa of conceptual suppression (paper Eq. 6): tokens whose input-embedding cosine to a token of the unit is
     >= kappa are suppressed too, with m = 1 - (1 - factor) * cos. None (the default) switches it off: on SQuAD it
     cost 13-17 mAP points at every factor we measured (docs/EVAL.md); the paper's value is 0.7."""
+    conceptual_candidates: ConceptualCandidates = "prompt"
+    """Which tokens conceptual suppression may pull into a unit's pass: the prompt's units (`prompt`), or those and
+    the target tokens that are inputs (`prompt_and_target`, the authors' code)."""
+    target_units: bool = False
+    """Also explain each target token but the last as a unit of its own, scored for the later target tokens only
+    (the authors' code); reported in ``Explanation.target_units`` / ``target_scores``."""
     granularity: Granularity = "token"
     """Unit of explanation: token, word, sentence, paragraph, or `custom` (split on `delimiter`)."""
     delimiter: str | None = None
@@ -61,6 +70,24 @@ class AtManConfig(BaseModel):
     engine: Literal["fast", "reference"] = "fast"
     """`fast` (batched, prefix reuse, target-only logits) or `reference`, the naive method as ATMAN.md writes it
     (one unit per pass, full recompute, eager attention): the oracle the fast engine is tested against."""
+
+    @classmethod
+    def paper(cls, **overrides) -> AtManConfig:
+        """The AtMan authors' research code (Aleph-Alpha/AtMan, atman-magma) as a preset: the whole-row minimum,
+        m = 0.1, conceptual suppression at the paper's kappa 0.7 over prompt and target inputs, earlier target tokens
+        as units, per-target-token ΔCE squared then summed, token units. Scores keep our sign (suppressed - base:
+        positive = supports); theirs is base - suppressed, which squaring removes. docs/METHOD.md lists each
+        difference from our default form."""
+        preset = dict(
+            mode="multiplicative_full_row",
+            factor=0.1,
+            conceptual_threshold=0.7,
+            conceptual_candidates="prompt_and_target",
+            target_units=True,
+            aggregate="sum_of_squares",
+            granularity="token",
+        )
+        return cls(**{**preset, **overrides})
 
     @model_validator(mode="after")
     def _delimiter_matches_granularity(self) -> AtManConfig:

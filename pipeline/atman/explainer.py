@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -26,11 +26,16 @@ from pipeline.atman.units import Span, Unit, build_units
 
 
 @dataclass(frozen=True)
-class _Planned:
+class Planned:
+    """One request, tokenized, with every suppression pass decided: ``sweep_input.multipliers`` has one row per
+    unit of ``units`` (the prompt's), then one per unit of ``target_units`` (target tokens as inputs, when the
+    config asks for them)."""
+
     prepared: PreparedPrompt
     target_ids: torch.Tensor
     units: list[Unit]
     sweep_input: SweepInput
+    target_units: list[Unit] = field(default_factory=list)
 
 
 class Explainer:
@@ -98,7 +103,7 @@ class Explainer:
         generate: int | None = None,
         explain_span: Span | list[Span] | None = None,
         chat: bool | None = None,
-    ) -> _Planned:
+    ) -> Planned:
         """Validate and tokenize one request and decide every suppression pass (no forward pass but generation)."""
         cfg = self.config
         prepared = prepare_prompt(self.tokenizer, prompt, chat)
@@ -116,11 +121,28 @@ class Explainer:
         self._check_length(len(prepared.prompt_ids) + len(target_ids))
         ids = torch.cat([prepared.prompt_ids, target_ids])
         units = build_units(prompt, prepared.token_spans, spans, cfg.granularity, cfg.delimiter)
-        cosine = None
+        return self.passes(Planned(prepared, target_ids, units, SweepInput(ids, len(target_ids), torch.ones(0))))
+
+    def passes(self, planned: Planned) -> Planned:
+        """``planned`` with its suppression passes decided under this explainer's config (same tokens and prompt
+        units): the target units the config asks for and every pass's key multipliers (paper Eq. 4 and 6)."""
+        cfg = self.config
+        ids, n_target = planned.sweep_input.input_ids, planned.sweep_input.n_target
+        n_prompt = len(ids) - n_target
+        target_units = []
+        if cfg.target_units:
+            texts = [self.tokenizer.decode([t]) for t in planned.target_ids.tolist()]
+            starts = np.cumsum([0, *map(len, texts)])  # character spans in the decoded target
+            target_units = [Unit(texts[j], int(starts[j]), len(texts[j]), (n_prompt + j,)) for j in range(n_target - 1)]
+        units = planned.units + target_units
+        cosine = candidates = None
         if cfg.conceptual_threshold is not None:
             cosine = embedding_cosine(self._embeddings.detach(), ids.to(self._embeddings.device)).cpu()
-        mult = unit_multipliers(len(ids), units, cfg.factor, cosine, cfg.conceptual_threshold)
-        return _Planned(prepared, target_ids, units, SweepInput(ids, len(target_ids), mult))
+            candidates = sorted({p for u in planned.units for p in u.positions})
+            if cfg.conceptual_candidates == "prompt_and_target":
+                candidates += list(range(n_prompt, len(ids) - 1))  # the last target token is never an input
+        mult = unit_multipliers(len(ids), units, cfg.factor, cosine, cfg.conceptual_threshold, candidates)
+        return replace(planned, sweep_input=SweepInput(ids, n_target, mult), target_units=target_units)
 
     def run(self, inputs: list[SweepInput], batch_size: int | None = None) -> list[SweepOutput]:
         """The suppression sweeps of planned requests, batched together; ``batch_size`` overrides the config's
@@ -148,20 +170,24 @@ class Explainer:
                 "shorten the prompt or the target"
             )
 
-    def explanation(self, planned: _Planned, out: SweepOutput) -> Explanation:
-        """Scores of one planned request from its sweep output (postprocess and normalize applied)."""
+    def explanation(self, planned: Planned, out: SweepOutput) -> Explanation:
+        """Scores of one planned request from its sweep output (aggregate, postprocess and normalize applied).
+        A target unit (target token j' as an input) is scored for the later target tokens j > j' only."""
         cfg = self.config
-        delta = (out.ce - out.base_ce[None]).numpy().astype(np.float32)  # [U, T], positive = supported
+        delta = (out.ce - out.base_ce[None]).numpy().astype(np.float32)  # [U + U_target, T], positive = supported
+        n = len(planned.units)
+        for i in range(len(planned.target_units)):
+            delta[n + i, : i + 1] = 0.0  # not an input of these targets (non-zero only through conceptual neighbours)
         terms = delta**2 if cfg.aggregate == "sum_of_squares" else delta
         scores = terms.sum(axis=1)
-        per_target = terms if cfg.keep_per_target else None
+        per_target = terms
         if cfg.postprocess == "abs":
-            scores, per_target = np.abs(scores), None if per_target is None else np.abs(per_target)
+            scores, per_target = np.abs(scores), np.abs(per_target)
         elif cfg.postprocess == "square":
-            scores, per_target = scores**2, None if per_target is None else per_target**2
-        if cfg.normalize:
-            scores = _unit_max(scores)
-            per_target = None if per_target is None else _unit_max(per_target)
+            scores, per_target = scores**2, per_target**2
+        if cfg.normalize:  # prompt and target units share one scale
+            scores, per_target = _unit_max(scores), _unit_max(per_target)
+        scores, per_target = scores.astype(np.float32), per_target.astype(np.float32)
         tok = self.tokenizer
         return Explanation(
             prompt=planned.prepared.prompt,
@@ -170,8 +196,8 @@ class Explainer:
             base_target_ce=float(out.base_ce.sum()),
             base_ce_per_token=out.base_ce.tolist(),
             units=[(u.text, u.start, u.length) for u in planned.units],
-            scores=scores.astype(np.float32),
-            per_target=None if per_target is None else per_target.astype(np.float32),
+            scores=scores[:n],
+            per_target=per_target[:n] if cfg.keep_per_target else None,
             mode=cfg.mode,
             factor=cfg.factor,
             granularity=cfg.granularity,
@@ -179,6 +205,9 @@ class Explainer:
             chat=planned.prepared.chat,
             n_prompt_tokens=len(planned.prepared.prompt_ids),
             params=cfg.model_dump(),
+            target_units=[(u.text, u.start, u.length) for u in planned.target_units] if cfg.target_units else None,
+            target_scores=scores[n:] if cfg.target_units else None,
+            target_per_target=per_target[n:] if cfg.target_units and cfg.keep_per_target else None,
         )
 
 

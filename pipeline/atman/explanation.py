@@ -13,7 +13,10 @@ class Explanation:
 
     ``scores[u]`` is the rise of the target's total cross-entropy (nats, summed over target tokens) when unit u
     is suppressed: positive = the unit supported the target. ``per_target[u, j]`` is the same for target token j.
-    ``base_target_ce`` is the unperturbed total CE; ``base_ce_per_token`` its per-token parts.
+    ``base_target_ce`` is the unperturbed total CE; ``base_ce_per_token`` its per-token parts. With
+    ``AtManConfig.target_units``, ``target_units`` are the target tokens but the last ((text, start, length) in
+    ``target``) scored as inputs of the later target tokens: ``target_scores``, ``target_per_target`` (zero for the
+    target tokens at or before the unit).
     """
 
     prompt: str
@@ -31,6 +34,9 @@ class Explanation:
     chat: bool
     n_prompt_tokens: int
     params: dict = field(default_factory=dict)
+    target_units: list[tuple[str, int, int]] | None = None
+    target_scores: np.ndarray | None = None
+    target_per_target: np.ndarray | None = None
 
     def top(self, k: int = 5) -> list[tuple[str, int, int, float]]:
         """The k units with the highest scores, highest first."""
@@ -56,6 +62,12 @@ class Explanation:
                 for (t, s, n), x in zip(self.units, self.scores.tolist(), strict=True)
             ],
             "per_target": None if self.per_target is None else self.per_target.astype(float).tolist(),
+            "target_units": None
+            if self.target_units is None
+            else [
+                {"text": t, "start": s, "length": n, "score": float(x)}
+                for (t, s, n), x in zip(self.target_units, self.target_scores.tolist(), strict=True)
+            ],
         }
 
     def show(self, console=None, top_k: int = 5) -> None:

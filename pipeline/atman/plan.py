@@ -19,19 +19,23 @@ def unit_multipliers(
     factor: float,
     cosine: torch.Tensor | None = None,
     threshold: float | None = None,
+    candidates: list[int] | None = None,
 ) -> torch.Tensor:
     """[U, n] key multipliers, one row per unit's pass (1 = untouched).
 
     The unit's own tokens get ``factor``. With conceptual suppression (``threshold`` set), every other
     explainable token k whose embedding cosine to a token of the unit is >= threshold is suppressed in the
     same pass with m_k = 1 - (1 - factor) * cos (the largest cosine over the unit's tokens). Only tokens of
-    some unit are candidates, so text outside ``explain_span`` and template tokens are never perturbed.
+    some unit are candidates (unless ``candidates`` lists the positions), so text outside ``explain_span`` and
+    template tokens are never perturbed.
     """
     mult = torch.ones(len(units), n, dtype=torch.float32)
     if threshold is not None and units:
         if cosine is None:
             raise ValueError("cosine: conceptual suppression needs the prompt's embedding cosine matrix")
-        candidates = torch.tensor(sorted({p for u in units for p in u.positions}))
+        if candidates is None:
+            candidates = sorted({p for u in units for p in u.positions})
+        candidates = torch.tensor(candidates, dtype=torch.long)
         strength = 1.0 - factor
         for i, unit in enumerate(units):
             # a token's cosine to itself can round to 1 + 1e-7: clamp, or m = 1 - cos would go negative at factor 0

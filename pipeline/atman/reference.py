@@ -41,9 +41,11 @@ class ReferenceAttention:
         visible = mask == 0
         if self.multipliers is not None:
             factor = self.multipliers.to(scores.device).float()[None, None, None, :].expand(1, 1, n, n)
-            if self.mode == "multiplicative":
-                # shift each row so its minimum over the visible keys is 0, multiply the columns, shift back
-                row_min = scores.masked_fill(~visible, float("inf")).amin(dim=-1, keepdim=True)
+            if self.mode in ("multiplicative", "multiplicative_full_row"):
+                # shift each row so its minimum (over the visible keys, or the whole row) is 0, multiply the
+                # columns, shift back
+                over = visible if self.mode == "multiplicative" else torch.ones_like(visible)
+                row_min = scores.masked_fill(~over, float("inf")).amin(dim=-1, keepdim=True)
                 suppressed = (scores - row_min) * factor + row_min
                 scores = torch.where(factor != 1, suppressed, scores)
             elif self.mode == "log_additive":
@@ -51,17 +53,18 @@ class ReferenceAttention:
             elif self.mode == "scale":
                 scores = scores * factor
             else:
-                raise ValueError(f"mode: {self.mode!r} is not one of multiplicative, log_additive, scale")
+                raise ValueError(f"mode: {self.mode!r} is not a suppression form")
         probs = torch.softmax(scores + mask, dim=-1)
         return torch.matmul(probs, repeat_kv(value, n_rep).float()).to(query.dtype)
 
 
 def _target_ce(model, ids: torch.Tensor, n_target: int, ctx: ReferenceAttention) -> torch.Tensor:
-    logits = attention.forward(model, ctx, input_ids=ids[None], use_cache=False).logits[0].float()  # [n, vocab]
-    n = len(ids)
+    """The pass is the prompt and every target token but the last (which no position reads): [n - 1] inputs."""
+    inputs = ids[:-1]
+    logits = attention.forward(model, ctx, input_ids=inputs[None], use_cache=False).logits[0].float()  # [n-1, V]
     logprobs = torch.log_softmax(logits, dim=-1)
-    targets = ids[n - n_target :]
-    return -logprobs[n - n_target - 1 : n - 1].gather(-1, targets[:, None])[:, 0]
+    targets = ids[len(ids) - n_target :]
+    return -logprobs[len(inputs) - n_target :].gather(-1, targets[:, None])[:, 0]
 
 
 @torch.inference_mode()
@@ -73,7 +76,7 @@ def reference_sweep(model: torch.nn.Module, inputs: list[SweepInput], *, mode: s
     for seq in inputs:
         ids = seq.input_ids.to(device)
         base = _target_ce(model, ids, seq.n_target, ReferenceAttention(None, mode)).cpu()
-        rows = [_target_ce(model, ids, seq.n_target, ReferenceAttention(m, mode)).cpu() for m in seq.multipliers]
+        rows = [_target_ce(model, ids, seq.n_target, ReferenceAttention(m[:-1], mode)).cpu() for m in seq.multipliers]
         ce = torch.stack(rows) if rows else torch.zeros(0, seq.n_target)
         outputs.append(SweepOutput(base_ce=base, ce=ce))
     return outputs

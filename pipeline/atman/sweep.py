@@ -13,6 +13,7 @@ What one batch goes through (all exact, checked against ``reference.py`` in the 
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections import Counter
 from dataclasses import dataclass
@@ -155,12 +156,13 @@ class SweepAttention:
             key = torch.cat([self._prefix(layer, self.store.keys, key), key], dim=2)
             value = torch.cat([self._prefix(layer, self.store.values, value), value], dim=2)
         n_rep = query.shape[1] // key.shape[1]
-        if softcap is not None or alibi is not None or (self.mode == "multiplicative" and self.suppressing):
+        if softcap is not None or alibi is not None or (self.mode.startswith("multiplicative") and self.suppressing):
             # the row minimum, soft-capping and ALiBi need explicit score rows: float32
             vis = self.visible(sliding_window)
             scores = explicit_scores(query, repeat_kv(key, n_rep), scaling, softcap, alibi, self.k_pos)
             if self.suppressing:
-                scores = suppress_scores(scores, vis, self.k_mult[:, None, None, :], self.mode)
+                keys = (self.k_pos >= 0)[:, None, None, :]  # the pass's real keys, later ones included
+                scores = suppress_scores(scores, vis, self.k_mult[:, None, None, :], self.mode, keys)
             probs = torch.softmax(scores.masked_fill(~vis, -torch.inf), dim=-1)
             return torch.matmul(probs, repeat_kv(value, n_rep).float()).to(query.dtype)
         if self.mode == "scale" or not self.suppressing:  # H * m == scaled keys: any fused kernel works
@@ -204,7 +206,7 @@ def _target_ce(model, ctx: SweepAttention, inputs: list[SweepInput]) -> list[tor
         wanted.append([ctx.slot(i, p) for p in range(n - t - 1, n - 1)])
     keep = sorted({s for w in wanted for s in w})
     index = {s: j for j, s in enumerate(keep)}
-    kwargs = {"position_ids": ctx.position_ids} if _takes(model, "position_ids") else {}  # ALiBi models do not
+    kwargs = {"position_ids": ctx.position_ids} if _takes(type(model), "position_ids") else {}  # ALiBi models do not
     out = attention.forward(
         model,
         ctx,
@@ -223,8 +225,9 @@ def _target_ce(model, ctx: SweepAttention, inputs: list[SweepInput]) -> list[tor
     return result
 
 
-def _takes(model: torch.nn.Module, name: str) -> bool:
-    return name in inspect.signature(model.forward).parameters
+@functools.cache
+def _takes(model_cls: type, name: str) -> bool:
+    return name in inspect.signature(model_cls.forward).parameters
 
 
 def _batches(rows: list[_Row], inputs: list[SweepInput], batch_size: int, max_tokens: int) -> list[list[_Row]]:
