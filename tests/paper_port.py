@@ -1,7 +1,7 @@
 """A naive, independent port of the AtMan authors' own research code, as a test oracle for the engine's paper preset.
 
-Source: github.com/Aleph-Alpha/AtMan, folder ``atman-magma/atman_magma/`` (read at commit cacb9ccc). Their language
-model is GPT-J 6B run through a fork of finetuneanon's GPT-Neo (``gpt_neo/modeling_gpt_neo.py`` with
+Source: the public repository Aleph-Alpha/AtMan, folder ``atman-magma/atman_magma/`` (read at commit cacb9ccc).
+Their language model is GPT-J 6B run through a fork of finetuneanon's GPT-Neo (``gpt_neo/modeling_gpt_neo.py`` with
 ``config.jax = True``, ``config.py:get_gptj_config``); the AtMan parts are
 
 - ``explainer.py`` (``Explainer``): which positions are suppressed, one pass per position, plus an unsuppressed pass;
