@@ -272,21 +272,10 @@ def paper_atman(
 
 
 def tiny_gptj(seed: int = 0, vocab_size: int = 100) -> _gptj.GPTJForCausalLM:
-    """The 2-layer, d=64 random GPT-J the oracle is checked on (init 0.25 so attention is peaked), eager, float32."""
-    config = _gptj.GPTJConfig(
-        vocab_size=vocab_size,
-        n_embd=64,
-        n_layer=2,
-        n_head=4,
-        rotary_dim=8,
-        n_positions=128,
-        initializer_range=0.25,
-        bos_token_id=0,  # GPT-J's default 50256 lies outside a 100-token vocabulary
-        eos_token_id=0,
-    )
-    config._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    return _gptj.GPTJForCausalLM(config).eval()
+    """The 2-layer, d=64 random GPT-J of the coverage table (init 0.25 so attention is peaked), eager, float32."""
+    from tiny_models import tiny_model
+
+    return tiny_model("gptj", vocab_size, seed=seed, attn_implementation="eager")
 
 
 if __name__ == "__main__":  # a demo: python tests/paper_port.py

@@ -20,6 +20,8 @@ _COMMON = dict(
     initializer_range=INIT,
 )
 _GQA = dict(_COMMON, num_key_value_heads=2)
+_FALCON = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, initializer_range=INIT,
+               max_position_embeddings=512)  # fmt: skip
 
 ARCHITECTURES: dict[str, tuple[str, str, dict, str]] = {
     "llama": ("LlamaConfig", "LlamaForCausalLM", _GQA, "grouped-query attention, RoPE"),
@@ -125,45 +127,19 @@ ARCHITECTURES: dict[str, tuple[str, str, dict, str]] = {
     "falcon": (
         "FalconConfig",
         "FalconForCausalLM",
-        dict(
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            multi_query=True,
-            parallel_attn=True,
-            initializer_range=INIT,
-            max_position_embeddings=512,
-        ),
+        dict(_FALCON, multi_query=True, parallel_attn=True),
         "Falcon-7B layout: multi-query, rotary, parallel attention",
     ),  # fmt: skip
     "falcon_new": (
         "FalconConfig",
         "FalconForCausalLM",
-        dict(
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_kv_heads=2,
-            new_decoder_architecture=True,
-            initializer_range=INIT,
-            max_position_embeddings=512,
-        ),
+        dict(_FALCON, num_kv_heads=2, new_decoder_architecture=True),
         "Falcon-40B layout: new decoder architecture, grouped kv, rotary",
     ),  # fmt: skip
     "falcon_alibi": (
         "FalconConfig",
         "FalconForCausalLM",
-        dict(
-            hidden_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            alibi=True,
-            multi_query=False,
-            parallel_attn=False,
-            bias=True,
-            initializer_range=INIT,
-            max_position_embeddings=512,
-        ),
+        dict(_FALCON, alibi=True, multi_query=False, parallel_attn=False, bias=True),
         "Falcon-RW layout: ALiBi, multi-head, sequential",
     ),  # fmt: skip
     "stablelm": (
