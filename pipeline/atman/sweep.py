@@ -185,16 +185,16 @@ class SweepAttention:
     def _check_mask(self, layer: int, mask: torch.Tensor, window: int | None) -> None:
         """The unperturbed pass: the model's own mask must agree with the visibility the sweep computes from
         positions (causal, sliding window) on every real token, or prefix reuse and batching would be wrong."""
-        ours = self.visible(window)
+        ours = self.visible(window)  # [B, 1, Lq, Lq]: the unperturbed pass has no prefix
         theirs = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
-        for i, (off, n) in enumerate(zip(self.offsets, self.lengths, strict=True)):
-            real = slice(off, off + n)
-            if not torch.equal(ours[i, 0, real, real], theirs[min(i, len(theirs) - 1), 0, real, real]):
-                kind = f"causal with a sliding window of {window}" if window else "causal"
-                raise UnsupportedModelError(
-                    f"model: attention layer {layer} masks keys differently from {kind} attention (chunked, "
-                    "bidirectional or prefix attention?); AtMan's prefix reuse and batching assume causal masks"
-                )
+        real = self.q_pos >= 0  # padding slots are the sweep's own business
+        both = (real[:, :, None] & real[:, None, :])[:, None]
+        if theirs.shape[-2:] != ours.shape[-2:] or bool(((ours != theirs) & both).any()):  # one sync per layer
+            kind = f"causal with a sliding window of {window}" if window else "causal"
+            raise UnsupportedModelError(
+                f"model: attention layer {layer} masks keys differently from {kind} attention (chunked, "
+                "bidirectional or prefix attention?); AtMan's prefix reuse and batching assume causal masks"
+            )
 
 
 def _target_ce(model, ctx: SweepAttention, inputs: list[SweepInput]) -> list[torch.Tensor]:
