@@ -51,6 +51,14 @@ def test_a_layer_that_bypasses_atman_is_refused(tokenizer):
         Explainer(_lm(model, tokenizer), AtManConfig())
 
 
+def test_a_layer_run_twice_is_refused(tokenizer):
+    """Shared layers (one module, one layer_idx, two calls) would break the per-layer prefix store."""
+    model = tiny_model("llama", len(tokenizer))
+    model.model.layers[1] = model.model.layers[0]
+    with pytest.raises(UnsupportedModelError, match=r"layers \[0x2\] of 2; a layer's attention ran more than once"):
+        Explainer(_lm(model, tokenizer), AtManConfig())
+
+
 def test_a_family_without_its_adapter_is_refused(tokenizer, monkeypatch):
     monkeypatch.delitem(families.ADAPTERS, "GPTNeoSelfAttention")
     with pytest.raises(UnsupportedModelError, match=r"^model: GPTNeoForCausalLM: .*\[none\] of 2"):

@@ -101,10 +101,15 @@ def _verify(model: torch.nn.Module, calls: Counter) -> None:
     if sorted(calls) == list(range(n)) and set(calls.values()) == {1}:
         return
     reached = ", ".join(f"{layer}x{count}" for layer, count in sorted(calls.items())) or "none"
+    if any(count > 1 for count in calls.values()):
+        why = "a layer's attention ran more than once in one pass (shared or repeated layers)"
+    else:
+        why = (
+            "its attention uses neither transformers' attention interface nor an AtMan adapter "
+            f"(adapters: {', '.join(_adapter_names())})"
+        )
     raise UnsupportedModelError(
-        f"model: {type(model).__name__}: suppression reached attention layers [{reached}] of {n}; its attention "
-        "uses neither transformers' attention interface nor an AtMan adapter "
-        f"(adapters: {', '.join(_adapter_names())})"
+        f"model: {type(model).__name__}: suppression reached attention layers [{reached}] of {n}; {why}"
     )
 
 
