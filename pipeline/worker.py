@@ -43,8 +43,10 @@ RESULT_SCHEMA = pa.schema(
 
 
 def part_name(prompt_ids: list[str]) -> str:
-    """A part's name follows from the ids it holds: a retried batch overwrites its own part, never adds one."""
-    digest = hashlib.sha256("\n".join(sorted(prompt_ids)).encode()).hexdigest()[:20]
+    """A part's name follows from the ids it holds: a retried batch overwrites its own part, never adds one. The ids
+    are hashed as a JSON list, an encoding no id can forge (joined by newlines, ids `a`, `b` and `a\nb` collided and
+    one part overwrote the other, issue 13)."""
+    digest = hashlib.sha256(json.dumps(sorted(prompt_ids)).encode()).hexdigest()[:20]
     return f"part-{digest}.parquet"
 
 

@@ -21,7 +21,7 @@ from pipeline.job import run_job
 from pipeline.jobspec import JobSpec
 from pipeline.layout import MANIFEST, SUCCESS
 from pipeline.schema import SCHEMA
-from pipeline.worker import ExplainWorker
+from pipeline.worker import ExplainWorker, part_name
 
 ATMAN = str(Path(sys.executable).parent / "atman")
 
@@ -328,6 +328,19 @@ def test_cli_run_leaves_nothing_in_home(tmp_path, tiny_model_dir):
     assert "top units:" in out.stdout
     assert list(home.iterdir()) == [], f"left in HOME: {list(home.rglob('*'))[:5]}"
     assert not (tmp_path / "out" / "_scratch" / "c1").exists(), "Ray's scratch dir is removed after the run"
+
+
+def test_part_names_cannot_be_forged_by_ids():
+    assert part_name(["a", "b"]) != part_name(["a\nb"])
+    assert part_name(["b", "a"]) == part_name(["a", "b"])  # a retried batch rewrites its own part
+
+
+def test_ids_that_join_to_another_batch_all_complete(tmp_path, tiny_model_dir):
+    """Batches of 2: ids `a`, `b` and `a\nb`; before the fix their parts collided and the run never completed."""
+    _write(tmp_path / "in.jsonl", [{"id": i, "prompt": "hello there", "target": " friend"} for i in ("a", "b", "a\nb")])
+    summary = run_job(_spec(tiny_model_dir, tmp_path / "in.jsonl", tmp_path / "out"), "forge", address="inline")
+    ids = _read(summary.location).column("prompt_id").to_pylist()
+    assert sorted(ids) == ["a", "a\nb", "b"] and summary.counts["ok"] == 3
 
 
 def test_a_stopped_run_names_the_cause_inside_rays_error():
