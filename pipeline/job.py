@@ -367,6 +367,8 @@ def _deduplicate(paths: RunPaths) -> int:
         if table.num_rows:
             name = paths.part(part_name(table.column("prompt_id").to_pylist()))
             publish(fs, name, parquet_bytes(table, _compression(part, fs)))  # a new name: it holds fewer ids
+            if name == part:  # the same ids after all: the part was just rewritten, never delete it
+                continue
         fs.rm(part)
     return sum(stale.values())
 

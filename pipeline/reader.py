@@ -227,24 +227,38 @@ def _check_columns(name: str, columns: Iterable[str], spec: InputSpec) -> None:
 
 
 def _requests(records: list[tuple[str, dict | None, str | None]], spec: InputSpec) -> list[dict]:
-    out, first_seen = [], {}
-    for source, record, problem in records:
-        row = _request(source, record, problem, spec)
-        pid = row["prompt_id"]
-        if pid in first_seen:
+    """One request per record. A row without a usable id, and every repeat of an id, gets an id of its own that no
+    row of the input has (``row@<file:line>`` / ``<id>#dup@<file:line>``, suffixed ``#2``, ``#3``... on a clash), so
+    an input cannot forge one: a real id equal to a marker once made the run delete a whole part (issue 13)."""
+    rows = [_request(source, record, problem, spec) for source, record, problem in records]
+    taken = {row["prompt_id"] for row in rows if row["prompt_id"] is not None}
+    first_seen: dict[str, str] = {}
+    for row in rows:
+        pid, source = row["prompt_id"], row["source"]
+        if pid is None:
+            row["prompt_id"] = _unused(f"row@{source}", taken)
+        elif pid in first_seen:
             row["input_error"] = f"duplicate id {pid!r} (first at {first_seen[pid]}); this row is not explained"
-            row["prompt_id"] = f"{pid}#dup@{source}"
+            row["prompt_id"] = _unused(f"{pid}#dup@{source}", taken)
         else:
             first_seen[pid] = source
-        out.append(row)
-    return out
+    return rows
+
+
+def _unused(name: str, taken: set[str]) -> str:
+    candidate, n = name, 1
+    while candidate in taken:
+        n += 1
+        candidate = f"{name}#{n}"
+    taken.add(candidate)
+    return candidate
 
 
 def _request(source: str, record: dict | None, problem: str | None, spec: InputSpec) -> dict:
     row: dict[str, Any] = dict.fromkeys(INPUT_SCHEMA.names)
     row["source"] = source
-    if record is None:
-        row["prompt_id"], row["input_error"] = f"row@{source}", problem
+    if record is None:  # its id is chosen by _requests
+        row["input_error"] = problem
         return row
     problems = []
     prompt = record.get(spec.prompt_column)
@@ -279,11 +293,11 @@ def _request(source: str, record: dict | None, problem: str | None, spec: InputS
         row["metadata"] = json.dumps({c: record.get(c) for c in spec.metadata_columns}, ensure_ascii=False, default=str)
     raw_id = record.get(spec.id_column) if spec.id_column else None
     if raw_id is None or (isinstance(raw_id, str) and not raw_id.strip()):
-        row["prompt_id"] = stable_id(prompt, target) if row["prompt"] is not None else f"row@{source}"
+        row["prompt_id"] = stable_id(prompt, target) if row["prompt"] is not None else None
     elif isinstance(raw_id, (str, int)) and not isinstance(raw_id, bool):
         row["prompt_id"] = str(raw_id)
     else:
-        row["prompt_id"] = f"row@{source}"
+        row["prompt_id"] = None
         problems.append(f"id: {spec.id_column!r} must be a string or an integer, got {type(raw_id).__name__}")
     if problems:
         row["input_error"] = "; ".join(problems)

@@ -343,6 +343,22 @@ def test_ids_that_join_to_another_batch_all_complete(tmp_path, tiny_model_dir):
     assert sorted(ids) == ["a", "a\nb", "b"] and summary.counts["ok"] == 3
 
 
+def test_an_id_equal_to_a_duplicate_marker_loses_no_row(tmp_path, tiny_model_dir):
+    """Before the fix the end-of-run cleanup rewrote a part under its own name and then deleted it, every row of it
+    gone, and reruns repeated it."""
+    marker = f"x#dup@{tmp_path / 'in.jsonl'}:3"  # what the repeat on line 3 is called
+    rows = [
+        {"id": "x", "prompt": "hello there"},
+        {"id": marker, "prompt": "hi"},
+        {"id": "x", "prompt": "yo"},
+    ]
+    _write(tmp_path / "in.jsonl", [dict(r, target=" friend") for r in rows])
+    summary = run_job(_spec(tiny_model_dir, tmp_path / "in.jsonl", tmp_path / "out"), "marker", address="inline")
+    table = _read(summary.location)
+    assert table.num_rows == 3 and summary.counts["ok"] == 2 and summary.counts["skipped"] == 1
+    assert sorted(table.column("prompt_id").to_pylist()) == ["x", marker, f"{marker}#2"]
+
+
 def test_a_stopped_run_names_the_cause_inside_rays_error():
     from pipeline.job import _first_line
 

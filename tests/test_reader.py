@@ -108,6 +108,28 @@ def test_bad_rows_are_named_not_dropped(tmp_path):
     assert len(set(table.column("prompt_id").to_pylist())) == table.num_rows, "ids are unique"
 
 
+def test_ids_cannot_forge_the_markers_of_duplicates_and_bad_rows(tmp_path):
+    """Real ids equal to the markers the reader gives a repeated id or an unreadable row: every row keeps a unique
+    id and its own message (issue 13: such an id once made the run delete a whole part)."""
+    path = tmp_path / "p.jsonl"
+    dup, bad = f"x#dup@{path}:4", f"row@{path}:5"  # the markers the repeat and the broken line would get
+    lines = [
+        {"id": "x", "prompt": "first"},
+        {"id": dup, "prompt": "looks like the marker of the repeat below"},
+        {"id": bad, "prompt": "looks like the marker of the broken row below"},
+        {"id": "x", "prompt": "a repeat"},
+    ]
+    text = "\n".join(json.dumps(r) for r in lines) + "\n{broken\n"
+    path.write_text(text, encoding="utf-8")
+    table = read_input(_spec(path))
+    ids = table.column("prompt_id").to_pylist()
+    assert len(set(ids)) == len(ids) == 5
+    rows = _by_id(table)
+    assert rows[dup]["input_error"] is None and rows[bad]["input_error"] is None
+    assert "duplicate id 'x'" in rows[f"{dup}#2"]["input_error"]
+    assert "not valid JSON" in rows[f"{bad}#2"]["input_error"]
+
+
 def test_csv_row_problems(tmp_path):
     (tmp_path / "p.csv").write_text('id,prompt,target\na,"fine, quoted",\nb,too,many,fields\nc,,x\n', encoding="utf-8")
     rows = _by_id(read_input(_spec(tmp_path / "p.csv")))
