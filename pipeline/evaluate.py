@@ -139,6 +139,7 @@ class SquadEval:
         self.granularity = granularity
         self.seed = seed
         self.base = Explainer(lm, AtManConfig(granularity=granularity))
+        self._explainers: dict[AtManConfig, Explainer] = {}
         self.chat = bool(getattr(lm.tokenizer, "chat_template", None))
 
     def prepare(self, ex: Example) -> tuple[Planned, np.ndarray]:
@@ -162,9 +163,15 @@ class SquadEval:
         token_scores = {"ixg": self._ixg, "ig": self._ig, "rollout": self._rollout}[name](planned)
         return np.array([token_scores[list(u.positions)].sum() for u in planned.units], dtype=np.float64)
 
+    def explainer(self, cfg: AtManConfig) -> Explainer:
+        """One Explainer per config for the whole evaluation: its support probe runs once, not per example."""
+        if cfg not in self._explainers:
+            self._explainers[cfg] = Explainer(self.lm, cfg)
+        return self._explainers[cfg]
+
     def atman_scores(self, planned: Planned, cfg: AtManConfig) -> np.ndarray:
         """AtMan scores of the planned (prompt) units under ``cfg``: its passes, aggregation and postprocess."""
-        explainer = Explainer(self.lm, cfg)
+        explainer = self.explainer(cfg)
         planned = explainer.passes(planned)
         out = explainer.run([planned.sweep_input])[0]
         return explainer.explanation(planned, out).scores.astype(np.float64)
@@ -236,7 +243,7 @@ class SquadEval:
             for unit in order[:k]:
                 mult[row, list(planned.units[unit].positions)] = 0.0
         cfg = AtManConfig(mode="log_additive", factor=0.0, conceptual_threshold=None, granularity=self.granularity)
-        out = Explainer(self.lm, cfg).run(
+        out = self.explainer(cfg).run(
             [SweepInput(planned.sweep_input.input_ids, planned.sweep_input.n_target, mult)]
         )
         return float((out[0].ce - out[0].base_ce[None]).sum(dim=1).mean())
