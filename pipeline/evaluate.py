@@ -243,9 +243,7 @@ class SquadEval:
             for unit in order[:k]:
                 mult[row, list(planned.units[unit].positions)] = 0.0
         cfg = AtManConfig(mode="log_additive", factor=0.0, conceptual_threshold=None, granularity=self.granularity)
-        out = self.explainer(cfg).run(
-            [SweepInput(planned.sweep_input.input_ids, planned.sweep_input.n_target, mult)]
-        )
+        out = self.explainer(cfg).run([SweepInput(planned.sweep_input.input_ids, planned.sweep_input.n_target, mult)])
         return float((out[0].ce - out[0].base_ce[None]).sum(dim=1).mean())
 
     def removal(self, planned: Planned, scores: np.ndarray) -> float:
