@@ -24,9 +24,14 @@ from pipeline.atman.attention import active
 def _alibi_slopes(module: torch.nn.Module, num_heads: int) -> torch.Tensor:
     """[H] ALiBi slopes exactly as the family's own ``build_alibi_tensor`` makes them (Falcon rounds them to
     bfloat16): the bias it builds for two unpadded tokens is 0 at position 0 and the slope at position 1."""
-    build = sys.modules[type(module).__module__].build_alibi_tensor
-    ones = torch.ones(1, 2, dtype=torch.long, device=next(module.parameters()).device)
-    return build(ones, num_heads, torch.float32).reshape(num_heads, 2)[:, 1]
+    return _slopes(type(module).__module__, num_heads, next(module.parameters()).device)
+
+
+@functools.cache
+def _slopes(family_module: str, num_heads: int, device: torch.device) -> torch.Tensor:
+    """Computed once per family, head count and device, not in every layer of every forward pass."""
+    ones = torch.ones(1, 2, dtype=torch.long, device=device)
+    return sys.modules[family_module].build_alibi_tensor(ones, num_heads, torch.float32).reshape(num_heads, 2)[:, 1]
 
 
 def _gpt_neo(module, ctx, hidden_states, attention_mask=None, layer_past=None, use_cache=False, **kwargs):
