@@ -70,7 +70,9 @@ def test_a_mask_other_than_causal_is_refused(tokenizer):
     causal: prefix reuse and batching would be wrong, so the unperturbed pass refuses it."""
     model = tiny_model("gemma3", len(tokenizer))
     model.config.use_bidirectional_attention = True
-    with pytest.raises(UnsupportedModelError, match="masks keys differently from"):
+    with pytest.raises(
+        UnsupportedModelError, match="^model: Gemma3ForCausalLM: attention layer 0 masks keys differently from"
+    ):
         Explainer(_lm(model, tokenizer), AtManConfig())
 
 

@@ -162,8 +162,10 @@ class SweepAttention:
             scores = explicit_scores(query, repeat_kv(key, n_rep), scaling, softcap, alibi, self.k_pos)
             if self.suppressing:
                 keys = (self.k_pos >= 0)[:, None, None, :]  # the pass's real keys, later ones included
-                scores = suppress_scores(scores, vis, self.k_mult[:, None, None, :], self.mode, keys)
-            probs = torch.softmax(scores.masked_fill(~vis, -torch.inf), dim=-1)
+                scores = suppress_scores(scores, vis, self.k_mult[:, None, None, :], self.mode, keys)  # masked too
+            else:
+                scores = scores.masked_fill(~vis, -torch.inf)
+            probs = torch.softmax(scores, dim=-1)
             return torch.matmul(probs, repeat_kv(value, n_rep).float()).to(query.dtype)
         if self.mode == "scale" or not self.suppressing:  # H * m == scaled keys: any fused kernel works
             if self.suppressing:
@@ -192,7 +194,7 @@ class SweepAttention:
         if theirs.shape[-2:] != ours.shape[-2:] or bool(((ours != theirs) & both).any()):  # one sync per layer
             kind = f"causal with a sliding window of {window}" if window else "causal"
             raise UnsupportedModelError(
-                f"model: attention layer {layer} masks keys differently from {kind} attention (chunked, "
+                f"attention layer {layer} masks keys differently from {kind} attention (chunked, "
                 "bidirectional or prefix attention?); AtMan's prefix reuse and batching assume causal masks"
             )
 
