@@ -1,7 +1,26 @@
-"""atman-pipeline: AtMan explanations of causal LMs, at corpus scale."""
+"""atman-pipeline: AtMan explanations of causal LMs, at corpus scale.
 
-from pipeline.atman import AtManConfig, Explainer, Explanation, UnsupportedModelError
-from pipeline.models import DEFAULT_MODEL, LoadedModel, load_model
+Names are imported on first use: the job driver, the CLI's parser and the query tools do not load torch.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pipeline.atman import AtManConfig, Explainer, Explanation, UnsupportedModelError
+    from pipeline.models import DEFAULT_MODEL, LoadedModel, load_model
+
+_WHERE = {
+    "AtManConfig": "pipeline.atman.config",
+    "Explainer": "pipeline.atman.explainer",
+    "Explanation": "pipeline.atman.explanation",
+    "UnsupportedModelError": "pipeline.atman.attention",
+    "DEFAULT_MODEL": "pipeline.models",
+    "LoadedModel": "pipeline.models",
+    "load_model": "pipeline.models",
+}
 
 __all__ = [
     "AtManConfig",
@@ -12,3 +31,9 @@ __all__ = [
     "load_model",
     "UnsupportedModelError",
 ]
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        return getattr(import_module(_WHERE[name]), name)
+    raise AttributeError(f"module 'pipeline' has no attribute {name!r}")

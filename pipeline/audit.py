@@ -18,10 +18,9 @@ import pyarrow as pa
 from scipy.stats import spearmanr
 
 from pipeline.jobspec import AuditSpec, JobSpec
-from pipeline.layout import filesystem, model_slug
+from pipeline.layout import filesystem, model_slug, parquet_bytes, publish
 from pipeline.query import Run, connect, list_runs
 from pipeline.report import _e, page, table_html
-from pipeline.worker import parquet_bytes, publish
 
 TOP_K = 5
 AUDIT_SCHEMA = pa.schema(
@@ -91,7 +90,7 @@ def resolve_run(root: str, ref: str) -> Run:
 
 def diff_runs(root: str, base: Run, new: Run, thresholds: AuditSpec | None = None) -> DiffResult:
     thresholds = thresholds or AuditSpec()
-    con = connect(root)
+    con = connect(root, runs=[base, new])
     cols = "prompt_id, status, unit_start, unit_length, scores, base_target_ce"
     sql = f"SELECT {cols} FROM explanations WHERE model = $m AND run_id = $r"
     base_rows = {r[0]: r for r in con.execute(sql, {"m": base.model, "r": base.run_id}).fetchall()}

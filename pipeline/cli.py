@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import warnings
 from typing import Annotated, NoReturn
 
 import typer
@@ -12,7 +13,6 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 
-from pipeline.atman.attention import UnsupportedModelError
 from pipeline.atman.config import GRANULARITIES, MODES, AtManConfig
 from pipeline.models import DEFAULT_MODEL
 
@@ -121,7 +121,7 @@ def explain(
             )
     except ValidationError as error:
         fail(describe(error))
-    from pipeline import Explainer, load_model
+    from pipeline import Explainer, UnsupportedModelError, load_model
 
     try:
         lm = load_model(model, dtype=dtype, device=device)
@@ -163,18 +163,38 @@ def run(
         fail(str(error))
     if address not in ("local", "inline", "auto") and not address.startswith("ray://"):
         fail(f"address: {address!r} is not local, inline, auto or ray://HOST:10001 (use `atman submit` for http://)")
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     from pipeline.job import RunIncomplete, run_job
 
     progress = Progress(
-        TextColumn("[bold]explaining"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err
+        TextColumn("[bold]explaining"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("rows"),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=err,
     )
-    task = progress.add_task("explain", total=None)
+    task = progress.add_task("explain", total=None, rate="")
 
     def started(paths, rows: int, pending: int) -> None:
         err.print(f"run {paths.run_id}: {rows} input rows, {pending} to explain -> {paths.url}", highlight=False)
         progress.update(task, total=pending)
+
+    def advanced(done: int, total: int) -> None:
+        progress.update(task, completed=done, total=total)
+        speed = progress.tasks[0].speed
+        progress.update(task, rate=f"{speed:,.1f} rows/s" if speed else "")
 
     try:
         with progress:
@@ -184,14 +204,15 @@ def run(
                 address=address,
                 retry_errors=retry_errors,
                 on_start=started,
-                on_progress=lambda done, total: progress.update(task, completed=done, total=total),
+                on_progress=advanced,
+                on_notice=lambda text: err.print(f"[yellow]note:[/] {text}", highlight=False, soft_wrap=True),
             )
     except JobSpecError as error:
         fail(str(error))
     except ValueError as error:  # run id
         fail(str(error))
     except RunIncomplete as error:
-        fail(str(error), code=1)
+        fail(str(error), code=error.exit_code)
     from pipeline.render import render_preview, render_summary
 
     out = Console()
@@ -209,12 +230,17 @@ def query(
 ) -> None:
     """SQL (DuckDB, read-only) over every run under ROOT: `explanations` (one row per prompt and run, with
     columns model and run_date), `units` (one row per prompt, run and unit, with its rank) and `runs`."""
-    from pipeline.query import QueryError, connect, run_query
+    from pipeline.query import DamagedPart, QueryError, connect, run_query
 
     if format not in ("table", "json", "csv"):
         fail(f"format: {format!r} is not table, json or csv")
     try:
-        table = run_query(connect(root, include_incomplete), sql)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", DamagedPart)
+            con = connect(root, include_incomplete)
+        for w in caught:
+            err.print(f"[yellow]warning:[/] {w.message}", highlight=False, soft_wrap=True)
+        table = run_query(con, sql)
     except QueryError as error:
         fail(str(error))
     from pipeline.render import print_table
@@ -234,7 +260,7 @@ def show(
     from pipeline.render import render_row
 
     where = "prompt_id = $pid" + (" AND run_id = $rid" if run_id else "")
-    con = connect(root)
+    con = connect(root, run_id=run_id)
     rows = con.execute(
         f"SELECT * FROM explanations WHERE {where} ORDER BY run_date DESC, written_at DESC LIMIT 1",
         {"pid": prompt_id, **({"rid": run_id} if run_id else {})},
@@ -334,7 +360,7 @@ def audit(
     except (JobSpecError, ValueError) as error:
         fail(str(error))
     except RunIncomplete as error:
-        fail(str(error), code=1)
+        fail(str(error), code=error.exit_code)
     from pipeline.render import render_summary
 
     render_summary(summary, Console())

@@ -1,15 +1,23 @@
-"""``atman run``: read the input, explain what is not yet written (Ray actors), publish the run.
+"""``atman run``: plan the input into shards, explain the unfinished ones (Ray actors), publish the run.
+
+The data plane (``pipeline/shards.py``): the driver lists the input and plans; workers read, validate and stage
+the rows, one task per file; ids are settled over all rows out of core (DuckDB); each shard is explained by one
+actor call and published as one part, then a marker records it. The driver holds the plan and the progress record,
+never the rows: its memory does not grow with the corpus.
 
 Guarantees (tested in tests/test_job*.py):
 - every input row ends as exactly one output row (ok / skipped / error), checked before ``_SUCCESS``;
-- parts are published whole and named by the ids they hold, so a retried batch replaces its own part;
-- rerunning a run id processes only ids not yet written (``retry_errors`` also redoes ``error`` rows);
-  rows written twice (a retried error, a batch that raced its retry) are reduced to the newest one;
-- ``_manifest.json`` then ``_SUCCESS`` are written last; ``_SUCCESS`` is removed before a run adds rows.
+- a part is named by its shard and published whole, so a retried shard replaces its own part;
+- a rerun of a run id reads the progress record (not every part), verifies each finished part's size and sha256,
+  and redoes only unfinished or damaged shards (``retry_errors`` also redoes the rows that ended in ``error``);
+- a run is one snapshot of its input: a rerun on a changed input exits 2 naming what changed;
+- one driver per run (``pipeline/lease.py``); SIGTERM stops cleanly and says how to resume;
+- ``_manifest.json`` then ``_SUCCESS`` are written last; ``_SUCCESS`` is removed before a run changes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
@@ -19,34 +27,60 @@ import os
 import platform
 import re
 import shutil
+import signal
+import subprocess
+import sys
 import tempfile
+import threading
 import time
 import warnings
-from collections import Counter
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
 
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
-
-from pipeline.atman.attention import UnsupportedModelError
 from pipeline.jobspec import JobSpec, JobSpecError
-from pipeline.layout import RunPaths, new_run_id, storage_error, valid_run_id
+from pipeline.layout import RunPaths, new_run_id, part_name, publish, storage_error, valid_run_id
+from pipeline.lease import Lease
 from pipeline.models import check_model
-from pipeline.reader import read_input
+from pipeline.reader import list_input
 from pipeline.schema import SCHEMA_VERSION, STATUSES
-from pipeline.worker import ExplainWorker, parquet_bytes, part_name, publish
+from pipeline.shards import (
+    Plan,
+    block_rows_for,
+    damaged,
+    input_changes,
+    load_progress,
+    make_plan,
+    remove_staging,
+    resolve,
+    save_progress,
+    scan_file,
+    staging_ready,
+)
 
 log = logging.getLogger(__name__)
 
 LIBRARIES = ("atman-pipeline", "torch", "transformers", "ray", "pyarrow", "datasets", "s3fs")
+FOLD_EVERY_S = 10.0
+"""How often the driver folds shard markers into the progress record while a run works."""
 
 
 class RunIncomplete(RuntimeError):
-    """The run stopped before every input id was written (it is not marked _SUCCESS); the message says how to
-    resume it."""
+    """The run stopped before every input row was written (it is not marked _SUCCESS); the message says how to
+    resume it. ``exit_code``: 1, or 128 + the signal that stopped it."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class Stopped(BaseException):
+    """SIGTERM / SIGINT arrived while the driver worked (a BaseException: no handler of row errors catches it)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 @dataclass
@@ -60,8 +94,11 @@ class RunSummary:
     seconds: float
     unit_passes: int
     files: int
-    deduplicated: int = 0
-    not_in_input: int = 0
+    shards: int = 0
+    redone: list[str] = field(default_factory=list)
+    """Why shards were redone (damaged parts found on resume)."""
+    ignored: list[str] = field(default_factory=list)
+    """Files of a directory input that were not read."""
     preview: list[dict] = field(default_factory=list)
 
     @property
@@ -81,55 +118,201 @@ def run_job(
     retry_errors: bool = False,
     on_progress: Callable[[int, int], None] | None = None,
     on_start: Callable[[RunPaths, int, int], None] | None = None,
+    on_notice: Callable[[str], None] | None = None,
 ) -> RunSummary:
     """Run (or resume) a job. ``address``: ``local`` (embedded Ray), ``auto`` / ``ray://...`` (a cluster), or
     ``inline`` (no Ray: one in-process worker; for debugging and benchmarks). ``on_start(paths, rows, pending)``
-    is called once the input is read; ``on_progress(done, pending)`` after each batch."""
+    is called once the plan is known; ``on_progress(done, pending)`` as rows are explained (all actors together);
+    ``on_notice(text)`` for what the user should know (ignored input files, damaged parts redone)."""
     started = time.perf_counter()
     started_at = dt.datetime.now(dt.timezone.utc)
     run_id = valid_run_id(run_id) if run_id else new_run_id()
+    notice = on_notice or (lambda text: log.warning("%s", text))
     try:
         paths = RunPaths.locate(spec.output.root, spec.model.id, run_id)
-        written = _written(paths)
+        paths.fs.makedirs(paths.dir, exist_ok=True)
     except Exception as err:
         if not storage_error(err):
             raise
         raise JobSpecError(
             f"output.root: {spec.output.root!r}: cannot read it ({type(err).__name__}: {_first_line(err)})"
         ) from None
-    fs = paths.fs
-    requests = read_input(spec.input)
-    if address in ("local", "inline"):  # a cluster may see models this machine does not
-        try:
-            check_model(spec.model.id, spec.model.revision, spec.model.trust_remote_code)
-        except ValueError as err:
-            raise JobSpecError(f"model.id: {str(err).removeprefix('model: ')}") from None
-    redo = {"error"} if retry_errors else set()
-    pending = [
-        i
-        for i, pid in enumerate(requests.column("prompt_id").to_pylist())
-        if pid not in written or written[pid] in redo
-    ]
-    if pending and fs.exists(paths.success):
-        fs.rm(paths.success)  # the run is about to change: it is not complete until finalize says so
-    fs.makedirs(paths.dir, exist_ok=True)
-    if on_start:
-        on_start(paths, requests.num_rows, len(pending))
-    processed, passes = 0, 0
+    progress: dict[int, dict] = {}
+    executor = _executor(spec, paths, address)
     try:
-        processed, passes = _explain_pending(spec, paths, requests, pending, address, on_progress)
+        with _stop_on_signals(), Lease(paths) as lease, executor:
+            listing = list_input(spec.input)
+            for name in listing.ignored:
+                notice(f"input: not read: {name} (hidden, or not jsonl/csv/parquet, plain or compressed)")
+            plan = _load_plan(paths)
+            if plan is not None and (changes := input_changes(plan, listing)):
+                raise JobSpecError(
+                    f"input.path: the input changed since run {run_id} started ({'; '.join(changes[:3])}); a run "
+                    "explains one snapshot of its input: start a new run (without --run-id) for the new input"
+                )
+            if plan is None:
+                _check_model(spec, address)
+                plan = _stage(executor, spec, paths, listing)
+            _check_stop()
+            progress, leftover = load_progress(paths)
+            progress = {s: r for s, r in progress.items() if s < len(plan.shards)}
+            redone = []
+            for shard, why in sorted(damaged(paths, progress).items()):
+                redone.append(f"shard {shard}: {why}; it is explained again")
+                notice(redone[-1])
+                del progress[shard]
+            if leftover:  # markers of a driver that stopped before folding them in
+                save_progress(paths, progress, leftover)
+            pending = [
+                s
+                for s in range(len(plan.shards))
+                if s not in progress or (retry_errors and progress[s]["counts"]["error"])
+            ]
+            if pending:
+                _check_model(spec, address)
+            if pending and not staging_ready(paths, plan):  # removed when the run completed: stage it again
+                again = _stage(executor, spec, paths, listing, save=False)
+                if again.blocks != plan.blocks:
+                    raise JobSpecError(
+                        f"input.path: the input of run {run_id} reads differently now; start a new run without --run-id"
+                    )
+            if pending and paths.fs.exists(paths.success):
+                paths.fs.rm(paths.success)  # the run is about to change: it is not complete until finalize says so
+            todo = sum(progress[s]["counts"]["error"] if s in progress else plan.shard_rows_of(s) for s in pending)
+            if on_start:
+                on_start(paths, plan.rows, todo)
+            processed, passes = _explain(executor, paths, plan, pending, progress, retry_errors, lease, on_progress)
+            summary = finalize(spec, paths, plan, progress, started_at, notice)
+    except Stopped as stop:
+        save_progress_quietly(paths, progress)
+        raise RunIncomplete(
+            f"the run was stopped ({stop}); finished shards are kept: rerun with --run-id {run_id} to finish it",
+            exit_code=128 + stop.signum,
+        ) from None
+    except (JobSpecError, RunIncomplete):
+        raise
     except Exception as err:
         reason = _unsupported_model(err)
         if reason is not None:  # the model, not the data: every worker refuses it before writing a row
+            with contextlib.suppress(Exception):
+                remove_staging(paths)  # staged rows are not output, but leave nothing of a run that cannot start
             raise JobSpecError(f"model.id: {spec.model.id!r} cannot be explained exactly: {reason}") from None
+        cause = _job_spec_error(err)
+        if cause is not None:
+            raise cause from None
+        save_progress_quietly(paths, progress)
         raise RunIncomplete(
-            f"the run stopped ({type(err).__name__}: {_first_line(err)}); rows written so far are kept: "
+            f"the run stopped ({type(err).__name__}: {_first_line(err)}); finished shards are kept: "
             f"rerun with --run-id {run_id} to finish it"
         ) from err
-    summary = finalize(spec, paths, requests, started_at)
     summary.processed, summary.unit_passes = processed, passes
     summary.seconds = time.perf_counter() - started
+    summary.redone, summary.ignored = redone, list(listing.ignored)
     return summary
+
+
+def _check_model(spec: JobSpec, address: str) -> None:
+    """Fail fast, before any work, on a model this machine cannot load (a cluster may see models this machine does
+    not, so only for local runs). Loads transformers (and torch): done only when there is work to do."""
+    if address not in ("local", "inline"):
+        return
+    try:
+        check_model(spec.model.id, spec.model.revision, spec.model.trust_remote_code)
+    except ValueError as err:
+        raise JobSpecError(f"model.id: {str(err).removeprefix('model: ')}") from None
+
+
+def _load_plan(paths: RunPaths) -> Plan | None:
+    try:
+        return Plan.from_json(paths.fs.cat_file(paths.plan))
+    except FileNotFoundError:
+        return None
+
+
+def _stage(executor, spec: JobSpec, paths: RunPaths, listing, save: bool = True) -> Plan:
+    """Scan every input file into staging blocks (where the work runs), settle the ids, cut the shards."""
+    block_rows = block_rows_for(spec.resources.shard_rows)
+    blocks = executor.scan(listing, block_rows)
+    executor.resolve([b.name for b in blocks])
+    plan = make_plan(listing, blocks, spec.resources.shard_rows, spec.resources.actors)
+    if save:
+        publish(paths.fs, paths.plan, plan.to_json())
+    return plan
+
+
+def save_progress_quietly(paths: RunPaths, progress: dict[int, dict]) -> None:
+    with contextlib.suppress(Exception):
+        if progress:
+            save_progress(paths, progress)
+
+
+_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+_handler: list = []  # the handler of the run in progress (ray.init installs its own; it is put back after)
+_signalled: list[int] = []
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[None]:
+    """Turn SIGTERM (how Kubernetes and Ray stop a job) and SIGINT into ``Stopped`` while the run works, so it
+    stops between steps: progress folded, Ray shut down, lease given back. Main thread only."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, _frame):  # only noted here: raising inside Ray's C++ wait would corrupt its state
+        for sig in _SIGNALS:  # once: a second signal must not break the cleanup the first one started
+            signal.signal(sig, signal.SIG_IGN)
+        _signalled.append(signum)
+
+    before = {s: signal.signal(s, stop) for s in _SIGNALS}
+    _handler.append(stop)
+    _signalled.clear()
+    try:
+        yield
+    finally:
+        _handler.remove(stop)
+        for s, handler in before.items():
+            signal.signal(s, handler)
+
+
+def _check_stop() -> None:
+    """Raise ``Stopped`` once a signal has arrived (called between steps and while waiting on Ray)."""
+    if _signalled:
+        raise Stopped(_signalled[0])
+
+
+def _reclaim_signals() -> None:
+    if _handler and threading.current_thread() is threading.main_thread():
+        for s in _SIGNALS:
+            signal.signal(s, _handler[-1])
+
+
+def _explain(executor, paths, plan, pending, progress, retry_errors, lease, on_progress) -> tuple[int, int]:
+    """Explain the pending shards; fold their markers into the progress record as they come."""
+    if not pending:
+        return 0, 0
+    processed, passes = 0, 0
+    folded_at, fold = time.monotonic(), []
+    total = sum(progress[s]["counts"]["error"] if s in progress else plan.shard_rows_of(s) for s in pending)
+    done = [0]
+
+    def partial(rows: int) -> None:
+        if on_progress:
+            on_progress(min(total, done[0] + rows), total)
+
+    for record in executor.explain(plan, pending, retry_errors, lease, partial):
+        progress[record["shard"]] = record
+        fold.append(record["shard"])
+        processed += record["explained"]
+        passes += record["unit_passes"]
+        done[0] = processed
+        if on_progress:
+            on_progress(processed, total)
+        if time.monotonic() - folded_at > FOLD_EVERY_S:
+            save_progress(paths, progress, fold)
+            folded_at, fold = time.monotonic(), []
+    save_progress(paths, progress, fold)
+    return processed, passes
 
 
 def _first_line(err: BaseException) -> str:
@@ -143,8 +326,9 @@ def _first_line(err: BaseException) -> str:
 
 def _unsupported_model(err: BaseException) -> str | None:
     """The reason when ``err`` is (or, through Ray, wraps) the engine's refusal of the model; else None."""
-    name = UnsupportedModelError.__name__
-    if isinstance(err, UnsupportedModelError):
+    name = "UnsupportedModelError"  # by name: importing the engine would load torch into the driver
+    err = getattr(err, "cause", None) or err
+    if any(c.__name__ == name for c in type(err).__mro__) and not hasattr(err, "cause"):
         message = str(err)
     else:
         cause = _first_line(err)
@@ -154,164 +338,258 @@ def _unsupported_model(err: BaseException) -> str | None:
     return message.removeprefix("model: ")
 
 
-def _explain_pending(spec, paths, requests, pending, address, on_progress) -> tuple[int, int]:
-    processed, passes = 0, 0
-    if pending:
-        todo = requests.take(pending)
-        # similar lengths in one batch pad little; each block is one actor call (= one part)
-        lengths = pc.utf8_length(pc.fill_null(todo.column("prompt"), ""))
-        todo = todo.take(pc.sort_indices(lengths))
-        rows = spec.resources.batch_rows
-        blocks = [todo.slice(i, rows) for i in range(0, todo.num_rows, rows)]
-        for result in _execute(spec, paths, blocks, address):
-            processed += result.num_rows
-            statuses = result.column("status").to_pylist()
-            passes += sum(
-                n + 1 for n, s in zip(result.column("n_units").to_pylist(), statuses, strict=True) if s == "ok"
-            )
-            if on_progress:
-                on_progress(processed, todo.num_rows)
-    return processed, passes
-
-
-def _written(paths: RunPaths) -> dict[str, str]:
-    """prompt_id -> status of every row already published in this run (newest wins)."""
-    index = _index(paths)
-    return dict(zip(index["prompt_id"], index["status"], strict=True)) if index else {}
-
-
-def _index(paths: RunPaths) -> dict[str, list] | None:
-    tables = []
-    for part in paths.parts():
-        t = pq.read_table(part, columns=["prompt_id", "status", "written_at"], filesystem=paths.fs)
-        tables.append(t.append_column("part", pa.array([part] * t.num_rows, pa.string())))
-    if not tables:
-        return None
-    index = pa.concat_tables(tables).sort_by([("written_at", "ascending"), ("part", "ascending")])
-    return index.to_pydict()
+def _job_spec_error(err: BaseException) -> JobSpecError | None:
+    """A JobSpecError raised inside a Ray task (a broken input file found by the worker that scans it)."""
+    cause = getattr(err, "cause", None)
+    if isinstance(cause, JobSpecError):
+        return JobSpecError(str(cause))
+    m = re.search(r"JobSpecError: (.+)", _first_line(err))
+    if isinstance(err, JobSpecError) or m:
+        return JobSpecError(m.group(1) if m else str(err))
+    return None
 
 
 # --- execution ---------------------------------------------------------------------------------------------------
 
 
-def _execute(spec: JobSpec, paths: RunPaths, blocks: list[pa.Table], address: str):
-    run = dataclasses.asdict(paths)
-    if address == "inline":
-        worker = ExplainWorker(spec.model_dump_json(), run)
-        for block in blocks:
-            yield worker(block)
-        return
-    yield from _execute_ray(spec, run, blocks, address)
+def _executor(spec: JobSpec, paths: RunPaths, address: str):
+    return _Inline(spec, paths) if address == "inline" else _Ray(spec, paths, address)
 
 
-def _execute_ray(spec: JobSpec, run: dict, blocks: list[pa.Table], address: str):
-    import ray
-    from ray.data import ActorPoolStrategy, DataContext
+class _Inline:
+    """Everything in this process, one step after another (debugging, benchmarks)."""
 
-    res = spec.resources
-    scratch = None
-    started_here = not ray.is_initialized()
-    if started_here:
+    def __init__(self, spec: JobSpec, paths: RunPaths) -> None:
+        self.spec, self.paths = spec, paths
+        self.run = dataclasses.asdict(paths)
+        self.worker = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.worker = None
+
+    def scan(self, listing, block_rows: int):
+        spec_json, compression = self.spec.input.model_dump_json(), self.spec.output.compression
+        return [
+            b
+            for i, f in enumerate(listing.files)
+            for b in scan_file(spec_json, self.run, dataclasses.asdict(f), i, block_rows, compression)
+        ]
+
+    def resolve(self, blocks: list[str]) -> int:
+        return resolve(self.run, blocks)
+
+    def explain(self, plan: Plan, pending: list[int], retry_errors: bool, lease, on_partial):
+        from pipeline.worker import ExplainWorker
+
+        if self.worker is None:
+            self.worker = ExplainWorker(self.spec.model_dump_json(), self.run)
+        for shard in pending:
+            lease.check()
+            _check_stop()
+            blocks = [dataclasses.asdict(b) for b in plan.shard_blocks(shard)]
+            yield self.worker.explain_shard(shard, blocks, retry_errors)
+
+
+class _Ray:
+    """Ray: scans as tasks (one per file), the id pass as one task, shards on a pool of actors (two in flight
+    each, so reading and publishing one shard overlap explaining the other)."""
+
+    def __init__(self, spec: JobSpec, paths: RunPaths, address: str) -> None:
+        self.spec, self.paths, self.address = spec, paths, address
+        self.run = dataclasses.asdict(paths)
+        self.started_here = False
+        self.scratch: str | None = None
+        self.watchdog: subprocess.Popen | None = None
+
+    def __enter__(self):
+        return self
+
+    def _ensure(self):
+        import ray
+
+        if ray.is_initialized():
+            return ray
+        res = self.spec.resources
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-        if address == "local":
-            scratch = _scratch_dir(spec, run["run_id"])
+        os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")  # no native stack dump on SIGTERM
+        self.started_here = True
+        if self.address == "local":
+            self.scratch = _scratch_dir(self.spec, self.paths.run_id)
+            self.watchdog = _watchdog(self.scratch)
             ray.init(
                 num_cpus=max(os.cpu_count() or 1, int(res.actors * res.cpus_per_actor + 0.999) + 1),
                 include_dashboard=False,
-                _temp_dir=scratch,
+                _temp_dir=self.scratch,
                 logging_level=logging.WARNING,
                 configure_logging=True,
             )
         else:
-            ray.init(address=address, logging_level=logging.WARNING)
-    try:
-        logging.getLogger("ray.data").setLevel(logging.ERROR)  # our own progress bar and summary replace its
-        ctx = DataContext.get_current()
-        ctx.enable_progress_bars = False
-        ctx.print_on_execution_start = False
-        # The restart/retry cap has no named parameter in Ray 2.60 (only the deprecated **ray_remote_args;
-        # Ray Data's default is to restart forever): keep the cap and silence the notice.
-        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
-        ds = ray.data.from_arrow(blocks).map_batches(
-            ExplainWorker,
-            fn_constructor_kwargs={"spec_json": spec.model_dump_json(), "run": run},
-            compute=ActorPoolStrategy(size=res.actors),
-            num_gpus=res.gpus_per_actor or None,
+            ray.init(address=self.address, logging_level=logging.WARNING)
+        _reclaim_signals()  # ray.init installs a SIGTERM handler that exits without cleaning up
+        return ray
+
+    def __exit__(self, *exc) -> None:
+        if not self.started_here:
+            return
+        import ray
+
+        ray.shutdown()
+        if self.watchdog is not None:
+            self.watchdog.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.watchdog.wait(timeout=5)
+        if self.scratch:
+            shutil.rmtree(self.scratch, ignore_errors=True)
+
+    def scan(self, listing, block_rows: int):
+        ray = self._ensure()
+        task = ray.remote(scan_file).options(num_cpus=1, max_retries=2)
+        spec_json, compression = self.spec.input.model_dump_json(), self.spec.output.compression
+        refs = [
+            task.remote(spec_json, self.run, dataclasses.asdict(f), i, block_rows, compression)
+            for i, f in enumerate(listing.files)
+        ]
+        return [b for blocks in _get_all(ray, refs) for b in blocks]
+
+    def resolve(self, blocks: list[str]) -> int:
+        ray = self._ensure()
+        return _get_all(ray, [ray.remote(resolve).options(num_cpus=1, max_retries=2).remote(self.run, blocks)])[0]
+
+    def explain(self, plan: Plan, pending: list[int], retry_errors: bool, lease, on_partial):
+        from pipeline.worker import ExplainWorker
+
+        ray = self._ensure()
+        res = self.spec.resources
+        warnings.filterwarnings("ignore", category=DeprecationWarning, module="ray")
+        actor = ray.remote(ExplainWorker).options(
             num_cpus=res.cpus_per_actor,
-            batch_size=res.batch_rows,
-            batch_format="pyarrow",
-            zero_copy_batch=True,
+            num_gpus=res.gpus_per_actor or None,
             max_restarts=res.max_restarts,
             max_task_retries=res.max_restarts,
+            max_concurrency=3,  # two shards (one explaining, one reading or publishing) and the progress poll
         )
-        yield from ds.iter_batches(batch_format="pyarrow", batch_size=None)
-    finally:
-        if started_here:
-            ray.shutdown()
-        if scratch:
-            shutil.rmtree(scratch, ignore_errors=True)
+        actors = [actor.remote(self.spec.model_dump_json(), self.run) for _ in range(min(res.actors, len(pending)))]
+        queue = deque(pending)
+        inflight: dict = {}
+
+        def submit(a) -> None:
+            if queue:
+                shard = queue.popleft()
+                blocks = [dataclasses.asdict(b) for b in plan.shard_blocks(shard)]
+                inflight[a.explain_shard.remote(shard, blocks, retry_errors)] = a
+
+        for a in actors:
+            submit(a)
+            submit(a)
+        polled = time.monotonic()
+        polls: list = []
+        while inflight:
+            lease.check()
+            _check_stop()
+            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=0.5)
+            for ref in ready:
+                a = inflight.pop(ref)
+                yield ray.get(ref)
+                submit(a)
+            if time.monotonic() - polled > 1.0:  # rows done inside shards still running, across all actors
+                done = [p for p in polls if p in ray.wait(polls, num_returns=len(polls), timeout=0)[0]] if polls else []
+                partial = 0
+                for p in done:
+                    with contextlib.suppress(Exception):
+                        partial += sum(ray.get(p).values())
+                if done:
+                    on_partial(partial)
+                polls = [a.progress.remote() for a in actors]
+                polled = time.monotonic()
+        for a in actors:
+            ray.kill(a)
+
+
+def _get_all(ray, refs: list) -> list:
+    """Results in order; the first failure is raised (its JobSpecError, if any, unwrapped by run_job)."""
+    waiting = list(refs)
+    while waiting:
+        _check_stop()
+        _, waiting = ray.wait(waiting, num_returns=len(waiting), timeout=0.5)
+    return ray.get(refs)
+
+
+def _watchdog(scratch: str) -> subprocess.Popen:
+    """A small process that outlives a SIGKILLed driver and stops the Ray processes it left (their files are in
+    ``scratch``). It ends by itself when the driver ends normally (it is terminated)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline.watchdog", str(os.getpid()), scratch],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # not in the driver's process group: a signal to the group does not reach it
+    )
+
+
+def scratch_path(root: str, model_id: str, run_id: str) -> str:
+    """Ray's session directory for a local run: ``ROOT/_scratch/<run_id>`` for a local root whose path is short
+    enough for Ray's Unix sockets (~107 bytes in all), else ``$TMPDIR/atman-ray-<hash>``. The same for every
+    attempt of a run, so a rerun finds what a killed driver left."""
+    if "://" not in root or root.startswith("file://"):
+        root = os.path.abspath(root.removeprefix("file://"))
+        path = os.path.join(root, "_scratch", run_id)
+        if len(path) <= 40:
+            return path
+    key = hashlib.sha256(f"{root}\n{model_id}\n{run_id}".encode()).hexdigest()[:12]
+    return os.path.join(tempfile.gettempdir(), f"atman-ray-{key}")
 
 
 def _scratch_dir(spec: JobSpec, run_id: str) -> str:
-    """Ray's session directory for a local run, removed afterwards: ``ROOT/_scratch/<run_id>`` for a local root
-    whose path is short enough for Ray's Unix sockets (~107 bytes in all), else ``$TMPDIR/atman-ray-<hash>``.
-    It is the same for every attempt of a run, so a rerun after a killed driver finds (and stops) the Ray
-    helper processes that the killed driver left running."""
-    root = spec.output.root
-    path = None
-    if "://" not in root or root.startswith("file://"):
-        path = os.path.abspath(os.path.join(root.removeprefix("file://"), "_scratch", run_id))
-    if path is None or len(path) > 40:
-        key = hashlib.sha256(f"{root}\n{spec.model.id}\n{run_id}".encode()).hexdigest()[:12]
-        path = os.path.join(tempfile.gettempdir(), f"atman-ray-{key}")
-    _stop_orphans(path)
+    """The run's scratch directory, emptied of Ray processes an earlier driver of this run left (this driver holds
+    the run's lease, so whatever still uses the directory belongs to a driver that is gone)."""
+    from pipeline.watchdog import stop
+
+    path = scratch_path(spec.output.root, spec.model.id, run_id)
+    for pid in stop(path):
+        log.warning("stopped process %d left by an earlier driver of this run", pid)
     os.makedirs(path, exist_ok=True)
     return path
-
-
-def _stop_orphans(scratch: str) -> None:
-    """Kill Ray processes orphaned by an earlier driver of this run (SIGKILLed drivers leave Ray's dashboard and
-    runtime-env agents running): orphans (parent pid 1) named ``ray::...`` with files open in ``scratch``."""
-    import psutil
-
-    for proc in psutil.process_iter(["ppid", "cmdline"]):
-        try:
-            if proc.info["ppid"] != 1 or not (proc.info["cmdline"] or [""])[0].startswith("ray::"):
-                continue
-            if any(f.path.startswith(scratch + os.sep) for f in proc.open_files()):
-                log.warning(
-                    "stopping %s (pid %d) left by an earlier driver of this run", proc.info["cmdline"][0], proc.pid
-                )
-                proc.kill()
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            continue
 
 
 # --- publishing ----------------------------------------------------------------------------------------------------
 
 
-def finalize(spec: JobSpec, paths: RunPaths, requests: pa.Table, started_at: dt.datetime) -> RunSummary:
-    """Reduce duplicates to the newest row, check every input id is written once, write manifest then _SUCCESS."""
+def finalize(spec: JobSpec, paths: RunPaths, plan: Plan, progress: dict[int, dict], started_at, notice) -> RunSummary:
+    """Check every shard is written with all its rows, remove parts no shard names, write manifest then _SUCCESS."""
     fs = paths.fs
-    deduplicated = _deduplicate(paths)
-    index = _index(paths) or {"prompt_id": [], "status": [], "part": []}
-    written = dict(zip(index["prompt_id"], index["status"], strict=True))
-    wanted = requests.column("prompt_id").to_pylist()
-    missing = [pid for pid in wanted if pid not in written]
+    missing = [s for s in range(len(plan.shards)) if s not in progress]
     if missing:
+        rows = sum(plan.shard_rows_of(s) for s in missing)
         raise RunIncomplete(
-            f"{len(missing)} of {len(wanted)} input rows have no output row (e.g. {missing[:3]}); "
+            f"{len(missing)} of {len(plan.shards)} shards ({rows} of {plan.rows} input rows) have no output yet; "
             f"rerun with --run-id {paths.run_id} to finish it"
         )
-    extra = len(set(written) - set(wanted))
-    counts = Counter(written.values())
-    counts = {s: counts.get(s, 0) for s in STATUSES}
-    files = []
-    for part in paths.parts():
-        info = fs.info(part)
-        files.append({"name": part.rsplit("/", 1)[-1], "bytes": info.get("size")})
+    short = [s for s in range(len(plan.shards)) if progress[s]["rows"] != plan.shard_rows_of(s)]
+    if short:
+        raise RunIncomplete(
+            f"shards {short[:5]} hold another number of rows than their input; rerun with --run-id {paths.run_id}"
+        )
+    named = {part_name(s) for s in range(len(plan.shards))}
+    for path in paths.parts():
+        if path.rsplit("/", 1)[-1] not in named:  # e.g. a part of an earlier layout: its rows would count twice
+            notice(f"removing {path}: no shard of this run writes it")
+            fs.rm(path)
+    counts = {s: sum(r["counts"][s] for r in progress.values()) for s in STATUSES}
+    files = [
+        {k: progress[s][k] for k in ("part", "bytes", "sha256", "rows", "counts")} | {"shard": s}
+        for s in range(len(plan.shards))
+    ]
+    for f in files:
+        f["name"] = f.pop("part")
+    rows = sum(f["rows"] for f in files)
     finished_at = dt.datetime.now(dt.timezone.utc)
-    previous = json.loads(fs.cat_file(paths.manifest)) if fs.exists(paths.manifest) else {}
+    try:
+        previous = json.loads(fs.cat_file(paths.manifest))
+    except (FileNotFoundError, json.JSONDecodeError):
+        previous = {}
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "job": spec.name,
@@ -321,10 +599,11 @@ def finalize(spec: JobSpec, paths: RunPaths, requests: pa.Table, started_at: dt.
         "config": spec.model_dump(mode="json"),
         "config_hash": spec.config_hash(),
         "method_params": spec.method.atman_config().model_dump(mode="json"),
-        "rows": len(written),
+        "rows": rows,
         "counts": counts,
-        "not_in_input": extra,
+        "shards": len(plan.shards),
         "files": files,
+        "input": {"files": plan.input, "ignored": plan.ignored},
         "started_at": previous.get("started_at", started_at.isoformat()),  # the run's first attempt
         "attempts": previous.get("attempts", 0) + 1,
         "finished_at": finished_at.isoformat(),
@@ -332,51 +611,18 @@ def finalize(spec: JobSpec, paths: RunPaths, requests: pa.Table, started_at: dt.
     }
     publish(fs, paths.manifest, json.dumps(manifest, indent=2).encode())
     publish(fs, paths.success, b"")
+    remove_staging(paths)
     return RunSummary(
         run_id=paths.run_id,
         location=paths.url,
         counts=counts,
-        rows=len(written),
+        rows=rows,
         processed=0,
         seconds=0.0,
         unit_passes=0,
         files=len(files),
-        deduplicated=deduplicated,
-        not_in_input=extra,
+        shards=len(plan.shards),
     )
-
-
-def _deduplicate(paths: RunPaths) -> int:
-    """Keep the newest row of each prompt_id; parts holding older copies are rewritten without them."""
-    index = _index(paths)
-    if not index:
-        return 0
-    newest = {}
-    for i, pid in enumerate(index["prompt_id"]):  # sorted oldest first: the last one wins
-        newest[pid] = i
-    stale = Counter(index["part"][i] for i in range(len(index["prompt_id"])) if newest[index["prompt_id"][i]] != i)
-    fs = paths.fs
-    for part in stale:
-        keep = {
-            index["prompt_id"][i]
-            for i, p in enumerate(index["part"])
-            if p == part and newest[index["prompt_id"][i]] == i
-        }
-        table = pq.read_table(part, filesystem=fs)
-        table = table.filter(pc.is_in(table.column("prompt_id"), pa.array(sorted(keep), pa.string())))
-        if table.num_rows:
-            name = paths.part(part_name(table.column("prompt_id").to_pylist()))
-            publish(fs, name, parquet_bytes(table, _compression(part, fs)))  # a new name: it holds fewer ids
-            if name == part:  # the same ids after all: the part was just rewritten, never delete it
-                continue
-        fs.rm(part)
-    return sum(stale.values())
-
-
-def _compression(part: str, fs) -> str:
-    meta = pq.ParquetFile(part, filesystem=fs).metadata
-    codec = meta.row_group(0).column(0).compression.lower() if meta.num_row_groups else "zstd"
-    return "none" if codec == "uncompressed" else codec
 
 
 def _versions() -> dict[str, str]:

@@ -97,7 +97,10 @@ class ResourcesSpec(_Strict):
     """Model replicas (Ray actors), each pinned to its own GPU when gpus_per_actor > 0."""
     gpus_per_actor: float = Field(0, ge=0)
     batch_rows: int = Field(8, ge=1)
-    """Prompts per actor call; their suppression passes share forward batches."""
+    """Prompts explained together; their suppression passes share forward batches."""
+    shard_rows: int = Field(10_000, ge=1)
+    """Most input rows per shard: the unit of an actor call, of an output part and of resume (a shard an actor
+    loses is explained again whole). Small inputs get smaller shards, about four per actor."""
     cpus_per_actor: float = Field(1, gt=0)
     max_restarts: int = Field(3, ge=0)
     """How often a dead actor is restarted (and its tasks retried) before the run fails."""

@@ -1,13 +1,20 @@
 """Where a run's files live: the one source of truth for every output path (local or s3://).
 
-ROOT/model=<slug>/run_date=YYYY-MM-DD/run_id=<id>/part-<hash>.parquet
-                                                  _manifest.json
+ROOT/model=<slug>/run_date=YYYY-MM-DD/run_id=<id>/part-s<shard>.parquet   one per shard
+                                                  _manifest.json    files, sizes, checksums, counts
                                                   _SUCCESS          (written last)
+                                                  _plan.json        the input's listing and its shards
+                                                  _progress.json    finished shards (consolidated)
+                                                  _progress/        one marker per shard finished since
+                                                  _lease.json       the driver writing the run, until when
+                                                  _staging/         the input as validated blocks (until done)
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import io
+import os
 import re
 import secrets
 from dataclasses import dataclass
@@ -18,6 +25,21 @@ from fsspec.core import url_to_fs
 PART_GLOB = "part-*.parquet"
 MANIFEST = "_manifest.json"
 SUCCESS = "_SUCCESS"
+PLAN = "_plan.json"
+PROGRESS = "_progress.json"
+MARKERS = "_progress"
+LEASE = "_lease.json"
+STAGING = "_staging"
+
+
+def shard_name(shard: int) -> str:
+    return f"s{shard:06d}"
+
+
+def part_name(shard: int) -> str:
+    """A part is named by its shard: a retried shard replaces its own part, never adds one, and no id can forge a
+    name (ids once hashed into part names collided, issue 13)."""
+    return f"part-{shard_name(shard)}.parquet"
 
 
 def model_slug(model_id: str) -> str:
@@ -40,6 +62,13 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """fsspec filesystem and path for a local path or URL. S3 credentials come from the environment or the usual
     AWS config (and ``AWS_ENDPOINT_URL`` for S3-compatible servers); they are never stored in the run."""
     return url_to_fs(url)
+
+
+def fresh_ls(fs, path: str, detail: bool = False) -> list:
+    """``fs.ls`` without fsspec's listing cache: other processes (the actors) write here, so a cached listing of
+    this process would be stale."""
+    fs.invalidate_cache(path)
+    return fs.ls(path, detail=detail)
 
 
 def storage_error(err: BaseException) -> bool:
@@ -87,8 +116,33 @@ class RunPaths:
     def success(self) -> str:
         return f"{self.dir}/{SUCCESS}"
 
+    @property
+    def plan(self) -> str:
+        return f"{self.dir}/{PLAN}"
+
+    @property
+    def progress(self) -> str:
+        return f"{self.dir}/{PROGRESS}"
+
+    @property
+    def markers(self) -> str:
+        return f"{self.dir}/{MARKERS}"
+
+    def marker(self, shard: int) -> str:
+        return f"{self.markers}/{shard_name(shard)}.json"
+
+    @property
+    def lease(self) -> str:
+        return f"{self.dir}/{LEASE}"
+
+    @property
+    def staging(self) -> str:
+        return f"{self.dir}/{STAGING}"
+
     def parts(self) -> list[str]:
-        return sorted(self.fs.glob(f"{self.dir}/{PART_GLOB}"))
+        fs = self.fs
+        fs.invalidate_cache(self.dir)
+        return sorted(fs.glob(f"{self.dir}/{PART_GLOB}"))
 
     @classmethod
     def locate(cls, root: str, model_id: str, run_id: str, today: dt.date | None = None) -> RunPaths:
@@ -101,3 +155,33 @@ class RunPaths:
             return cls(root, slug, date, run_id)
         today = today or dt.datetime.now(dt.timezone.utc).date()
         return cls(root, slug, today.isoformat(), run_id)
+
+
+# --- writing ------------------------------------------------------------------------------------------------------
+
+
+def publish(fs, path: str, data: bytes) -> None:
+    """Write a file whole: a local file appears by rename; an object store publishes a PUT atomically."""
+    if is_local(fs):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = os.path.join(os.path.dirname(path), f".tmp-{os.getpid()}-{secrets.token_hex(3)}-{os.path.basename(path)}")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    else:
+        fs.pipe_file(path, data)
+
+
+def is_local(fs) -> bool:
+    protocol = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    return "file" in protocol or "local" in protocol
+
+
+def parquet_bytes(table, compression: str) -> bytes:
+    import pyarrow.parquet as pq
+
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression=None if compression == "none" else compression)
+    return buf.getvalue()

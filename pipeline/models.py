@@ -14,11 +14,13 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
 from filelock import FileLock
 from platformdirs import user_cache_dir
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +72,8 @@ def cache_dir() -> Path:
 
 
 def resolve_device(device: str) -> torch.device:
+    import torch
+
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
@@ -77,6 +81,8 @@ def resolve_device(device: str) -> torch.device:
 
 def resolve_dtype(dtype: DType | torch.dtype, device: torch.device) -> torch.dtype:
     """``auto`` is bfloat16 on CUDA and float32 on CPU (bf16 matmuls are ~4x slower on AVX2 CPUs)."""
+    import torch
+
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
@@ -114,6 +120,8 @@ def converted_dir(alias: str) -> Path:
         if (target / "config.json").is_file():  # another process converted it while we waited
             return target
         gguf = _gguf_path(spec)
+        import torch
+
         logger.info("converting %s to safetensors in %s (once)", gguf.name, target)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)

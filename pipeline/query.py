@@ -10,14 +10,16 @@ one SELECT-like statement, configuration locked (no COPY, ATTACH, INSTALL, CREAT
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import re
+import warnings
 from dataclasses import dataclass
 
 import duckdb
 import pyarrow as pa
 
-from pipeline.layout import MANIFEST, PART_GLOB, SUCCESS, filesystem
+from pipeline.layout import MANIFEST, PART_GLOB, SUCCESS, filesystem, fresh_ls
 from pipeline.schema import SCHEMA
 
 READ_ONLY_STATEMENTS = {"SELECT", "EXPLAIN"}
@@ -62,31 +64,76 @@ def list_runs(root: str, include_incomplete: bool = False) -> list[Run]:
     return sorted(runs, key=lambda r: (r.run_date, r.run_id, r.model))
 
 
-def connect(root: str, include_incomplete: bool = False) -> duckdb.DuckDBPyConnection:
-    """A DuckDB connection with the views ``explanations``, ``units`` and ``runs`` over ``root``."""
+class DamagedPart(UserWarning):
+    """A part a run's manifest names is missing, has another size, or cannot be read: it is left out."""
+
+
+def run_parts(fs, run: Run) -> list[str]:
+    """The parts of a run that its manifest names (a complete run), or that it has so far (an incomplete one): one
+    read and one listing per run, never a listing of the whole root. Parts that are missing or of another size than
+    written are left out with a ``DamagedPart`` warning naming them."""
+    sizes = {}
+    for info in fresh_ls(fs, run.path, detail=True):
+        sizes[info["name"].rsplit("/", 1)[-1]] = info.get("size")
+    named = run.manifest(fs).get("files") if run.complete else None
+    if named is None:  # incomplete (or written before manifests listed parts): what is there
+        named = [{"name": n, "bytes": b} for n, b in sizes.items() if fnmatch.fnmatch(n, PART_GLOB)]
+    prefix = run.url[: -len(run.path)] if run.url != run.path else ""
+    out = []
+    for f in sorted(named, key=lambda f: f["name"]):
+        where = f"{run.url}/{f['name']}"
+        if f["name"] not in sizes:
+            warnings.warn(f"{where} is missing; its rows are left out (rerun the run to redo it)", DamagedPart, 2)
+        elif f.get("bytes") is not None and sizes[f["name"]] != f["bytes"]:
+            warnings.warn(
+                f"{where} is {sizes[f['name']]} bytes, {f['bytes']} were written; its rows are left out "
+                f"(`atman run JOB --run-id {run.run_id}` redoes it)",
+                DamagedPart,
+                2,
+            )
+        else:
+            out.append(f"{prefix}{run.path}/{f['name']}")
+    return out
+
+
+def connect(
+    root: str,
+    include_incomplete: bool = False,
+    *,
+    run_id: str | None = None,
+    runs: list[Run] | None = None,
+) -> duckdb.DuckDBPyConnection:
+    """A DuckDB connection with the views ``explanations``, ``units`` and ``runs`` over ``root``, or only over the
+    runs named by ``run_id`` or given as ``runs`` (``show``, ``report`` and ``diff`` open just what they are asked
+    about)."""
     fs, _ = filesystem(root)
     con = duckdb.connect(":memory:")
-    runs = list_runs(root, include_incomplete)
-    files = []
-    for run in runs:
-        files += [
-            p if run.url == run.path else run.url.split("://")[0] + "://" + p
-            for p in fs.glob(f"{run.path}/{PART_GLOB}")
-        ]
+    if runs is None:
+        runs = [r for r in list_runs(root, include_incomplete) if run_id is None or r.run_id == run_id]
+    runs = list(dict.fromkeys(runs))  # a run diffed against itself is read once
+    files = [f for run in runs for f in run_parts(fs, run)]
     protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
     if protocol not in ("file", "local"):
         con.register_filesystem(fs)  # DuckDB cannot fetch its httpfs extension offline; s3fs does the reading
-    if files:
+    while files:
         listing = ", ".join(_quote(f) for f in files)
         source = f"read_parquet([{listing}], filename = true, union_by_name = true)"
-        con.execute(
-            f"""CREATE VIEW explanations AS
-            SELECT regexp_extract(filename, 'model=([^/]+)', 1) AS model,
-                   regexp_extract(filename, 'run_date=([^/]+)', 1) AS run_date,
-                   * EXCLUDE (filename)
-            FROM {source}"""
-        )
-    else:  # an empty root: the same columns, no rows
+        try:
+            con.execute(
+                f"""CREATE OR REPLACE VIEW explanations AS
+                SELECT regexp_extract(filename, 'model=([^/]+)', 1) AS model,
+                       regexp_extract(filename, 'run_date=([^/]+)', 1) AS run_date,
+                       * EXCLUDE (filename)
+                FROM {source}"""
+            )
+            break
+        except duckdb.Error as err:  # a part whose bytes are damaged (same size): name it, leave it out
+            bad = next((f for f in files if f in str(err)), None)
+            if bad is None:
+                raise QueryError(f"root: cannot read the parts under {root} ({str(err).strip()})") from None
+            warnings.warn(f"{bad} cannot be read ({_short(err)}); its rows are left out", DamagedPart, 2)
+            files.remove(bad)
+    if not files:  # an empty root: the same columns, no rows
         empty = pa.schema([pa.field("model", pa.string()), pa.field("run_date", pa.string()), *SCHEMA])
         con.register("_empty_explanations", empty.empty_table())
         con.execute("CREATE VIEW explanations AS SELECT * FROM _empty_explanations")
@@ -131,6 +178,10 @@ def run_query(con: duckdb.DuckDBPyConnection, sql: str) -> pa.Table:
         return con.sql(sql).to_arrow_table()
     except duckdb.Error as err:
         raise QueryError(f"sql: {str(err).strip()}") from None
+
+
+def _short(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0][:200]
 
 
 def _quote(text: str) -> str:

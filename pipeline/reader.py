@@ -1,9 +1,14 @@
-"""Reading a job's input into one Arrow table of requests (INPUT_SCHEMA), every row accounted for.
+"""Reading a job's input as a stream of requests (INPUT_SCHEMA), every row accounted for.
 
-Files: JSONL, CSV, Parquet (a file, a directory or a glob) or a ``datasets.save_to_disk`` directory, local or
-s3://. A broken spec or file (no such path, unknown format, a configured column that the data lacks) raises
-``JobSpecError`` naming the file and the field; a broken *row* (invalid UTF-8 or JSON, missing or non-string
-prompt, duplicate id, ...) becomes a row with ``input_error`` set, written by the job as ``status='skipped'``.
+Files: JSONL, CSV (plain or compressed: .gz, .bz2, .xz, .zst), Parquet (a file, a directory or a glob) or a
+``datasets.save_to_disk`` directory, local or s3://. ``list_input`` names the files (the driver's only read of
+the input: a listing); ``iter_requests`` streams one file's rows, where the job processes them; ``resolve_ids``
+gives every row without a usable id, and every repeat of an id, an id of its own, over all files at once and out
+of core (DuckDB), so no process holds every id in memory. ``read_input`` does all three in memory (small inputs).
+
+A broken spec or file (no such path, unknown format, a configured column that the data lacks) raises
+``JobSpecError`` naming the file and the field; a broken *row* (invalid UTF-8, JSON or Unicode, missing or
+non-string prompt, duplicate id, ...) becomes a row with ``input_error`` set, written by the job as ``skipped``.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import hashlib
 import io
 import json
 from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -23,7 +29,26 @@ from pipeline.layout import filesystem, storage_error
 from pipeline.schema import INPUT_SCHEMA
 
 EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet"}
+COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zst": "zstd"}
 _GLOB_CHARS = "*?["
+ROW_BITS = 40
+"""A row's ordinal is ``file_index << ROW_BITS | row``: input order over all files, one integer."""
+
+STAGED_SCHEMA = pa.schema(
+    [
+        pa.field("prompt_id", pa.string()),  # null until resolve_ids chooses one (a row without a usable id)
+        *(f for f in INPUT_SCHEMA if f.name != "prompt_id"),
+        pa.field("ordinal", pa.int64(), nullable=False),
+    ]
+)
+FIXUP_SCHEMA = pa.schema(
+    [
+        pa.field("ordinal", pa.int64(), nullable=False),
+        pa.field("prompt_id", pa.string(), nullable=False),
+        pa.field("dup_of", pa.string()),  # the repeated id, for a duplicate
+        pa.field("first_source", pa.string()),  # where that id is first seen
+    ]
+)
 
 
 def stable_id(prompt: str, target: str | None) -> str:
@@ -31,19 +56,53 @@ def stable_id(prompt: str, target: str | None) -> str:
     return hashlib.sha256(json.dumps([prompt, target], ensure_ascii=False).encode()).hexdigest()[:16]
 
 
+@dataclass(frozen=True)
+class InputFile:
+    path: str
+    """Filesystem path (without protocol); for a saved dataset, its directory."""
+    kind: str
+    """jsonl, csv, parquet or hf."""
+    size: int | None = None
+    version: str | None = None
+    """What changes when the file does (mtime or ETag)."""
+    split: str | None = None
+    """The split of a saved DatasetDict."""
+
+    @property
+    def name(self) -> str:
+        return self.path if self.split is None else f"{self.path}[{self.split}]"
+
+
+@dataclass
+class InputListing:
+    files: list[InputFile]
+    ignored: list[str] = field(default_factory=list)
+    """Files of a directory input that are not read (hidden, or not an input format), said to the user."""
+
+    def fingerprint(self) -> list[dict]:
+        return [asdict(f) for f in self.files]
+
+
 def read_input(spec: InputSpec) -> pa.Table:
     """All rows of the input, in input order, as INPUT_SCHEMA; ids unique (later duplicates are marked)."""
-    records = list(_records(spec))
-    return pa.Table.from_pylist(_requests(records, spec), schema=INPUT_SCHEMA)
+    listing = list_input(spec)
+    rows = [row for i, f in enumerate(listing.files) for row in iter_requests(spec, f, i)]
+    staged = pa.Table.from_pylist(rows, schema=STAGED_SCHEMA)
+    import duckdb
+
+    con = duckdb.connect(":memory:")
+    con.register("staged", staged)
+    fixups = resolve_ids(con, "staged")
+    return apply_fixups(staged, fixups).drop_columns(["ordinal"]).select(INPUT_SCHEMA.names).cast(INPUT_SCHEMA)
 
 
 # --- files -----------------------------------------------------------------------------------------------------
 
 
-def _records(spec: InputSpec) -> Iterator[tuple[str, dict | None, str | None]]:
-    """(source, record, problem): record None when the row itself could not be parsed."""
+def list_input(spec: InputSpec) -> InputListing:
+    """The input's files, in the order their rows are numbered; a listing only, no file is opened."""
     try:
-        yield from _records_of(spec)
+        return _list(spec)
     except JobSpecError:
         raise
     except Exception as err:  # unreachable store, denied access, no credentials: name the path, not a traceback
@@ -52,42 +111,76 @@ def _records(spec: InputSpec) -> Iterator[tuple[str, dict | None, str | None]]:
         raise JobSpecError(f"input.path: {spec.path!r}: cannot read it ({type(err).__name__}: {err})") from None
 
 
-def _records_of(spec: InputSpec) -> Iterator[tuple[str, dict | None, str | None]]:
+def _list(spec: InputSpec) -> InputListing:
     fs, path = filesystem(spec.path)
     fmt = spec.format
     if fmt == "hf" or (fmt == "auto" and fs.isdir(path) and _is_saved_dataset(fs, path)):
-        yield from _hf_records(spec)
-        return
-    files = _files(fs, path, spec)
-    for name in files:
-        kind = fmt if fmt != "auto" else _format_of(name, spec)
-        reader = {"jsonl": _jsonl_records, "csv": _csv_records, "parquet": _parquet_records}[kind]
-        yield from reader(fs, name, spec)
+        return InputListing(_hf_files(fs, path, spec))
+    ignored: list[str] = []
+    if any(c in path for c in _GLOB_CHARS):
+        found = {p: info for p, info in fs.glob(path, detail=True).items() if info.get("type") == "file"}
+    elif fs.isdir(path):
+        found = {}
+        for p, info in fs.find(path, detail=True).items():
+            base = p.rsplit("/", 1)[-1]
+            if base.startswith((".", "_")) or (fmt == "auto" and _format(p) is None):
+                ignored.append(p)
+            else:
+                found[p] = info
+    elif fs.isfile(path):
+        found = {path: fs.info(path)}
+    else:
+        raise JobSpecError(f"input.path: {spec.path!r} does not exist; give a file, a directory or a glob")
+    if not found:
+        raise JobSpecError(
+            f"input.path: {spec.path!r} matches no input files (looked for {', '.join(sorted(EXTENSIONS))}, "
+            f"also compressed: {', '.join(sorted(COMPRESSIONS))})"
+            + (f"; not read: {', '.join(sorted(ignored)[:5])}" if ignored else "")
+        )
+    files = [
+        InputFile(p, fmt if fmt != "auto" else _format_of(p), info.get("size"), _version(info))
+        for p, info in sorted(found.items())
+    ]
+    return InputListing(files, sorted(ignored))
+
+
+def _version(info: dict) -> str | None:
+    for key in ("ETag", "etag", "mtime", "LastModified", "last_modified", "created"):
+        if info.get(key) is not None:
+            return str(info[key])
+    return None
 
 
 def _is_saved_dataset(fs, path: str) -> bool:
-    return fs.exists(f"{path.rstrip('/')}/dataset_info.json") or fs.exists(f"{path.rstrip('/')}/state.json")
+    base = path.rstrip("/")
+    return any(fs.exists(f"{base}/{n}") for n in ("dataset_info.json", "state.json", "dataset_dict.json"))
 
 
-def _files(fs, path: str, spec: InputSpec) -> list[str]:
-    if any(c in path for c in _GLOB_CHARS):
-        files = sorted(p for p in fs.glob(path) if fs.isfile(p))
-    elif fs.isdir(path):
-        files = sorted(
-            p
-            for p in fs.find(path)
-            if not p.rsplit("/", 1)[-1].startswith((".", "_"))
-            and (spec.format != "auto" or _extension(p) in EXTENSIONS)
-        )
-    elif fs.isfile(path):
-        files = [path]
-    else:
-        raise JobSpecError(f"input.path: {spec.path!r} does not exist; give a file, a directory or a glob")
-    if not files:
-        raise JobSpecError(
-            f"input.path: {spec.path!r} matches no input files (looked for {', '.join(sorted(EXTENSIONS))})"
-        )
-    return files
+def _hf_files(fs, path: str, spec: InputSpec) -> list[InputFile]:
+    base = path.rstrip("/")
+    if not _is_saved_dataset(fs, base):
+        raise JobSpecError(f"input.path: {spec.path!r} is not a saved Hugging Face dataset (no dataset_info.json)")
+    splits: list[str | None] = [None]
+    if fs.exists(f"{base}/dataset_dict.json"):
+        splits = json.loads(fs.cat_file(f"{base}/dataset_dict.json")).get("splits", [])
+    out = []
+    for split in splits:
+        where = base if split is None else f"{base}/{split}"
+        infos = fs.find(where, detail=True)
+        size = sum(i.get("size") or 0 for i in infos.values())
+        version = json.dumps(sorted((p, i.get("size"), _version(i)) for p, i in infos.items()))
+        out.append(InputFile(path, "hf", size, hashlib.sha256(version.encode()).hexdigest()[:16], split))
+    return out
+
+
+def _format(name: str) -> str | None:
+    base = name.rsplit("/", 1)[-1].lower()
+    for suffix in COMPRESSIONS:
+        if base.endswith(suffix):
+            base = base[: -len(suffix)]
+            kind = EXTENSIONS.get(_extension(base))
+            return kind if kind in ("jsonl", "csv") else None  # a compressed Parquet file is not a thing we read
+    return EXTENSIONS.get(_extension(base))
 
 
 def _extension(name: str) -> str:
@@ -95,8 +188,8 @@ def _extension(name: str) -> str:
     return "." + base.rsplit(".", 1)[-1].lower() if "." in base else ""
 
 
-def _format_of(name: str, spec: InputSpec) -> str:
-    kind = EXTENSIONS.get(_extension(name))
+def _format_of(name: str) -> str:
+    kind = _format(name)
     if kind is None:
         raise JobSpecError(
             f"input.format: cannot tell the format of {name!r} from its extension; "
@@ -105,116 +198,169 @@ def _format_of(name: str, spec: InputSpec) -> str:
     return kind
 
 
-def _jsonl_records(fs, name: str, spec: InputSpec) -> Iterator[tuple[str, dict | None, str | None]]:
-    with fs.open(name, "rb") as f:
-        data = f.read()
-    seen_prompt_column = False
-    rows = []
-    for number, raw in enumerate(data.split(b"\n"), start=1):
-        if not raw.strip():
-            continue
-        source = f"{name}:{number}"
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as err:
-            rows.append(
-                (source, None, f"line {number}: invalid UTF-8 (byte {raw[err.start]:#04x} at column {err.start + 1})")
-            )
-            continue
-        try:
-            record = json.loads(text)
-        except json.JSONDecodeError as err:
-            rows.append((source, None, f"line {number}: not valid JSON ({err.msg} at column {err.colno})"))
-            continue
-        if not isinstance(record, dict):
-            rows.append((source, None, f"line {number}: a JSON object is expected, got {type(record).__name__}"))
-            continue
-        seen_prompt_column |= spec.prompt_column in record
-        rows.append((source, record, None))
-    if rows and not seen_prompt_column:
+def _compression(name: str) -> str | None:
+    return next((c for s, c in COMPRESSIONS.items() if name.lower().endswith(s)), None)
+
+
+# --- rows of one file ------------------------------------------------------------------------------------------
+
+
+def iter_requests(spec: InputSpec, file: InputFile, index: int) -> Iterator[dict]:
+    """The requests of one file (STAGED_SCHEMA dicts), streamed. ``prompt_id`` is None where the row has no usable
+    id (``resolve_ids`` chooses one); repeats of an id are not marked here (they may be in another file)."""
+    fs, _ = filesystem(spec.path)
+    reader = {"jsonl": _jsonl_records, "csv": _csv_records, "parquet": _parquet_records, "hf": _hf_records}
+    try:
+        for row, source, record, problem in reader[file.kind](fs, file, spec):
+            request = _request(source, record, problem, spec)
+            request["ordinal"] = (index << ROW_BITS) | row
+            yield request
+    except JobSpecError:
+        raise
+    except Exception as err:
+        if not storage_error(err):
+            raise
+        raise JobSpecError(f"input.path: {file.name}: cannot read it ({type(err).__name__}: {err})") from None
+
+
+def _open(fs, file: InputFile):
+    return fs.open(file.path, "rb", compression=_compression(file.path))
+
+
+def _jsonl_records(fs, file: InputFile, spec: InputSpec) -> Iterator[tuple[int, str, dict | None, str | None]]:
+    seen_prompt_column = any_rows = False
+    name = file.path
+    with _open(fs, file) as f:
+        for number, raw in enumerate(f, start=1):
+            if number == 1:
+                raw = raw.removeprefix(b"\xef\xbb\xbf")  # a byte-order mark is not part of the first row
+            if not raw.strip():
+                continue
+            any_rows = True
+            raw = raw.rstrip(b"\n")
+            source = f"{name}:{number}"
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                yield (
+                    number,
+                    source,
+                    None,
+                    f"line {number}: invalid UTF-8 (byte {raw[err.start]:#04x} at column {err.start + 1})",
+                )
+                continue
+            try:
+                record = json.loads(text)
+            except json.JSONDecodeError as err:
+                yield number, source, None, f"line {number}: not valid JSON ({err.msg} at column {err.colno})"
+                continue
+            if not isinstance(record, dict):
+                yield number, source, None, f"line {number}: a JSON object is expected, got {type(record).__name__}"
+                continue
+            seen_prompt_column |= spec.prompt_column in record
+            yield number, source, record, None
+    if any_rows and not seen_prompt_column:
         raise JobSpecError(
             f"input.prompt_column: no line of {name} has a {spec.prompt_column!r} key; "
             "set input.prompt_column to the key that holds the prompt"
         )
-    yield from rows
 
 
-def _csv_records(fs, name: str, spec: InputSpec) -> Iterator[tuple[str, dict | None, str | None]]:
-    with fs.open(name, "rb") as f:
-        data = f.read()
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise JobSpecError(
-            f"input.path: {name} is not UTF-8 (byte {data[err.start]:#04x} at offset {err.start}); "
-            "re-encode the file as UTF-8"
-        ) from None
-    reader = csv.reader(io.StringIO(text, newline=""))
-    try:
-        header = next(reader)
-    except StopIteration:
-        return
-    except csv.Error as err:
-        raise JobSpecError(f"input.path: {name}: unreadable CSV header ({err})") from None
-    _check_columns(name, header, spec)
-    while True:
+def _csv_records(fs, file: InputFile, spec: InputSpec) -> Iterator[tuple[int, str, dict | None, str | None]]:
+    name = file.path
+    with _open(fs, file) as raw:
+        text = io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")
+        reader = csv.reader(text)
         try:
-            fields = next(reader)
+            header = next(reader)
         except StopIteration:
-            break
+            return
         except csv.Error as err:
-            yield f"{name}:{reader.line_num}", None, f"line {reader.line_num}: unreadable CSV ({err})"
-            continue
-        source = f"{name}:{reader.line_num}"
-        if not fields:
-            continue
-        if len(fields) != len(header):
-            yield source, None, f"line {reader.line_num}: {len(fields)} fields, the header has {len(header)}"
-            continue
-        # CSV has no null: an empty cell of an optional column means "absent"
-        yield (
-            source,
-            {k: (v if v != "" or k == spec.prompt_column else None) for k, v in zip(header, fields, strict=True)},
-            None,
-        )
+            raise JobSpecError(f"input.path: {name}: unreadable CSV header ({err})") from None
+        except UnicodeDecodeError as err:
+            raise _not_utf8(name, err) from None
+        _check_columns(name, header, spec)
+        while True:
+            try:
+                fields = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as err:
+                yield (
+                    reader.line_num,
+                    f"{name}:{reader.line_num}",
+                    None,
+                    f"line {reader.line_num}: unreadable CSV ({err})",
+                )
+                continue
+            except UnicodeDecodeError as err:
+                raise _not_utf8(name, err) from None
+            source = f"{name}:{reader.line_num}"
+            if not fields:
+                continue
+            if len(fields) != len(header):
+                yield (
+                    reader.line_num,
+                    source,
+                    None,
+                    f"line {reader.line_num}: {len(fields)} fields, the header has {len(header)}",
+                )
+                continue
+            # CSV has no null: an empty cell of an optional column means "absent"
+            record = {
+                k: (v if v != "" or k == spec.prompt_column else None) for k, v in zip(header, fields, strict=True)
+            }
+            yield reader.line_num, source, record, None
 
 
-def _parquet_records(fs, name: str, spec: InputSpec) -> Iterator[tuple[str, dict | None, str | None]]:
+def _not_utf8(name: str, err: UnicodeDecodeError) -> JobSpecError:
+    return JobSpecError(
+        f"input.path: {name} is not UTF-8 (byte {err.object[err.start]:#04x} near offset {err.start}); "
+        "re-encode the file as UTF-8"
+    )
+
+
+def _parquet_records(fs, file: InputFile, spec: InputSpec) -> Iterator[tuple[int, str, dict | None, str | None]]:
+    name = file.path
     try:
-        table = pq.read_table(name, filesystem=fs)
+        pf = pq.ParquetFile(name, filesystem=fs)
     except (pa.ArrowInvalid, OSError) as err:
         raise JobSpecError(f"input.path: {name} is not a readable Parquet file ({err})") from None
-    _check_columns(name, table.column_names, spec)
-    for i, record in enumerate(table.to_pylist()):
-        yield f"{name}:{i}", record, None
+    _check_columns(name, pf.schema_arrow.names, spec)
+    i = 0
+    for batch in pf.iter_batches(batch_size=4096):
+        for record in batch.to_pylist():
+            yield i, f"{name}:{i}", record, None
+            i += 1
 
 
-def _hf_records(spec: InputSpec) -> Iterator[tuple[str, dict | None, str | None]]:
+def _hf_records(fs, file: InputFile, spec: InputSpec) -> Iterator[tuple[int, str, dict | None, str | None]]:
     import datasets
 
+    datasets.disable_progress_bars()
     try:
-        ds = datasets.load_from_disk(spec.path)
+        ds = datasets.load_from_disk(file.path)
     except (FileNotFoundError, ValueError) as err:
-        raise JobSpecError(f"input.path: {spec.path!r} is not a saved Hugging Face dataset ({err})") from None
+        raise JobSpecError(f"input.path: {file.path!r} is not a saved Hugging Face dataset ({err})") from None
     if isinstance(ds, datasets.DatasetDict):
-        splits = list(ds.items())
-    else:
-        splits = [(None, ds)]
-    for split, part in splits:
-        _check_columns(spec.path if split is None else f"{spec.path}[{split}]", part.column_names, spec)
-        for i, record in enumerate(part):
-            yield f"{spec.path}:{i}" if split is None else f"{spec.path}[{split}]:{i}", record, None
+        ds = ds[file.split]
+    _check_columns(file.name, ds.column_names, spec)
+    i = 0
+    for batch in ds.with_format("arrow").iter(batch_size=4096):
+        for record in batch.to_pylist():
+            yield i, f"{file.name}:{i}", record, None
+            i += 1
 
 
 def _check_columns(name: str, columns: Iterable[str], spec: InputSpec) -> None:
     columns = list(columns)
     wanted = {"prompt_column": spec.prompt_column}
     wanted.update({"explain_span_column": spec.explain_span_column, "chat_column": spec.chat_column})
-    for field, column in wanted.items():
+    for key, column in wanted.items():
         if column is not None and column not in columns:
             raise JobSpecError(
-                f"input.{field}: {name} has no column {column!r} (its columns: {', '.join(columns)}); "
-                f"set input.{field} to one of them"
+                f"input.{key}: {name} has no column {column!r} (its columns: {', '.join(columns)}); "
+                f"set input.{key} to one of them"
             )
     for column in spec.metadata_columns:
         if column not in columns:
@@ -226,38 +372,97 @@ def _check_columns(name: str, columns: Iterable[str], spec: InputSpec) -> None:
 # --- rows --------------------------------------------------------------------------------------------------------
 
 
-def _requests(records: list[tuple[str, dict | None, str | None]], spec: InputSpec) -> list[dict]:
-    """One request per record. A row without a usable id, and every repeat of an id, gets an id of its own that no
-    row of the input has (``row@<file:line>`` / ``<id>#dup@<file:line>``, suffixed ``#2``, ``#3``... on a clash), so
-    an input cannot forge one: a real id equal to a marker once made the run delete a whole part (issue 13)."""
-    rows = [_request(source, record, problem, spec) for source, record, problem in records]
-    taken = {row["prompt_id"] for row in rows if row["prompt_id"] is not None}
-    first_seen: dict[str, str] = {}
-    for row in rows:
-        pid, source = row["prompt_id"], row["source"]
-        if pid is None:
-            row["prompt_id"] = _unused(f"row@{source}", taken)
-        elif pid in first_seen:
-            row["input_error"] = f"duplicate id {pid!r} (first at {first_seen[pid]}); this row is not explained"
-            row["prompt_id"] = _unused(f"{pid}#dup@{source}", taken)
-        else:
-            first_seen[pid] = source
-    return rows
+def resolve_ids(con, relation: str) -> pa.Table:
+    """FIXUP_SCHEMA rows, by ordinal: the id of every row of ``relation`` (STAGED_SCHEMA columns, any size: DuckDB
+    works out of core) that has no usable id (``row@<file:line>``) or repeats an earlier row's id
+    (``<id>#dup@<file:line>``, first occurrence in input order keeps the id). A chosen id that some row already has
+    (or that an earlier choice took) gets ``#2``, ``#3``...: an input cannot forge one (a real id equal to a marker
+    once made the run delete a whole part, issue 13)."""
+    con.execute(
+        f"""CREATE OR REPLACE TEMP TABLE _fix AS
+        SELECT ordinal, 'row@' || source AS base, NULL::VARCHAR AS dup_of, NULL::VARCHAR AS first_source
+        FROM {relation} WHERE prompt_id IS NULL
+        UNION ALL
+        SELECT ordinal, prompt_id || '#dup@' || source, prompt_id, first_source FROM (
+            SELECT ordinal, prompt_id, source,
+                   first_value(source) OVER (PARTITION BY prompt_id ORDER BY ordinal) AS first_source,
+                   row_number() OVER (PARTITION BY prompt_id ORDER BY ordinal) AS n
+            FROM {relation} WHERE prompt_id IS NOT NULL
+        ) WHERE n > 1"""
+    )
+    clashes = con.execute(
+        f"""SELECT ordinal, base FROM _fix
+        WHERE base IN (SELECT prompt_id FROM {relation} WHERE prompt_id IS NOT NULL)
+           OR base IN (SELECT base FROM _fix GROUP BY base HAVING count(*) > 1)
+        ORDER BY ordinal"""
+    ).fetchall()
+    renamed: dict[int, str] = {}
+    if clashes:  # rare (an input that spells a marker): settled one by one, in input order
+        clashing = [o for o, _ in clashes]
+        con.execute("CREATE OR REPLACE TEMP TABLE _clashing AS SELECT unnest($1::BIGINT[]) AS ordinal", [clashing])
+        taken: set[str] = set()
+
+        def is_taken(name: str) -> bool:
+            if name in taken:
+                return True
+            hit = con.execute(
+                f"""SELECT EXISTS(SELECT 1 FROM {relation} WHERE prompt_id = $1)
+                     OR EXISTS(SELECT 1 FROM _fix
+                               WHERE base = $1 AND ordinal NOT IN (SELECT ordinal FROM _clashing))""",
+                [name],
+            ).fetchall()[0][0]
+            return bool(hit)
+
+        for ordinal, base in clashes:
+            candidate, n = base, 1
+            while is_taken(candidate):
+                n += 1
+                candidate = f"{base}#{n}"
+            taken.add(candidate)
+            renamed[ordinal] = candidate
+    con.execute(
+        "CREATE OR REPLACE TEMP TABLE _renamed AS "
+        "SELECT unnest($1::BIGINT[]) AS ordinal, unnest($2::VARCHAR[]) AS name",
+        [list(renamed), list(renamed.values())],
+    )
+    return (
+        con.sql(
+            """SELECT f.ordinal, coalesce(r.name, f.base) AS prompt_id, f.dup_of, f.first_source
+        FROM _fix f LEFT JOIN _renamed r USING (ordinal) ORDER BY f.ordinal"""
+        )
+        .to_arrow_table()
+        .cast(FIXUP_SCHEMA)
+    )
 
 
-def _unused(name: str, taken: set[str]) -> str:
-    candidate, n = name, 1
-    while candidate in taken:
-        n += 1
-        candidate = f"{name}#{n}"
-    taken.add(candidate)
-    return candidate
+def apply_fixups(staged: pa.Table, fixups: pa.Table) -> pa.Table:
+    """``staged`` (STAGED_SCHEMA) with the ids ``resolve_ids`` chose; a repeat is marked as not explained."""
+    if not fixups.num_rows:
+        return staged
+    fix = {
+        o: (pid, dup, first)
+        for o, pid, dup, first in zip(
+            fixups.column("ordinal").to_pylist(),
+            fixups.column("prompt_id").to_pylist(),
+            fixups.column("dup_of").to_pylist(),
+            fixups.column("first_source").to_pylist(),
+            strict=True,
+        )
+    }
+    ids, errors = staged.column("prompt_id").to_pylist(), staged.column("input_error").to_pylist()
+    for i, ordinal in enumerate(staged.column("ordinal").to_pylist()):
+        if ordinal in fix:
+            ids[i], dup, first = fix[ordinal]
+            if dup is not None:
+                errors[i] = f"duplicate id {dup!r} (first at {first}); this row is not explained"
+    staged = staged.set_column(staged.schema.get_field_index("prompt_id"), STAGED_SCHEMA.field("prompt_id"), [ids])
+    return staged.set_column(staged.schema.get_field_index("input_error"), STAGED_SCHEMA.field("input_error"), [errors])
 
 
 def _request(source: str, record: dict | None, problem: str | None, spec: InputSpec) -> dict:
     row: dict[str, Any] = dict.fromkeys(INPUT_SCHEMA.names)
-    row["source"] = source
-    if record is None:  # its id is chosen by _requests
+    row["source"] = source.encode("utf-8", "backslashreplace").decode("utf-8")  # a file name may hold any bytes
+    if record is None:  # its id is chosen by resolve_ids
         row["input_error"] = problem
         return row
     problems = []
@@ -272,6 +477,8 @@ def _request(source: str, record: dict | None, problem: str | None, spec: InputS
         )
     elif not prompt.strip():
         problems.append("prompt: empty")
+    elif (bad := _not_unicode(prompt)) is not None:
+        problems.append(f"prompt: {bad}")
     else:
         row["prompt"] = prompt
     target = record.get(spec.target_column) if spec.target_column else None
@@ -279,6 +486,9 @@ def _request(source: str, record: dict | None, problem: str | None, spec: InputS
         problems.append(f"target: {spec.target_column!r} must be a string or null, got {type(target).__name__}")
     elif target is not None and target == "":
         problems.append(f"target: {spec.target_column!r} is empty; leave it out or null to generate one")
+    elif target is not None and (bad := _not_unicode(target)) is not None:
+        problems.append(f"target: {bad}")
+        target = None
     else:
         row["target"] = target
     if spec.explain_span_column:
@@ -290,10 +500,17 @@ def _request(source: str, record: dict | None, problem: str | None, spec: InputS
         if bad:
             problems.append(f"chat: {bad}")
     if spec.metadata_columns:
-        row["metadata"] = json.dumps({c: record.get(c) for c in spec.metadata_columns}, ensure_ascii=False, default=str)
+        metadata = json.dumps({c: record.get(c) for c in spec.metadata_columns}, ensure_ascii=False, default=str)
+        if (bad := _not_unicode(metadata)) is not None:
+            problems.append(f"metadata: {bad}")
+        else:
+            row["metadata"] = metadata
     raw_id = record.get(spec.id_column) if spec.id_column else None
     if raw_id is None or (isinstance(raw_id, str) and not raw_id.strip()):
         row["prompt_id"] = stable_id(prompt, target) if row["prompt"] is not None else None
+    elif isinstance(raw_id, str) and (bad := _not_unicode(raw_id)) is not None:
+        row["prompt_id"] = None
+        problems.append(f"id: {bad}")
     elif isinstance(raw_id, (str, int)) and not isinstance(raw_id, bool):
         row["prompt_id"] = str(raw_id)
     else:
@@ -302,6 +519,18 @@ def _request(source: str, record: dict | None, problem: str | None, spec: InputS
     if problems:
         row["input_error"] = "; ".join(problems)
     return row
+
+
+def _not_unicode(text: str) -> str | None:
+    """Why ``text`` cannot be stored as UTF-8 (a lone surrogate, e.g. JSON's unpaired "\\ud800" escape), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return (
+            f"not valid Unicode: a lone surrogate {ascii(text[err.start])[1:-1]} at character {err.start + 1} "
+            "(an unpaired \\uXXXX escape)"
+        )
+    return None
 
 
 def _span(value: Any) -> tuple[str | None, str | None]:

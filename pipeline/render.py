@@ -54,10 +54,9 @@ def render_summary(summary, console: Console | None = None) -> None:
     table.add_row("prompts/s", f"{summary.prompts_per_s:.2f}")
     table.add_row("unit passes/s", f"{summary.passes_per_s:.1f}")
     table.add_row("seconds", f"{summary.seconds:.1f}")
-    if summary.deduplicated:
-        table.add_row("duplicates removed", str(summary.deduplicated))
-    if summary.not_in_input:
-        table.add_row("rows not in the input", str(summary.not_in_input))
+    table.add_row("shards / parts", f"{summary.shards} / {summary.files}")
+    for line in summary.redone:
+        table.add_row("redone", line)
     console.print(table)
     console.print(f"output: {summary.location}", highlight=False, soft_wrap=True)
 

@@ -125,7 +125,7 @@ def run_report(root: str, run_id: str | None = None, max_prompts: int = MAX_PROM
 
     run = pick_run(root, run_id)
     manifest = run.manifest(filesystem(root)[0])
-    con = connect(root, include_incomplete=True)
+    con = connect(root, runs=[run])
     sel = "FROM explanations WHERE run_id = $r AND model = $m"
     args = {"r": run.run_id, "m": run.model}
     total = con.execute(f"SELECT count(*) {sel}", args).fetchall()[0][0]

@@ -1,7 +1,10 @@
-"""The unit of work of a job: explain a batch of request rows and publish them as one Parquet part.
+"""The unit of work of a job: explain one shard of request rows and publish it as one Parquet part.
 
 ``ExplainWorker`` is what each Ray actor holds (the model is loaded once per actor); it has no Ray code, so
-it runs in-process too (benchmarks, tests). Row outcomes:
+it runs in-process too (``inline``, benchmarks, tests). ``explain_shard`` reads the shard's staged rows, explains
+them in batches of ``batch_rows`` (shortest prompts first: little padding), publishes the part whole and then the
+shard's marker. Only the model's work holds the actor's lock: with two shards in flight, one shard's reading and
+publishing overlap the other's explaining. Row outcomes:
 - ``skipped``: the input cannot be explained (reader problem, empty prompt, longer than the context, bad span);
 - ``error``: explaining failed at run time (message = exception type and text);
 - ``ok``.
@@ -12,67 +15,21 @@ is retried with half the engine's forward batch, down to one row, before it is m
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
-import io
 import json
 import logging
-import os
+import threading
 import time
 from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 
-from pipeline.atman.attention import UnsupportedModelError
 from pipeline.jobspec import JobSpec
-from pipeline.layout import RunPaths, filesystem
+from pipeline.layout import RunPaths, filesystem, parquet_bytes, part_name, publish
 from pipeline.schema import SCHEMA
+from pipeline.shards import Block, marker, read_shard, write_marker
 
 log = logging.getLogger(__name__)
-
-# What each call returns to the driver: small, so the driver never holds relevance maps.
-RESULT_SCHEMA = pa.schema(
-    [
-        pa.field("prompt_id", pa.string()),
-        pa.field("status", pa.string()),
-        pa.field("n_units", pa.int64()),
-        pa.field("part", pa.string()),
-    ]
-)
-
-
-def part_name(prompt_ids: list[str]) -> str:
-    """A part's name follows from the ids it holds: a retried batch overwrites its own part, never adds one. The ids
-    are hashed as a JSON list, an encoding no id can forge (joined by newlines, ids `a`, `b` and `a\nb` collided and
-    one part overwrote the other, issue 13)."""
-    digest = hashlib.sha256(json.dumps(sorted(prompt_ids)).encode()).hexdigest()[:20]
-    return f"part-{digest}.parquet"
-
-
-def publish(fs, path: str, data: bytes) -> None:
-    """Write a file whole: a local file appears by rename; an object store publishes a PUT atomically."""
-    if _is_local(fs):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = os.path.join(os.path.dirname(path), f".tmp-{os.getpid()}-{os.path.basename(path)}")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    else:
-        fs.pipe_file(path, data)
-
-
-def _is_local(fs) -> bool:
-    protocol = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
-    return "file" in protocol or "local" in protocol
-
-
-def parquet_bytes(table: pa.Table, compression: str) -> bytes:
-    buf = io.BytesIO()
-    pq.write_table(table, buf, compression=None if compression == "none" else compression)
-    return buf.getvalue()
 
 
 @dataclass
@@ -87,6 +44,7 @@ class ExplainWorker:
     """Loads the job's model once; ``__call__`` explains a batch of INPUT_SCHEMA rows and writes one part."""
 
     def __init__(self, spec_json: str, run: dict) -> None:
+        import torch
         import transformers
 
         from pipeline.atman.explainer import Explainer
@@ -104,19 +62,50 @@ class ExplainWorker:
         self.config = self.spec.method.atman_config()
         self.explainer = Explainer(self.lm, self.config)
         self.method_params = json.dumps(self.config.model_dump(), sort_keys=True)
+        self._lock = threading.Lock()
+        self._done: dict[int, int] = {}
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = self.explain_rows(batch.to_pylist())
-        table = pa.Table.from_pylist(rows, schema=SCHEMA)
-        name = part_name([r["prompt_id"] for r in rows])
-        publish(self.fs, self.run.part(name), parquet_bytes(table, self.spec.output.compression))
-        return pa.Table.from_pylist(
-            [
-                {"prompt_id": r["prompt_id"], "status": r["status"], "n_units": len(r["unit_text"] or []), "part": name}
-                for r in rows
-            ],
-            schema=RESULT_SCHEMA,
+    def explain_shard(self, shard: int, blocks: list[dict], retry_errors: bool = False) -> dict:
+        """Explain a shard and publish it: part first, then its marker, which is returned."""
+        started = time.perf_counter()
+        requests = read_shard(self.run, [Block(**b) for b in blocks]).drop_columns(["ordinal"]).to_pylist()
+        requests.sort(key=lambda r: len(r["prompt"] or ""))  # stable: input order among equal lengths
+        kept: dict[str, dict] = {}
+        if retry_errors:  # keep what an earlier attempt finished; explain its errors (and anything it lacks) again
+            kept = {r["prompt_id"]: r for r in self._published(shard) if r["status"] != "error"}
+        todo = [r for r in requests if r["prompt_id"] not in kept]
+        explained: dict[str, dict] = {}
+        self._done[shard] = 0
+        with self._lock:  # the model: one shard at a time
+            rows = self.spec.resources.batch_rows
+            for i in range(0, len(todo), rows):
+                for row in self.explain_rows(todo[i : i + rows]):
+                    explained[row["prompt_id"]] = row
+                self._done[shard] = len(explained)
+        out = [kept.get(r["prompt_id"]) or explained[r["prompt_id"]] for r in requests]
+        table = pa.Table.from_pylist(out, schema=SCHEMA)
+        data = parquet_bytes(table, self.spec.output.compression)
+        publish(self.fs, self.run.part(part_name(shard)), data)
+        passes = sum(len(r["unit_text"] or []) + 1 for r in explained.values() if r["status"] == "ok")
+        record = marker(
+            shard, table, data, explained=len(todo), unit_passes=passes, seconds=time.perf_counter() - started
         )
+        write_marker(self.run, record)
+        self._done.pop(shard, None)
+        return record
+
+    def progress(self) -> dict[int, int]:
+        """Rows explained so far of each shard this actor is working on (for the driver's progress line)."""
+        return dict(self._done)
+
+    def _published(self, shard: int) -> list[dict]:
+        path = self.run.part(part_name(shard))
+        if not self.fs.exists(path):
+            return []
+        try:
+            return pq.read_table(path, filesystem=self.fs).to_pylist()
+        except (pa.ArrowInvalid, OSError):  # damaged: nothing of it is kept
+            return []
 
     # --- explaining ------------------------------------------------------------------------------------------
 
@@ -151,6 +140,10 @@ class ExplainWorker:
         return [r.result for r in rows]
 
     def _explain(self, group: list[_Row], batch_size: int) -> None:
+        import torch
+
+        from pipeline.atman.attention import UnsupportedModelError
+
         if not group:
             return
         t0 = time.perf_counter()
@@ -235,5 +228,7 @@ def _message(err: BaseException) -> str:
 
 
 def _free_cuda() -> None:
+    import torch
+
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

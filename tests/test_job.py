@@ -18,10 +18,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pipeline.job import run_job
-from pipeline.jobspec import JobSpec
+from pipeline.jobspec import JobSpec, JobSpecError
 from pipeline.layout import MANIFEST, SUCCESS
 from pipeline.schema import SCHEMA
-from pipeline.worker import ExplainWorker, part_name
+from pipeline.worker import ExplainWorker
 
 ATMAN = str(Path(sys.executable).parent / "atman")
 
@@ -174,39 +174,41 @@ def test_polars_reads_the_output(bad_rows_run):
 
 
 @pytest.mark.cluster
-def test_resume_processes_only_what_is_missing(tmp_path, tiny_model_dir, ray_cluster):
-    _write(tmp_path / "in.jsonl", GOOD[:4])
-    spec = _spec(tiny_model_dir, tmp_path / "in.jsonl", tmp_path / "out", batch_rows=2)
-    first = run_job(spec, "r2")
-    assert first.processed == 4 and first.counts["ok"] == 4
+def test_resume_processes_only_what_is_missing(tmp_path, tiny_model_dir, ray_cluster, monkeypatch):
+    _write(tmp_path / "in.jsonl", GOOD)
+    spec = _spec(tiny_model_dir, tmp_path / "in.jsonl", tmp_path / "out", batch_rows=2, shard_rows=2)
+    real = ExplainWorker.explain_rows
+
+    def failing(self, requests):  # an earlier failure: the row of id 'fr' ends in error, as a crash would leave it
+        rows = real(self, requests)
+        for row in rows:
+            if row["prompt_id"] == "fr":
+                row.update(status="error", error="RuntimeError: injected", scores=None, unit_text=None)
+        return rows
+
+    monkeypatch.setattr(ExplainWorker, "explain_rows", failing)
+    first = run_job(spec, "r2", address="inline")
+    monkeypatch.setattr(ExplainWorker, "explain_rows", real)
+    assert first.processed == len(GOOD) and first.counts["error"] == 1 and first.shards == 3
     run_dir = Path(first.location)
     before = {p.name: p.stat().st_mtime_ns for p in run_dir.glob("part-*.parquet")}
+    assert sorted(before) == [f"part-s00000{i}.parquet" for i in range(3)], "one part per shard, named by it"
 
     again = run_job(spec, "r2")
-    assert again.processed == 0 and again.rows == 4
+    assert again.processed == 0 and again.rows == len(GOOD) and again.counts["error"] == 1
     assert {p.name: p.stat().st_mtime_ns for p in run_dir.glob("part-*.parquet")} == before, "nothing rewritten"
 
-    _write(tmp_path / "in.jsonl", GOOD)  # the input grew: only the new rows are explained
-    grown = run_job(spec, "r2")
-    assert grown.processed == len(GOOD) - 4 and grown.rows == len(GOOD)
-
-    # an earlier failure: one row written as 'error' (by rewriting its part the way a failed actor call would)
-    part = next(p for p in run_dir.glob("part-*.parquet") if "fr" in pq.read_table(p)["prompt_id"].to_pylist())
-    table = pq.read_table(part)
-    status = [
-        "error" if pid == "fr" else s
-        for pid, s in zip(table["prompt_id"].to_pylist(), table["status"].to_pylist(), strict=True)
-    ]
-    table = table.set_column(table.schema.get_field_index("status"), SCHEMA.field("status"), pa.array(status))
-    pq.write_table(table, part, compression="zstd")
-
-    kept = run_job(spec, "r2")
-    assert kept.processed == 0 and kept.counts["error"] == 1, "errors count as done without --retry-errors"
     retried = run_job(spec, "r2", retry_errors=True)
-    assert retried.processed == 1 and retried.counts == {"ok": len(GOOD), "skipped": 0, "error": 0}
-    assert retried.deduplicated == 1, "the old error row (in a part shared with another id) is removed"
+    assert retried.processed == 1, "only the row that ended in error is explained again"
+    assert retried.counts == {"ok": len(GOOD), "skipped": 0, "error": 0}
+    after = {p.name: p.stat().st_mtime_ns for p in run_dir.glob("part-*.parquet")}
+    assert sum(after[n] != before[n] for n in before) == 1, "only the shard holding it is rewritten"
     ids = _read(retried.location).column("prompt_id").to_pylist()
     assert sorted(ids) == sorted(str(r["id"]) for r in GOOD), "each id exactly once after the retry"
+
+    _write(tmp_path / "in.jsonl", GOOD + [{"id": "new", "prompt": "One more prompt", "target": " here"}])
+    with pytest.raises(JobSpecError, match=r"^input.path: the input changed since run r2 started .*in.jsonl changed"):
+        run_job(spec, "r2")
 
 
 # --- the worker in-process: failures are isolated per row, CUDA OOM halves the batch -------------------------------
@@ -328,11 +330,6 @@ def test_cli_run_leaves_nothing_in_home(tmp_path, tiny_model_dir):
     assert "top units:" in out.stdout
     assert list(home.iterdir()) == [], f"left in HOME: {list(home.rglob('*'))[:5]}"
     assert not (tmp_path / "out" / "_scratch" / "c1").exists(), "Ray's scratch dir is removed after the run"
-
-
-def test_part_names_cannot_be_forged_by_ids():
-    assert part_name(["a", "b"]) != part_name(["a\nb"])
-    assert part_name(["b", "a"]) == part_name(["a", "b"])  # a retried batch rewrites its own part
 
 
 def test_ids_that_join_to_another_batch_all_complete(tmp_path, tiny_model_dir):

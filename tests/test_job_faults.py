@@ -17,10 +17,12 @@ from pathlib import Path
 
 import psutil
 import pyarrow.dataset as ds
+import pyarrow.parquet as pq
 import pytest
 
-from pipeline.job import run_job
+from pipeline.job import run_job, scratch_path
 from pipeline.jobspec import JobSpec
+from pipeline.models import DEFAULT_MODEL
 
 ATMAN = str(Path(sys.executable).parent / "atman")
 N = 12
@@ -46,13 +48,24 @@ def _parts(root: Path) -> list[Path]:
     return sorted(root.glob("model=*/run_date=*/run_id=*/part-*.parquet"))
 
 
-def _map_workers() -> list[psutil.Process]:
+def _actors() -> list[psutil.Process]:
     found = []
     for proc in psutil.process_iter(["cmdline"]):
         cmd = proc.info["cmdline"] or []
-        if cmd and cmd[0].startswith("ray::MapWorker"):
+        if cmd and cmd[0].startswith("ray::ExplainWorker"):
             found.append(proc)
     return found
+
+
+def _rows(parts: list[Path]) -> int:
+    return sum(pq.ParquetFile(p).metadata.num_rows for p in parts)
+
+
+def _ray_processes(scratch: str) -> list[str]:
+    """Processes of the Ray a driver started for this run (they name its scratch directory)."""
+    from pipeline.watchdog import ours
+
+    return [" ".join(p.cmdline())[:80] for p in psutil.process_iter() if p.pid != os.getpid() and ours(p, scratch)]
 
 
 def _wait_for(predicate, timeout: float, what: str):
@@ -76,17 +89,17 @@ def test_actor_killed_mid_run_loses_and_doubles_nothing(tmp_path, ray_cluster):
             "input": {"path": str(_input(tmp_path))},
             "method": {"granularity": "word"},
             "output": {"root": str(tmp_path / "out")},
-            "resources": {"actors": 1, "batch_rows": 1, "max_restarts": 2},
+            "resources": {"actors": 1, "batch_rows": 1, "shard_rows": 2, "max_restarts": 2},
         }
     )
     result: dict = {}
     thread = threading.Thread(target=lambda: result.update(summary=run_job(spec, "a1")), daemon=True)
     thread.start()
-    victim = _wait_for(lambda: _parts(tmp_path / "out") and _map_workers(), 180, "the first part")[0]
+    victim = _wait_for(lambda: _parts(tmp_path / "out") and _actors(), 180, "the first part")[0]
     written_at_kill = len(_parts(tmp_path / "out"))
     os.kill(victim.pid, signal.SIGKILL)
     assert written_at_kill < N, "the kill landed mid-run"
-    replacement = _wait_for(lambda: [p for p in _map_workers() if p.pid != victim.pid], 120, "a restarted actor")
+    replacement = _wait_for(lambda: [p for p in _actors() if p.pid != victim.pid], 120, "a restarted actor")
     thread.join(timeout=300)
     assert not thread.is_alive(), "the run finished"
     summary = result["summary"]
@@ -101,7 +114,7 @@ def test_driver_killed_then_rerun_completes_the_run(tmp_path):
     _input(tmp_path)
     (tmp_path / "job.yaml").write_text(
         "name: faults\ninput: {path: in.jsonl}\nmethod: {granularity: word}\noutput: {root: out}\n"
-        "resources: {actors: 1, batch_rows: 1}\n"
+        "resources: {actors: 1, batch_rows: 1, shard_rows: 2}\n"
     )
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     cmd = [ATMAN, "run", "job.yaml", "--run-id", "d1"]
@@ -112,9 +125,11 @@ def test_driver_killed_then_rerun_completes_the_run(tmp_path):
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=30)
     run_dir = _parts(tmp_path / "out")[0].parent
-    written = len(_parts(tmp_path / "out"))
+    written = _rows(_parts(tmp_path / "out"))
     assert first.returncode == -signal.SIGKILL, "killed while running"
-    assert 2 <= written < N and not (run_dir / "_SUCCESS").exists(), "killed mid-run, not marked complete"
+    assert 4 <= written < N and not (run_dir / "_SUCCESS").exists(), "killed mid-run, not marked complete"
+    scratch = scratch_path(str(tmp_path / "out"), DEFAULT_MODEL, "d1")
+    _wait_for(lambda: not _ray_processes(scratch), 60, "the watchdog to stop the killed driver's Ray")
 
     second = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert second.returncode == 0, second.stderr
@@ -123,9 +138,31 @@ def test_driver_killed_then_rerun_completes_the_run(tmp_path):
     assert sorted(ids) == sorted(p["id"] for p in PROMPTS), "every input id exactly once"
     explained_now = int(second.stdout.split("explained now:")[1].split(")")[0])
     assert explained_now <= N - written, "the rerun explains only what the killed run had not written"
-    orphans = [
-        p.info["cmdline"][0]
-        for p in psutil.process_iter(["ppid", "cmdline"])
-        if p.info["ppid"] == 1 and (p.info["cmdline"] or [""])[0].startswith("ray::")
-    ]
-    assert orphans == [], f"Ray processes left behind by the killed driver: {orphans}"
+    assert not _ray_processes(scratch), "nothing of either driver's Ray is left"
+
+
+def test_sigterm_stops_cleanly_and_says_how_to_resume(tmp_path):
+    """How Kubernetes and Ray stop a job: no stack dump, a resume hint, exit 128 + 15, nothing left running."""
+    _input(tmp_path)
+    (tmp_path / "job.yaml").write_text(
+        "name: faults\ninput: {path: in.jsonl}\nmethod: {granularity: word}\noutput: {root: out}\n"
+        "resources: {actors: 1, batch_rows: 1, shard_rows: 2}\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cmd = [ATMAN, "run", "job.yaml", "--run-id", "t1"]
+    first = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for(lambda: _parts(tmp_path / "out") or first.poll() is not None, 240, "a part")
+    finally:
+        first.send_signal(signal.SIGTERM)
+        _, stderr = first.communicate(timeout=60)
+    assert first.returncode == 128 + signal.SIGTERM, stderr
+    text = " ".join(stderr.split())
+    assert "the run was stopped (SIGTERM)" in text and "rerun with --run-id t1" in text, stderr
+    assert "Traceback" not in stderr and "Fatal Python error" not in stderr, stderr
+    run_dir = _parts(tmp_path / "out")[0].parent
+    assert not (run_dir / "_lease.json").exists(), "the lease is given back"
+    assert not _ray_processes(scratch_path(str(tmp_path / "out"), DEFAULT_MODEL, "t1"))
+    second = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr
+    assert sorted(_ids(str(run_dir))) == sorted(p["id"] for p in PROMPTS)
