@@ -137,7 +137,6 @@ def run_job(
         raise JobSpecError(
             f"output.root: {spec.output.root!r}: cannot read it ({type(err).__name__}: {_first_line(err)})"
         ) from None
-    progress: dict[int, dict] = {}
     executor = _executor(spec, paths, address)
     try:
         with _stop_on_signals(), Lease(paths) as lease, executor:
@@ -184,7 +183,6 @@ def run_job(
             processed, passes = _explain(executor, paths, plan, pending, progress, retry_errors, lease, on_progress)
             summary = finalize(spec, paths, plan, progress, started_at, notice)
     except Stopped as stop:
-        save_progress_quietly(paths, progress)
         raise RunIncomplete(
             f"the run was stopped ({stop}); finished shards are kept: rerun with --run-id {run_id} to finish it",
             exit_code=128 + stop.signum,
@@ -200,7 +198,6 @@ def run_job(
         cause = _job_spec_error(err)
         if cause is not None:
             raise cause from None
-        save_progress_quietly(paths, progress)
         raise RunIncomplete(
             f"the run stopped ({type(err).__name__}: {_first_line(err)}); finished shards are kept: "
             f"rerun with --run-id {run_id} to finish it"
@@ -238,12 +235,6 @@ def _stage(executor, spec: JobSpec, paths: RunPaths, listing, save: bool = True)
     if save:
         publish(paths.fs, paths.plan, plan.to_json())
     return plan
-
-
-def save_progress_quietly(paths: RunPaths, progress: dict[int, dict]) -> None:
-    with contextlib.suppress(Exception):
-        if progress:
-            save_progress(paths, progress)
 
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -300,17 +291,22 @@ def _explain(executor, paths, plan, pending, progress, retry_errors, lease, on_p
         if on_progress:
             on_progress(min(total, done[0] + rows), total)
 
-    for record in executor.explain(plan, pending, retry_errors, lease, partial):
-        progress[record["shard"]] = record
-        fold.append(record["shard"])
-        processed += record["explained"]
-        passes += record["unit_passes"]
-        done[0] = processed
-        if on_progress:
-            on_progress(processed, total)
-        if time.monotonic() - folded_at > FOLD_EVERY_S:
+    try:
+        for record in executor.explain(plan, pending, retry_errors, lease, partial):
+            progress[record["shard"]] = record
+            fold.append(record["shard"])
+            processed += record["explained"]
+            passes += record["unit_passes"]
+            done[0] = processed
+            if on_progress:
+                on_progress(processed, total)
+            if time.monotonic() - folded_at > FOLD_EVERY_S:
+                save_progress(paths, progress, fold)
+                folded_at, fold = time.monotonic(), []
+    except BaseException:
+        with contextlib.suppress(Exception):  # still under the lease: what finished stays recorded
             save_progress(paths, progress, fold)
-            folded_at, fold = time.monotonic(), []
+        raise
     save_progress(paths, progress, fold)
     return processed, passes
 
@@ -481,6 +477,15 @@ class _Ray:
                 blocks = [dataclasses.asdict(b) for b in plan.shard_blocks(shard)]
                 inflight[a.explain_shard.remote(shard, blocks, retry_errors)] = a
 
+        try:
+            yield from self._dispatch(ray, actors, submit, inflight, lease, on_partial)
+        finally:
+            for a in actors:
+                with contextlib.suppress(Exception):
+                    ray.kill(a)
+
+    @staticmethod
+    def _dispatch(ray, actors, submit, inflight, lease, on_partial):
         for a in actors:
             submit(a)
             submit(a)
@@ -495,7 +500,7 @@ class _Ray:
                 yield ray.get(ref)
                 submit(a)
             if time.monotonic() - polled > 1.0:  # rows done inside shards still running, across all actors
-                done = [p for p in polls if p in ray.wait(polls, num_returns=len(polls), timeout=0)[0]] if polls else []
+                done = ray.wait(polls, num_returns=len(polls), timeout=0)[0] if polls else []
                 partial = 0
                 for p in done:
                     with contextlib.suppress(Exception):
@@ -504,8 +509,6 @@ class _Ray:
                     on_partial(partial)
                 polls = [a.progress.remote() for a in actors]
                 polled = time.monotonic()
-        for a in actors:
-            ray.kill(a)
 
 
 def _get_all(ray, refs: list) -> list:

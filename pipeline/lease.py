@@ -143,8 +143,9 @@ class Lease:
         except FileExistsError:
             return False
         except Exception as err:  # noqa: BLE001 - the precondition failed, or the server does not know it
-            if "PreconditionFailed" in repr(err) or "412" in str(err):
-                return False
+            text = repr(err).lower()
+            if "precondition" in text or "pre-condition" in text or "412" in text:
+                return False  # someone else's lease is there (s3fs reports a 412 as OSError 22)
             if fs.exists(path):
                 return False
             fs.pipe_file(path, self._body())

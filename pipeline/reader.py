@@ -227,11 +227,24 @@ def _open(fs, file: InputFile):
     return fs.open(file.path, "rb", compression=_compression(file.path))
 
 
+def _lines(f, chunk: int = 8 << 20) -> Iterator[bytes]:
+    """The lines of a binary file, each with its b"\n", read in large chunks: iterating an S3 file line by line
+    (fsspec's readline) took 38 minutes for a 74 MB file that this reads in seconds."""
+    rest = b""
+    while data := f.read(chunk):
+        lines = (rest + data).split(b"\n")
+        rest = lines.pop()
+        for line in lines:
+            yield line + b"\n"
+    if rest:
+        yield rest
+
+
 def _jsonl_records(fs, file: InputFile, spec: InputSpec) -> Iterator[tuple[int, str, dict | None, str | None]]:
     seen_prompt_column = any_rows = False
     name = file.path
     with _open(fs, file) as f:
-        for number, raw in enumerate(f, start=1):
+        for number, raw in enumerate(_lines(f), start=1):
             if number == 1:
                 raw = raw.removeprefix(b"\xef\xbb\xbf")  # a byte-order mark is not part of the first row
             if not raw.strip():
@@ -269,7 +282,7 @@ def _jsonl_records(fs, file: InputFile, spec: InputSpec) -> Iterator[tuple[int, 
 def _csv_records(fs, file: InputFile, spec: InputSpec) -> Iterator[tuple[int, str, dict | None, str | None]]:
     name = file.path
     with _open(fs, file) as raw:
-        text = io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")
+        text = io.TextIOWrapper(io.BufferedReader(raw, 8 << 20), encoding="utf-8-sig", newline="")
         reader = csv.reader(text)
         try:
             header = next(reader)

@@ -153,6 +153,7 @@ def test_lease_and_damaged_parts_on_s3(tmp_path, s3_server, s3_bucket, tiny_mode
     with Lease(paths):
         with pytest.raises(RunLocked, match="being written by another driver"):
             run_job(spec, "l1", address="inline")
+        assert Lease(paths)._create() is False, "the conditional PUT (If-None-Match) refuses a second lease"
     first = run_job(spec, "l1", address="inline")
     assert first.shards == 2 and first.counts["ok"] == 8
 
