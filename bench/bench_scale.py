@@ -13,9 +13,10 @@ here), word units, `batch_rows` 64, the default `shard_rows`. Measured per run:
 - parts written; the no-op rerun of the complete run (same run id); `atman query ROOT "SELECT count(*) ..."`;
 - pipeline overhead per row outside the model: (job wall − engine time) / rows, where engine time is the bare
   engine (plan + sweep + explanation, the worker's code without the pipeline) on the same kind of rows in the same
-  batches, with the actor's one torch thread, measured on a 10,000-row sample in this process before and after
-  the jobs (the lower figure is used: a disturbed measurement cannot inflate it) and scaled by rows. The job's
-  wall includes starting Ray, the actor and its model, so at small sizes the fixed cost dominates.
+  batches (sorted by length, as the worker sorts a shard), with the actor's one torch thread, measured on a
+  10,000-row sample in this process before and after the jobs (the lower figure is used: a disturbed
+  measurement cannot inflate it) and scaled by rows. The job's wall includes starting Ray, the actor and its
+  model, so at small sizes the fixed cost dominates.
 
 Writes a JSON of the figures and, with --plot, a PNG of the costs against rows (log-log).
 """
@@ -82,6 +83,7 @@ def engine_seconds_per_row(model_dir: str, sample: int = 10_000) -> float:
     torch.set_num_threads(1)  # what the actor gets (cpus_per_actor 1)
     ex = Explainer(load_model(model_dir), AtManConfig(granularity="word"))
     rows = [json.loads(line) for line in corpus(Path(tempfile.mktemp()), sample).read_text().splitlines()]
+    rows.sort(key=lambda r: len(r["prompt"]))  # as the worker orders a shard: similar lengths pad little
     started = time.perf_counter()
     for i in range(0, len(rows), BATCH_ROWS):
         planned = [ex.plan(r["prompt"], r["target"]) for r in rows[i : i + BATCH_ROWS]]
@@ -183,7 +185,11 @@ def main() -> None:
     parser.add_argument("--shard-rows", type=int, nargs="+", default=[0], help="0 = the default")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--plot", type=Path, default=None)
+    parser.add_argument("--plot-from", type=Path, nargs="+", default=None, help="only plot these result JSONs")
     args = parser.parse_args()
+    if args.plot_from:  # runs of different invocations (each with its machine and engine figure) in one picture
+        plot([r for f in args.plot_from for r in json.loads(f.read_text())["results"]], args.plot)
+        return
     work = Path(tempfile.mkdtemp(prefix="atman-scale-"))
     model_dir = tiny_model(work / "tiny-llama-1layer")
     per_row = engine_seconds_per_row(model_dir)

@@ -204,3 +204,29 @@ def test_a_lease_of_a_gone_driver_or_past_its_expiry_is_taken_over(tmp_path, tin
     )
     assert run_job(spec, "l2", address="inline").rows == 2, "an expired lease of another machine"
     assert not Path(paths.lease).exists()
+
+
+@pytest.mark.parametrize("moment", ["staged, no plan", "planned, no part", "parts, no manifest"])
+def test_a_driver_stopped_at_any_moment_leaves_a_run_its_rerun_completes(tmp_path, tiny_model_dir, moment, monkeypatch):
+    """What a killed driver leaves on disk at three moments (the state is made by stopping the driver there; a
+    SIGKILLed driver mid-explain is tests/test_job_faults.py): the rerun completes with every id exactly once."""
+    import pipeline.job as job
+
+    spec = _spec(tiny_model_dir, _jsonl(tmp_path / "in.jsonl", _rows(10)), tmp_path / "out")
+
+    class Killed(BaseException):
+        pass
+
+    def die(*_a, **_k):
+        raise Killed(moment)
+
+    target = {"staged, no plan": "make_plan", "planned, no part": "_explain", "parts, no manifest": "finalize"}[moment]
+    with monkeypatch.context() as m:
+        m.setattr(job, target, die)
+        with pytest.raises(Killed):
+            run_job(spec, "k1", address="inline")
+    paths = RunPaths.locate(str(tmp_path / "out"), tiny_model_dir, "k1")
+    assert not Path(paths.success).exists() and not Path(paths.lease).exists()
+    again = run_job(spec, "k1", address="inline")
+    assert again.counts["ok"] == 10 and sorted(_ids(again.location)) == sorted(r["id"] for r in _rows(10))
+    assert again.processed == (0 if moment == "parts, no manifest" else 10)
