@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 TORCH_CONSTRAINTS ?= constraints-cpu.txt
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint format bench bench-gpu clean
+.PHONY: install demo test lint format bench bench-scale bench-gpu clean
 
 install: $(STAMP)
 
@@ -38,6 +38,10 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_engine.py
+
+bench-scale: $(STAMP)  # the data plane from 10^4 to 10^6 rows, local and S3 (about an hour on 2 cores)
+	$(BIN)/python bench/bench_scale.py --rows 10000 100000 1000000 --store local s3 \
+		--out bench/scale.json --plot bench/scale.png
 
 clean:
 	rm -rf $(VENV) .pytest_cache
