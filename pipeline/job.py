@@ -46,8 +46,8 @@ from pipeline.models import check_model
 from pipeline.reader import list_input
 from pipeline.schema import SCHEMA_VERSION, STATUSES
 from pipeline.shards import (
+    BLOCK_ROWS,
     Plan,
-    block_rows_for,
     damaged,
     input_changes,
     load_progress,
@@ -228,10 +228,10 @@ def _load_plan(paths: RunPaths) -> Plan | None:
 
 def _stage(executor, spec: JobSpec, paths: RunPaths, listing, save: bool = True) -> Plan:
     """Scan every input file into staging blocks (where the work runs), settle the ids, cut the shards."""
-    block_rows = block_rows_for(spec.resources.shard_rows)
-    blocks = executor.scan(listing, block_rows)
+    blocks = executor.scan(listing, BLOCK_ROWS)
     executor.resolve([b.name for b in blocks])
-    plan = make_plan(listing, blocks, spec.resources.shard_rows, spec.resources.actors)
+    res = spec.resources
+    plan = make_plan(listing, blocks, res.shard_rows, res.actors, res.batch_rows)
     if save:
         publish(paths.fs, paths.plan, plan.to_json())
     return plan
@@ -385,8 +385,7 @@ class _Inline:
         for shard in pending:
             lease.check()
             _check_stop()
-            blocks = [dataclasses.asdict(b) for b in plan.shard_blocks(shard)]
-            yield self.worker.explain_shard(shard, blocks, retry_errors)
+            yield self.worker.explain_shard(shard, plan.segments(shard), retry_errors)
 
 
 class _Ray:
@@ -474,8 +473,7 @@ class _Ray:
         def submit(a) -> None:
             if queue:
                 shard = queue.popleft()
-                blocks = [dataclasses.asdict(b) for b in plan.shard_blocks(shard)]
-                inflight[a.explain_shard.remote(shard, blocks, retry_errors)] = a
+                inflight[a.explain_shard.remote(shard, plan.segments(shard), retry_errors)] = a
 
         try:
             yield from self._dispatch(ray, actors, submit, inflight, lease, on_partial)

@@ -468,8 +468,9 @@ def apply_fixups(staged: pa.Table, fixups: pa.Table) -> pa.Table:
             ids[i], dup, first = fix[ordinal]
             if dup is not None:
                 errors[i] = f"duplicate id {dup!r} (first at {first}); this row is not explained"
-    staged = staged.set_column(staged.schema.get_field_index("prompt_id"), STAGED_SCHEMA.field("prompt_id"), [ids])
-    return staged.set_column(staged.schema.get_field_index("input_error"), STAGED_SCHEMA.field("input_error"), [errors])
+    at, field_of = staged.schema.get_field_index, STAGED_SCHEMA.field
+    staged = staged.set_column(at("prompt_id"), field_of("prompt_id"), pa.array(ids, pa.string()))
+    return staged.set_column(at("input_error"), field_of("input_error"), pa.array(errors, pa.string()))
 
 
 def _request(source: str, record: dict | None, problem: str | None, spec: InputSpec) -> dict:

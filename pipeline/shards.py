@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 BLOCK_ROWS = 1000
 """Rows per staging block: the grain at which shards are cut."""
 FIXUPS = "_fixups.parquet"
-PLAN_VERSION = 1
+PLAN_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -53,8 +53,8 @@ class Plan:
     input: list[dict]
     """The input's listing (path, kind, size, version, split per file) when the run started."""
     blocks: list[Block]
-    shards: list[tuple[int, int]]
-    """(first block, number of blocks) per shard."""
+    shards: list[list[tuple[int, int, int]]]
+    """Per shard, its segments: (block index, first row, end row) — a shard may cut a block."""
     shard_rows: int
     ignored: list[str] = field(default_factory=list)
 
@@ -62,12 +62,14 @@ class Plan:
     def rows(self) -> int:
         return sum(b.rows for b in self.blocks)
 
-    def shard_blocks(self, shard: int) -> list[Block]:
-        first, n = self.shards[shard]
-        return self.blocks[first : first + n]
+    def segments(self, shard: int) -> list[dict]:
+        """The shard's rows as ``{"block": Block fields, "start", "stop"}`` (what a worker reads)."""
+        return [
+            {"block": self.blocks[i].__dict__, "start": start, "stop": stop} for i, start, stop in self.shards[shard]
+        ]
 
     def shard_rows_of(self, shard: int) -> int:
-        return sum(b.rows for b in self.shard_blocks(shard))
+        return sum(stop - start for _, start, stop in self.shards[shard])
 
     def to_json(self) -> bytes:
         return json.dumps(
@@ -77,24 +79,22 @@ class Plan:
                 "ignored": self.ignored,
                 "shard_rows": self.shard_rows,
                 "blocks": [[b.name, b.rows, b.lo, b.hi] for b in self.blocks],
-                "shards": [list(s) for s in self.shards],
+                "shards": [[list(seg) for seg in s] for s in self.shards],
             }
         ).encode()
 
     @classmethod
     def from_json(cls, data: bytes) -> Plan:
         d = json.loads(data)
+        if d.get("version") != PLAN_VERSION:
+            raise ValueError(f"_plan.json: version {d.get('version')} is not {PLAN_VERSION}")
         return cls(
             input=d["input"],
             blocks=[Block(*b) for b in d["blocks"]],
-            shards=[tuple(s) for s in d["shards"]],
+            shards=[[tuple(seg) for seg in s] for s in d["shards"]],
             shard_rows=d["shard_rows"],
             ignored=d.get("ignored", []),
         )
-
-
-def block_rows_for(shard_rows: int) -> int:
-    return max(1, min(BLOCK_ROWS, shard_rows))
 
 
 # --- staging (runs where the work runs: a Ray task, or in-process for `inline`) ----------------------------------
@@ -148,10 +148,16 @@ def resolve(run: dict, blocks: list[str], memory_limit: str = "512MB") -> int:
     return fixups.num_rows
 
 
-def read_shard(paths: RunPaths, blocks: list[Block]) -> pa.Table:
+def read_shard(paths: RunPaths, segments: list[dict]) -> pa.Table:
     """A shard's requests (STAGED_SCHEMA) with their final ids, in input order."""
     fs = paths.fs
-    table = pa.concat_tables([pq.read_table(f"{paths.staging}/{b.name}", filesystem=fs) for b in blocks])
+    blocks = [Block(**seg["block"]) for seg in segments]
+    table = pa.concat_tables(
+        [
+            pq.read_table(f"{paths.staging}/{b.name}", filesystem=fs).slice(seg["start"], seg["stop"] - seg["start"])
+            for b, seg in zip(blocks, segments, strict=True)
+        ]
+    )
     lo, hi = min(b.lo for b in blocks), max(b.hi for b in blocks)
     fixups = pq.read_table(
         f"{paths.staging}/{FIXUPS}", filesystem=fs, filters=[("ordinal", ">=", lo), ("ordinal", "<=", hi)]
@@ -171,20 +177,26 @@ def staging_ready(paths: RunPaths, plan: Plan) -> bool:
 # --- planning ----------------------------------------------------------------------------------------------------
 
 
-def make_plan(listing: InputListing, blocks: list[Block], shard_rows: int, actors: int) -> Plan:
-    """Cut the blocks (in input order) into shards of at most ``shard_rows`` rows; fewer rows per shard when the
-    input is small, so that every actor gets about four shards (a shard never splits a block)."""
+def make_plan(listing: InputListing, blocks: list[Block], shard_rows: int, actors: int, batch_rows: int) -> Plan:
+    """Cut the rows (in input order) into shards of ``shard_rows`` rows, fewer when the input is small: about four
+    shards per actor, but not fewer rows than a batch. A shard may start or end inside a block."""
     total = sum(b.rows for b in blocks)
-    target = max(1, min(shard_rows, math.ceil(total / (4 * actors)) if total else shard_rows))
-    shards: list[tuple[int, int]] = []
-    first, rows = 0, 0
+    target = max(1, min(shard_rows, max(batch_rows, math.ceil(total / (4 * actors)))))
+    shards: list[list[tuple[int, int, int]]] = []
+    current: list[tuple[int, int, int]] = []
+    room = target
     for i, b in enumerate(blocks):
-        if rows and rows + b.rows > target:
-            shards.append((first, i - first))
-            first, rows = i, 0
-        rows += b.rows
-    if blocks:
-        shards.append((first, len(blocks) - first))
+        start = 0
+        while start < b.rows:
+            take = min(room, b.rows - start)
+            current.append((i, start, start + take))
+            start += take
+            room -= take
+            if room == 0:
+                shards.append(current)
+                current, room = [], target
+    if current:
+        shards.append(current)
     return Plan(listing.fingerprint(), list(blocks), shards, shard_rows, list(listing.ignored))
 
 

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from pipeline.jobspec import JobSpec
 from pipeline.layout import RunPaths, filesystem, parquet_bytes, part_name, publish
 from pipeline.schema import SCHEMA
-from pipeline.shards import Block, marker, read_shard, write_marker
+from pipeline.shards import marker, read_shard, write_marker
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +65,10 @@ class ExplainWorker:
         self._lock = threading.Lock()
         self._done: dict[int, int] = {}
 
-    def explain_shard(self, shard: int, blocks: list[dict], retry_errors: bool = False) -> dict:
-        """Explain a shard and publish it: part first, then its marker, which is returned."""
+    def explain_shard(self, shard: int, segments: list[dict], retry_errors: bool = False) -> dict:
+        """Explain a shard (its ``Plan.segments``) and publish it: part first, then its marker, which is returned."""
         started = time.perf_counter()
-        requests = read_shard(self.run, [Block(**b) for b in blocks]).drop_columns(["ordinal"]).to_pylist()
+        requests = read_shard(self.run, segments).drop_columns(["ordinal"]).to_pylist()
         requests.sort(key=lambda r: len(r["prompt"] or ""))  # stable: input order among equal lengths
         kept: dict[str, dict] = {}
         if retry_errors:  # keep what an earlier attempt finished; explain its errors (and anything it lacks) again

@@ -66,6 +66,15 @@ def test_one_part_per_shard_with_size_and_checksum_in_the_manifest(tmp_path, tin
     assert sorted(_ids(summary.location)) == sorted(r["id"] for r in _rows(18))
 
 
+def test_a_small_input_is_cut_into_about_four_shards_per_actor(tmp_path, tiny_model_dir):
+    """Shards may cut a staging block (1,000 rows): 40 rows on 2 actors are 8 shards of 5, so both actors work."""
+    spec = _spec(tiny_model_dir, _jsonl(tmp_path / "in.jsonl", _rows(40)), tmp_path / "out", actors=2, shard_rows=100)
+    summary = run_job(spec, "small", address="inline")
+    manifest = json.loads((Path(summary.location) / "_manifest.json").read_text())
+    assert summary.shards == 8 and [f["rows"] for f in manifest["files"]] == [5] * 8
+    assert sorted(_ids(summary.location)) == sorted(r["id"] for r in _rows(40))
+
+
 def test_a_rerun_reads_the_progress_record_not_the_parts(tmp_path, tiny_model_dir, monkeypatch):
     spec = _spec(tiny_model_dir, _jsonl(tmp_path / "in.jsonl", _rows(10)), tmp_path / "out")
     run_job(spec, "s2", address="inline")
@@ -100,6 +109,7 @@ def test_a_damaged_part_is_redone_on_resume_and_skipped_by_queries(tmp_path, tin
     spec = _spec(tiny_model_dir, _jsonl(tmp_path / "in.jsonl", _rows(10)), tmp_path / "out")
     summary = run_job(spec, "d1", address="inline")
     part = Path(summary.location) / "part-s000001.parquet"
+    shard_rows = json.loads((Path(summary.location) / "_manifest.json").read_text())["files"][1]["rows"]
     data = bytearray(part.read_bytes())
     if damage == "truncate":
         data = data[: len(data) // 2]
@@ -125,7 +135,7 @@ def test_a_damaged_part_is_redone_on_resume_and_skipped_by_queries(tmp_path, tin
 
     notes = []
     again = run_job(spec, "d1", address="inline", on_notice=notes.append)
-    assert again.processed == 4, "the damaged shard (4 rows) is explained again"
+    assert again.processed == shard_rows == 3, "the damaged shard (10 rows in shards of 3) is explained again"
     assert any("shard 1: part-s000001.parquet" in n for n in notes), notes
     assert sorted(_ids(again.location)) == sorted(r["id"] for r in _rows(10))
     manifest = json.loads((Path(again.location) / "_manifest.json").read_text())
