@@ -12,11 +12,10 @@ if TYPE_CHECKING:
     from pipeline.atman import AtManConfig, Explainer, Explanation, UnsupportedModelError
     from pipeline.models import DEFAULT_MODEL, LoadedModel, load_model
 
+from pipeline import atman as _atman  # itself lazy: no torch yet
+
 _WHERE = {
-    "AtManConfig": "pipeline.atman.config",
-    "Explainer": "pipeline.atman.explainer",
-    "Explanation": "pipeline.atman.explanation",
-    "UnsupportedModelError": "pipeline.atman.attention",
+    **_atman._WHERE,
     "DEFAULT_MODEL": "pipeline.models",
     "LoadedModel": "pipeline.models",
     "load_model": "pipeline.models",

@@ -149,6 +149,7 @@ def run_job(
                     f"input.path: the input changed since run {run_id} started ({'; '.join(changes[:3])}); a run "
                     "explains one snapshot of its input: start a new run (without --run-id) for the new input"
                 )
+            checked = plan is None  # a new run checks the model before it stages the input
             if plan is None:
                 _check_model(spec, address)
                 plan = _stage(executor, spec, paths, listing)
@@ -167,7 +168,7 @@ def run_job(
                 for s in range(len(plan.shards))
                 if s not in progress or (retry_errors and progress[s]["counts"]["error"])
             ]
-            if pending:
+            if pending and not checked:
                 _check_model(spec, address)
             if pending and not staging_ready(paths, plan):  # removed when the run completed: stage it again
                 again = _stage(executor, spec, paths, listing, save=False)
@@ -180,7 +181,9 @@ def run_job(
             todo = sum(progress[s]["counts"]["error"] if s in progress else plan.shard_rows_of(s) for s in pending)
             if on_start:
                 on_start(paths, plan.rows, todo)
-            processed, passes = _explain(executor, paths, plan, pending, progress, retry_errors, lease, on_progress)
+            processed, passes = _explain(
+                executor, paths, plan, pending, todo, progress, retry_errors, lease, on_progress
+            )
             summary = finalize(spec, paths, plan, progress, started_at, notice)
     except Stopped as stop:
         raise RunIncomplete(
@@ -278,13 +281,13 @@ def _reclaim_signals() -> None:
             signal.signal(s, _handler[-1])
 
 
-def _explain(executor, paths, plan, pending, progress, retry_errors, lease, on_progress) -> tuple[int, int]:
-    """Explain the pending shards; fold their markers into the progress record as they come."""
+def _explain(executor, paths, plan, pending, total, progress, retry_errors, lease, on_progress) -> tuple[int, int]:
+    """Explain the pending shards (``total`` rows to explain); fold their markers into the progress record as they
+    come."""
     if not pending:
         return 0, 0
     processed, passes = 0, 0
     folded_at, fold = time.monotonic(), []
-    total = sum(progress[s]["counts"]["error"] if s in progress else plan.shard_rows_of(s) for s in pending)
     done = [0]
 
     def partial(rows: int) -> None:

@@ -110,14 +110,18 @@ def test_actor_killed_mid_run_loses_and_doubles_nothing(tmp_path, ray_cluster):
     assert (Path(summary.location) / "_SUCCESS").exists()
 
 
-def test_driver_killed_then_rerun_completes_the_run(tmp_path):
+def _cli_job(tmp_path: Path, run_id: str) -> tuple[list[str], dict]:
+    """The input, a job spec of 2-row shards, and the `atman run` command line and environment for ``run_id``."""
     _input(tmp_path)
     (tmp_path / "job.yaml").write_text(
         "name: faults\ninput: {path: in.jsonl}\nmethod: {granularity: word}\noutput: {root: out}\n"
         "resources: {actors: 1, batch_rows: 1, shard_rows: 2}\n"
     )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    cmd = [ATMAN, "run", "job.yaml", "--run-id", "d1"]
+    return [ATMAN, "run", "job.yaml", "--run-id", run_id], {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+
+def test_driver_killed_then_rerun_completes_the_run(tmp_path):
+    cmd, env = _cli_job(tmp_path, "d1")
     first = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         _wait_for(lambda: len(_parts(tmp_path / "out")) >= 2 or first.poll() is not None, 240, "two parts")
@@ -143,13 +147,7 @@ def test_driver_killed_then_rerun_completes_the_run(tmp_path):
 
 def test_sigterm_stops_cleanly_and_says_how_to_resume(tmp_path):
     """How Kubernetes and Ray stop a job: no stack dump, a resume hint, exit 128 + 15, nothing left running."""
-    _input(tmp_path)
-    (tmp_path / "job.yaml").write_text(
-        "name: faults\ninput: {path: in.jsonl}\nmethod: {granularity: word}\noutput: {root: out}\n"
-        "resources: {actors: 1, batch_rows: 1, shard_rows: 2}\n"
-    )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    cmd = [ATMAN, "run", "job.yaml", "--run-id", "t1"]
+    cmd, env = _cli_job(tmp_path, "t1")
     first = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         _wait_for(lambda: _parts(tmp_path / "out") or first.poll() is not None, 240, "a part")
