@@ -1,4 +1,5 @@
-"""The paper's SQuAD protocol (../shared/ATMAN.md, Table 1a) for AtMan and the usual baselines, on identical units.
+"""The paper's SQuAD protocol (its Table 1a; docs/METHOD.md "Evaluation") for AtMan and the baselines, on identical
+units.
 
 Per example: prompt = context + question (the model's chat template for instruct models), target = the first
 reference answer, units = the context's units only (``explain_span``); ground truth y = units whose characters
@@ -15,6 +16,8 @@ Methods: ``atman`` (the library defaults), ``atman:<mode>`` and ``atman:<mode>+c
 (Captum's InputXGradient and IntegratedGradients on the input embeddings; IG starts from zeroed prompt embeddings),
 ``rollout`` (attention rollout, Abnar & Zuidema 2020), ``random``. Gradient and rollout scores are summed per unit
 over the unit's tokens.
+
+The data defaults to the bundled SQuAD dev subset (``pipeline.data.SQUAD_DEV``: 76 examples, CC BY-SA 4.0).
 """
 
 from __future__ import annotations
@@ -28,12 +31,13 @@ import numpy as np
 import torch
 from scipy.stats import trim_mean
 
-from pipeline.atman.config import MODES, AtManConfig
+from pipeline.atman.config import AtManConfig
 from pipeline.atman.explainer import Explainer, Planned
 from pipeline.atman.sweep import SweepInput
+from pipeline.eval_methods import method_config
 
-DEFAULT_METHODS = ("atman", "ixg", "ig", "rollout", "random")
 DELETION_K = (1, 2, 3, 4, 5)
+UNITS = AtManConfig().granularity  # the library's default units, as everywhere else
 
 
 @dataclass(frozen=True)
@@ -104,37 +108,10 @@ def load_squad(path: str, limit: int | None = None, sample: int | None = None) -
     return examples
 
 
-def parse_methods(text: str) -> list[str]:
-    names = [m.strip() for m in text.split(",") if m.strip()]
-    atman = {"atman"} | {f"atman:{m}" for m in MODES} | {f"atman:{m}+conceptual" for m in MODES}
-    valid = {"ixg", "ig", "rollout", "random", "atman:paper"} | atman | {f"{a}+squares" for a in atman}
-    for name in names:
-        if name not in valid:
-            raise ValueError(f"methods: {name!r} is not one of {', '.join(sorted(valid))}")
-    return names
-
-
-def method_config(name: str, granularity: str) -> AtManConfig:
-    """``atman`` = library defaults; ``atman:<mode>`` = that mode without conceptual suppression; ``+conceptual``
-    adds it with the paper's kappa 0.7; ``+squares`` aggregates per-target-token ΔCE as the paper's evaluation."""
-    if name == "atman:paper":  # the authors' code on the evaluation's units; target units do not score context
-        return AtManConfig.paper(granularity=granularity, target_units=False)
-    base, *extras = name.split("+")
-    aggregate = "sum_of_squares" if "squares" in extras else "sum"
-    if base == "atman":
-        return AtManConfig(granularity=granularity, aggregate=aggregate)
-    return AtManConfig(
-        granularity=granularity,
-        mode=base.removeprefix("atman:"),
-        conceptual_threshold=0.7 if "conceptual" in extras else None,
-        aggregate=aggregate,
-    )
-
-
 class SquadEval:
     """Runs the methods on examples with one loaded model; every method sees the same units."""
 
-    def __init__(self, lm, granularity: str = "word", seed: int = 0) -> None:
+    def __init__(self, lm, granularity: str = UNITS, seed: int = 0) -> None:
         self.lm = lm
         self.granularity = granularity
         self.seed = seed
@@ -283,7 +260,7 @@ def average_recall(x: np.ndarray, y: np.ndarray) -> float:
     return float((mass / mass.max() * y).sum() / y.sum())
 
 
-def evaluate(lm, examples: list[Example], methods: list[str], granularity: str = "word", seed: int = 0,
+def evaluate(lm, examples: list[Example], methods: list[str], granularity: str = UNITS, seed: int = 0,
              on_example: Callable[[int, int], None] | None = None) -> dict:  # fmt: skip
     """The DESIGN.md JSON shape: n, model, methods {name: metrics}, examples [...]."""
     ev = SquadEval(lm, granularity, seed)
@@ -311,7 +288,7 @@ def evaluate(lm, examples: list[Example], methods: list[str], granularity: str =
 
 
 def sweep(lm, examples: list[Example], mode: str, factors: list[float], kappas: list[float | None],
-          granularity: str = "word", on_example: Callable[[int, int], None] | None = None) -> dict:  # fmt: skip
+          granularity: str = UNITS, on_example: Callable[[int, int], None] | None = None) -> dict:  # fmt: skip
     """The paper's line sweep: mAP / mAR / AOPC of AtMan for every (factor, kappa) on the same examples."""
     ev = SquadEval(lm, granularity)
     grid = [(f, k) for f in factors for k in kappas]

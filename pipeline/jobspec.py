@@ -1,11 +1,11 @@
 """The job spec (YAML): validated before anything starts; unknown keys and wrong types name the field.
 
-Shape (../shared/DESIGN.md):
+Shape (every field, with its documentation: `atman run --help` and jobs/examples/demo.yaml):
 
     name: demo
     model: {id: smollm2-135m-instruct, revision: null, dtype: auto}
     input: {path: jobs/examples/prompts.jsonl, format: auto, id_column: id, prompt_column: prompt, ...}
-    method: {mode: log_additive, factor: 0.1, conceptual_threshold: null, granularity: word, ...}
+    method: {mode: log_additive, factor: 0.1, conceptual_threshold: null, granularity: word, ...}  (AtManConfig's)
     output: {root: out/, compression: zstd}
     resources: {actors: 1, gpus_per_actor: 0, batch_rows: 8}
     schedule: {cron: "0 2 * * *"}
@@ -17,14 +17,16 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from copy import copy
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
-from pipeline.atman.config import Aggregate, AtManConfig, ConceptualCandidates, Mode
-from pipeline.models import DEFAULT_MODEL
+from pipeline.atman.config import AtManConfig
+from pipeline.messages import describe
+from pipeline.models import DEFAULT_MODEL, DType
 
 
 class JobSpecError(ValueError):
@@ -40,7 +42,7 @@ class ModelSpec(_Strict):
     """Embedded alias, Hugging Face id or local directory (safetensors)."""
     revision: str | None = None
     """Hub revision (branch, tag or commit); recorded in every output row."""
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    dtype: DType = "auto"
     """auto = bfloat16 on GPU, float32 on CPU."""
     trust_remote_code: bool = False
     """Run the model repository's own Python code (off unless you trust it)."""
@@ -64,26 +66,28 @@ class InputSpec(_Strict):
     """Input columns passed through, as JSON, into the output's `metadata` column."""
 
 
-_ENGINE = AtManConfig()  # the library defaults, chosen by the SQuAD evaluation (README, docs/EVAL.md)
+METHOD_FIELDS = (
+    "mode", "factor", "conceptual_threshold", "conceptual_candidates", "granularity", "delimiter",
+    "aggregate", "postprocess", "normalize", "keep_per_target", "generate_max_tokens",
+)  # fmt: skip
+"""The AtManConfig fields a job spec's `method:` sets. The others tune the engine (batching, padding, prefix reuse)
+or only matter in Python (`target_units`: jobs store the prompt's units)."""
 
 
-class MethodSpec(_Strict):
-    mode: Mode = _ENGINE.mode
-    factor: float = Field(_ENGINE.factor, ge=0.0)
-    conceptual_threshold: float | None = Field(_ENGINE.conceptual_threshold, ge=0.0, le=1.0)
-    granularity: Literal["token", "word", "sentence", "paragraph", "custom"] = "word"
-    delimiter: str | None = None
-    generate_max_tokens: int = Field(16, ge=1)
-    keep_per_target: bool = True
-    conceptual_candidates: ConceptualCandidates = _ENGINE.conceptual_candidates
-    """Tokens conceptual suppression may pull in: the prompt's units, or those and the target's input tokens."""
-    aggregate: Aggregate = _ENGINE.aggregate
-    """Per-target-token ΔCE combined by `sum` or `sum_of_squares` (the paper's evaluation)."""
-    postprocess: Literal["none", "abs", "square"] = "none"
-    normalize: bool = False
-
+class _Method(_Strict):
     def atman_config(self, **engine: Any) -> AtManConfig:
         return AtManConfig(**self.model_dump(), **engine)
+
+
+MethodSpec = create_model(
+    "MethodSpec",
+    __base__=_Method,
+    __doc__="The job's AtMan method: AtManConfig's own fields, types, defaults and docs (one source of truth).",
+    **{
+        name: (AtManConfig.model_fields[name].annotation, copy(AtManConfig.model_fields[name]))
+        for name in METHOD_FIELDS
+    },
+)
 
 
 class OutputSpec(_Strict):
@@ -154,17 +158,6 @@ class JobSpec(_Strict):
         return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
-def _describe(error: ValidationError) -> str:
-    parts = []
-    for e in error.errors():
-        field = ".".join(str(x) for x in e["loc"]) or "spec"
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            msg = "unknown key (check the spelling; see jobs/examples/demo.yaml)"
-        parts.append(f"{field}: {msg}")
-    return "; ".join(parts)
-
-
 def _apply_override(data: dict, assignment: str) -> None:
     """``--set method.factor=0.3``: a dotted key and a YAML value."""
     key, sep, raw = assignment.partition("=")
@@ -196,5 +189,5 @@ def load_job(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> J
         spec = JobSpec.model_validate(data)
         spec.method.atman_config()  # cross-field checks (delimiter vs granularity)
     except ValidationError as err:
-        raise JobSpecError(f"{path}: {_describe(err)}") from None
+        raise JobSpecError(f"{path}: {describe(err, 'check the spelling; see jobs/examples/demo.yaml')}") from None
     return spec

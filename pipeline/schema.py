@@ -1,4 +1,4 @@
-"""The output schema (v1, ../shared/DESIGN.md): one row per (prompt, target), plain Arrow types only."""
+"""The output schema (v1; README "Output schema"): one row per (prompt, target), plain Arrow types only."""
 
 from __future__ import annotations
 

@@ -10,17 +10,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline.data import SQUAD_DEV
+from pipeline.eval_methods import parse_methods
 from pipeline.evaluate import (
     SquadEval,
     average_precision,
     average_recall,
     evaluate,
     load_squad,
-    parse_methods,
 )
 
 ATMAN = str(Path(sys.executable).parent / "atman")
-DEV = Path(__file__).parent.parent.parent / "shared" / "data" / "squad" / "dev.jsonl"
 EXAMPLES = [
     {
         "id": "e1",
@@ -92,17 +92,14 @@ def test_random_scores_near_the_answer_share(tiny_lms, tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_on_three_examples(tmp_path):
-    """What CI runs on the real model: three examples, JSON out."""
-    path = DEV if DEV.exists() else None
-    if path is None:
-        path = tmp_path / "squad.jsonl"
-        path.write_text("".join(json.dumps(e) + "\n" for e in EXAMPLES * 2))
-    out = subprocess.run([ATMAN, "eval", "squad", "--data", str(path), "--limit", "3", "--methods",
-                          "atman,ixg,random", "--json"], capture_output=True, text=True, timeout=900)  # fmt: skip
+def test_cli_on_the_bundled_subset():
+    """What CI runs on the real model: the bundled SQuAD subset (the default --data), two examples, JSON out."""
+    out = subprocess.run([ATMAN, "eval", "squad", "--limit", "2", "--methods", "atman,random", "--json"],
+                         capture_output=True, text=True, timeout=400)  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout)
-    assert result["n"] == 3 and result["model"] and set(result["methods"]) == {"atman", "ixg", "random"}
+    assert result["n"] == 2 and result["model"] and set(result["methods"]) == {"atman", "random"}
+    assert [e["id"] for e in result["examples"]] == [e.id for e in load_squad(str(SQUAD_DEV), limit=2)]
     assert result["methods"]["atman"]["mAP"] > result["methods"]["random"]["mAP"]
 
 
@@ -155,6 +152,25 @@ def test_cli_sweep_end_to_end(tiny_model_dir, squad_file, tmp_path):
     assert bad.returncode == 2 and "factors:" in bad.stderr
     bad = subprocess.run([*cmd[:-2], "--limit", "1"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "sample: give --limit or --sample" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    "args, names",
+    [
+        (["sweep", "--granularity", "bogus"], ["--granularity", "bogus"]),
+        (["sweep", "--kappas", "none,1.5"], ["kappas: '1.5'", "conceptual_threshold"]),
+        (["sweep", "--factors", "0.1,-1"], ["factors: '-1'", "factor"]),
+        (["sweep", "--mode", "additive"], ["--mode", "additive"]),
+        (["squad", "--granularity", "custom"], ["--granularity", "custom"]),
+        (["squad", "--methods", " , "], ["methods: no method given"]),
+    ],
+)
+def test_eval_bad_options_exit_2_naming_the_option(args, names):
+    """Every bad value is refused before a model loads: exit 2, the option named, no traceback."""
+    out = subprocess.run([ATMAN, "eval", *args], capture_output=True, text=True, timeout=120)
+    text = " ".join(out.stderr.split())
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr and all(n in text for n in names), text
 
 
 def test_removal_deletion_drops_the_top_units_tokens(tiny_lms, squad_file):

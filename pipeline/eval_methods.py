@@ -1,0 +1,52 @@
+"""The methods `atman eval` compares, by name: one vocabulary for the command line, its help and the evaluation.
+
+Light on purpose (no torch): the CLI builds its options and help from it before any model is loaded.
+"""
+
+from __future__ import annotations
+
+from pipeline.atman.config import MODES, AtManConfig
+
+BASELINES = ("ixg", "ig", "rollout", "random")
+"""Captum's InputXGradient and IntegratedGradients, attention rollout, and uniform random scores."""
+DEFAULT_METHODS = ("atman", *BASELINES)
+PAPER_KAPPA = 0.7
+"""The paper's conceptual-suppression threshold, used by the ``+conceptual`` names."""
+GRAMMAR = "atman, atman:<mode>[+conceptual][+squares], atman+squares, atman:paper, " + ", ".join(BASELINES)
+"""How the names are built, for help texts; ``<mode>`` is one of AtManConfig's modes."""
+
+
+def method_names() -> set[str]:
+    """Every valid name: the AtMan variants over AtManConfig's modes, each optionally ``+squares``, and the
+    baselines."""
+    atman = {"atman"} | {f"atman:{m}" for m in MODES} | {f"atman:{m}+conceptual" for m in MODES}
+    return {"atman:paper", *BASELINES} | atman | {f"{a}+squares" for a in atman}
+
+
+def parse_methods(text: str) -> list[str]:
+    """Comma-separated names, in the order given; an unknown name raises ValueError naming ``methods``."""
+    names = [m.strip() for m in text.split(",") if m.strip()]
+    valid = method_names()
+    for name in names:
+        if name not in valid:
+            raise ValueError(f"methods: {name!r} is not a method; the names are {GRAMMAR} (<mode>: {', '.join(MODES)})")
+    if not names:
+        raise ValueError(f"methods: no method given; the names are {GRAMMAR}")
+    return names
+
+
+def method_config(name: str, granularity: str) -> AtManConfig:
+    """``atman`` = library defaults; ``atman:<mode>`` = that mode without conceptual suppression; ``+conceptual``
+    adds it with the paper's kappa 0.7; ``+squares`` aggregates per-target-token ΔCE as the paper's evaluation."""
+    if name == "atman:paper":  # the authors' code on the evaluation's units; target units do not score context
+        return AtManConfig.paper(granularity=granularity, target_units=False)
+    base, *extras = name.split("+")
+    aggregate = "sum_of_squares" if "squares" in extras else "sum"
+    if base == "atman":
+        return AtManConfig(granularity=granularity, aggregate=aggregate)
+    return AtManConfig(
+        granularity=granularity,
+        mode=base.removeprefix("atman:"),
+        conceptual_threshold=PAPER_KAPPA if "conceptual" in extras else None,
+        aggregate=aggregate,
+    )
