@@ -41,3 +41,15 @@ def test_pipeline_bench_script_runs_on_a_tiny_model(tmp_path, tiny_model_dir):
     result = json.loads(out.read_text())
     assert result["prompts"] == 3 and set(result["results"]) == {"engine", "inline"}
     assert result["results"]["inline"]["unit_passes_per_s"] > 0 and result["inline_over_engine"] > 0
+
+
+def test_cli_bench_script_and_the_light_entry_points(tmp_path):
+    """bench_cli runs; and `import pipeline` and `atman --help` import none of the heavy libraries (the CLI's start
+    time is measured there, not asserted here)."""
+    out = tmp_path / "cli.json"
+    cmd = [sys.executable, str(ROOT / "bench/bench_cli.py"), "--repeats", "1", "--out", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"atman --help", "atman explain --help", "atman query --help", "import pipeline"}
+    for name, r in results.items():
+        assert r["median_s"] > 0 and r["heavy"] == [], (name, r["heavy"])
