@@ -18,7 +18,7 @@ import pyarrow as pa
 from scipy.stats import spearmanr
 
 from pipeline.jobspec import AuditSpec, JobSpec
-from pipeline.layout import filesystem, model_slug, parquet_bytes, publish
+from pipeline.layout import audit_dir, filesystem, model_slug, parquet_bytes, publish, url
 from pipeline.query import Run, connect, list_runs
 from pipeline.report import _e, page, table_html
 
@@ -100,11 +100,9 @@ def diff_runs(root: str, base: Run, new: Run, thresholds: AuditSpec | None = Non
         out.append(_compare(pid, base_rows.get(pid), new_rows.get(pid), thresholds))
     table = pa.Table.from_pylist(out, schema=AUDIT_SCHEMA)
     fs, path = filesystem(root)
-    where = f"{path.rstrip('/')}/_audits/{base.model}.{base.run_id}__{new.model}.{new.run_id}"
+    where = audit_dir(path, base.model, base.run_id, new.model, new.run_id)
     publish(fs, f"{where}/audit.parquet", parquet_bytes(table, "zstd"))
-    protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
-    location = where if protocol in ("file", "local") else f"{protocol}://{where}"
-    result = DiffResult(base, new, table, location, thresholds, _config_changes(fs, base, new))
+    result = DiffResult(base, new, table, url(fs, where), thresholds, _config_changes(fs, base, new))
     publish(fs, f"{where}/audit.html", audit_html(result).encode())
     publish(fs, f"{where}/summary.json", json.dumps(result.summary(), indent=2).encode())
     return result

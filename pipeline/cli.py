@@ -229,15 +229,17 @@ def query(
     include_incomplete: Annotated[bool, typer.Option(help="Also read runs without _SUCCESS.")] = False,
 ) -> None:
     """SQL (DuckDB, read-only) over every run under ROOT: `explanations` (one row per prompt and run, with
-    columns model and run_date), `units` (one row per prompt, run and unit, with its rank) and `runs`."""
-    from pipeline.query import DamagedPart, QueryError, connect, run_query
+    columns model and run_date), `units` (one row per prompt, run and unit, with its rank) and `runs`. Queries
+    read nothing outside ROOT; a ROOT without runs is an error, not an empty answer."""
+    from pipeline.query import DamagedPart, QueryError, connect, run_query, runs_to_query
 
     if format not in ("table", "json", "csv"):
         fail(f"format: {format!r} is not table, json or csv")
     try:
+        runs = runs_to_query(root, include_incomplete)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", DamagedPart)
-            con = connect(root, include_incomplete)
+            con = connect(root, runs=runs)
         for w in caught:
             err.print(f"[yellow]warning:[/] {w.message}", highlight=False, soft_wrap=True)
         table = run_query(con, sql)

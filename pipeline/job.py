@@ -40,7 +40,16 @@ from dataclasses import dataclass, field
 from importlib import metadata
 
 from pipeline.jobspec import JobSpec, JobSpecError
-from pipeline.layout import RunPaths, new_run_id, part_name, publish, storage_error, valid_run_id
+from pipeline.layout import (
+    RunPaths,
+    local_root,
+    new_run_id,
+    part_name,
+    publish,
+    scratch_dir,
+    storage_error,
+    valid_run_id,
+)
 from pipeline.lease import Lease
 from pipeline.models import check_model
 from pipeline.reader import list_input
@@ -537,9 +546,10 @@ def scratch_path(root: str, model_id: str, run_id: str) -> str:
     """Ray's session directory for a local run: ``ROOT/_scratch/<run_id>`` for a local root whose path is short
     enough for Ray's Unix sockets (~107 bytes in all), else ``$TMPDIR/atman-ray-<hash>``. The same for every
     attempt of a run, so a rerun finds what a killed driver left."""
-    if "://" not in root or root.startswith("file://"):
-        root = os.path.abspath(root.removeprefix("file://"))
-        path = os.path.join(root, "_scratch", run_id)
+    local = local_root(root)
+    if local is not None:
+        root = local
+        path = scratch_dir(local, run_id)
         if len(path) <= 40:
             return path
     key = hashlib.sha256(f"{root}\n{model_id}\n{run_id}".encode()).hexdigest()[:12]

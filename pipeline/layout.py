@@ -8,6 +8,11 @@ ROOT/model=<slug>/run_date=YYYY-MM-DD/run_id=<id>/part-s<shard>.parquet   one pe
                                                   _progress/        one marker per shard finished since
                                                   _lease.json       the driver writing the run, until when
                                                   _staging/         the input as validated blocks (until done)
+ROOT/_audits/<base model>.<base run>__<new model>.<new run>/   a diff of two runs (audit.parquet, .html, summary)
+ROOT/_scratch/<run_id>/                                        Ray's session files of a local run (short roots)
+
+The partition names (``model=``, ``run_date=``, ``run_id=``), the URL of a path and the publishing of a file are
+spelled here only; the query layer, the audit and the job ask this module for them.
 """
 
 from __future__ import annotations
@@ -30,6 +35,10 @@ PROGRESS = "_progress.json"
 MARKERS = "_progress"
 LEASE = "_lease.json"
 STAGING = "_staging"
+AUDITS = "_audits"
+SCRATCH = "_scratch"
+PARTITIONS = ("model", "run_date", "run_id")  # the run directory's levels, outermost first
+_RUN_DIR = re.compile(r"model=([^/]+)/run_date=([^/]+)/run_id=([^/]+)$")
 
 
 def shard_name(shard: int) -> str:
@@ -64,6 +73,58 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return url_to_fs(url)
 
 
+def protocol(fs) -> str:
+    """The filesystem's main protocol ('file', 's3', ...): fsspec gives a name or a tuple of aliases."""
+    return fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
+
+
+def is_local(fs) -> bool:
+    protocols = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
+    return "file" in protocols or "local" in protocols
+
+
+def url(fs, path: str) -> str:
+    """A path of ``fs`` as the user writes it: a local path as it is, any other with its protocol (``s3://...``);
+    what DuckDB and the summaries need, since fsspec paths drop the protocol."""
+    return path if is_local(fs) else f"{protocol(fs)}://{path}"
+
+
+def local_root(root: str) -> str | None:
+    """The absolute local path of a root given as a path or ``file://`` URL; None for a remote root (s3://...)."""
+    if "://" in root and not root.startswith("file://"):
+        return None
+    return os.path.abspath(root.removeprefix("file://"))
+
+
+def run_glob(base: str, model: str = "*", run_date: str = "*", run_id: str = "*") -> str:
+    """The run directories under the filesystem path ``base`` (each level a name or a glob)."""
+    return f"{base.rstrip('/')}/model={model}/run_date={run_date}/run_id={run_id}"
+
+
+def parse_run_dir(path: str) -> tuple[str, str, str] | None:
+    """``(model, run_date, run_id)`` of a run directory's path, or None for a path that is not one."""
+    m = _RUN_DIR.search(path)
+    return (m.group(1), m.group(2), m.group(3)) if m else None
+
+
+def partition_pattern(name: str) -> str:
+    """A regular expression whose group 1 is the value of partition ``name`` in a part's path (for SQL's
+    ``regexp_extract(filename, ...)``)."""
+    if name not in PARTITIONS:
+        raise ValueError(f"partition: {name!r} is not one of {', '.join(PARTITIONS)}")
+    return f"{name}=([^/]+)"
+
+
+def audit_dir(base: str, old_model: str, old_run_id: str, new_model: str, new_run_id: str) -> str:
+    """Where the diff of two runs is written under the filesystem path ``base`` of a root."""
+    return f"{base.rstrip('/')}/{AUDITS}/{old_model}.{old_run_id}__{new_model}.{new_run_id}"
+
+
+def scratch_dir(local: str, run_id: str) -> str:
+    """A local run's Ray session directory under the local root ``local``."""
+    return os.path.join(local, SCRATCH, run_id)
+
+
 def fresh_ls(fs, path: str, detail: bool = False) -> list:
     """``fs.ls`` without fsspec's listing cache: other processes (the actors) write here, so a cached listing of
     this process would be stale."""
@@ -95,15 +156,12 @@ class RunPaths:
 
     @property
     def dir(self) -> str:
-        base = filesystem(self.root)[1].rstrip("/")
-        return f"{base}/model={self.model}/run_date={self.run_date}/run_id={self.run_id}"
+        return run_glob(filesystem(self.root)[1], self.model, self.run_date, self.run_id)
 
     @property
     def url(self) -> str:
         """The run directory as the user would write it (with its s3:// prefix)."""
-        protocol = self.fs.protocol
-        protocol = protocol[0] if isinstance(protocol, (tuple, list)) else protocol
-        return self.dir if protocol in ("file", "local") else f"{protocol}://{self.dir}"
+        return url(self.fs, self.dir)
 
     def part(self, name: str) -> str:
         return f"{self.dir}/{name}"
@@ -149,9 +207,9 @@ class RunPaths:
         """The run's directory: the existing one for ``run_id`` (resume), else a new one dated today (UTC)."""
         fs, base = filesystem(root)
         slug = model_slug(model_id)
-        existing = sorted(fs.glob(f"{base.rstrip('/')}/model={slug}/run_date=*/run_id={valid_run_id(run_id)}"))
+        existing = sorted(fs.glob(run_glob(base, slug, run_id=valid_run_id(run_id))))
         if existing:
-            date = re.search(r"run_date=([^/]+)", existing[-1]).group(1)
+            _, date, _ = parse_run_dir(existing[-1])
             return cls(root, slug, date, run_id)
         today = today or dt.datetime.now(dt.timezone.utc).date()
         return cls(root, slug, today.isoformat(), run_id)
@@ -172,11 +230,6 @@ def publish(fs, path: str, data: bytes) -> None:
         os.replace(tmp, path)
     else:
         fs.pipe_file(path, data)
-
-
-def is_local(fs) -> bool:
-    protocol = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
-    return "file" in protocol or "local" in protocol
 
 
 def parquet_bytes(table, compression: str) -> bytes:

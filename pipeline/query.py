@@ -5,24 +5,45 @@ row per prompt, run and unit, with its rank), for local roots and s3:// roots al
     con.execute("SELECT unit_text, avg(score) FROM units WHERE rank <= 3 GROUP BY 1 ORDER BY 2 DESC").fetchall()
 
 Only runs with ``_SUCCESS`` are visible unless ``include_incomplete``. ``run_query`` runs user SQL read-only:
-one SELECT-like statement, configuration locked (no COPY, ATTACH, INSTALL, CREATE, SET...).
+one SELECT-like statement (no COPY, ATTACH, INSTALL, CREATE, SET...). The connection itself reads nothing but the
+root: once the views exist, DuckDB's external access is off except for the root's directory (or bucket prefix), no
+extension is installed or loaded, and the configuration is locked, so a query cannot read /etc/passwd, another
+directory, an https:// URL or another bucket.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import json
+import os
 import re
+import secrets
+import tempfile
 import warnings
 from dataclasses import dataclass
 
 import duckdb
 import pyarrow as pa
 
-from pipeline.layout import MANIFEST, PART_GLOB, SUCCESS, filesystem, fresh_ls
+from pipeline.layout import (
+    MANIFEST,
+    PART_GLOB,
+    SUCCESS,
+    filesystem,
+    fresh_ls,
+    is_local,
+    parse_run_dir,
+    partition_pattern,
+    run_glob,
+    storage_error,
+    url,
+)
 from pipeline.schema import SCHEMA
 
 READ_ONLY_STATEMENTS = {"SELECT", "EXPLAIN"}
+# No extension is fetched or loaded: s3:// is read by the registered fsspec filesystem, and an https:// path must
+# fail, not install httpfs under $HOME/.duckdb.
+_CONFIG = {"autoinstall_known_extensions": False, "autoload_known_extensions": False}
 
 
 class QueryError(ValueError):
@@ -50,18 +71,38 @@ class Run:
 def list_runs(root: str, include_incomplete: bool = False) -> list[Run]:
     """Every run under ``root``, oldest first (by run date, then run id)."""
     fs, base = filesystem(root)
-    base = base.rstrip("/")
-    protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
     runs = []
-    for path in fs.glob(f"{base}/model=*/run_date=*/run_id=*"):
-        m = re.search(r"model=([^/]+)/run_date=([^/]+)/run_id=([^/]+)$", path)
-        if not m:
+    for path in fs.glob(run_glob(base)):
+        partitions = parse_run_dir(path)
+        if partitions is None:
             continue
         complete = fs.exists(f"{path}/{SUCCESS}")
         if complete or include_incomplete:
-            url = path if protocol in ("file", "local") else f"{protocol}://{path}"
-            runs.append(Run(m.group(1), m.group(2), m.group(3), path, url, complete))
+            runs.append(Run(*partitions, path, url(fs, path), complete))
     return sorted(runs, key=lambda r: (r.run_date, r.run_id, r.model))
+
+
+def runs_to_query(root: str, include_incomplete: bool = False) -> list[Run]:
+    """The runs ``atman query`` reads; QueryError when there are none, so that a missing or empty root is not
+    answered with an empty result (``count(*)`` = 0 reads as "no rows matched", not as "wrong root")."""
+    fs, base = filesystem(root)
+    try:
+        exists = fs.exists(base)
+        runs = list_runs(root, include_incomplete=True) if exists else []
+    except Exception as err:
+        if not storage_error(err):
+            raise
+        raise QueryError(f"root: cannot read {root} ({_short(err)})") from None
+    if not exists:
+        raise QueryError(f"root: {root} does not exist (give the output.root a job wrote to)")
+    chosen = [r for r in runs if r.complete or include_incomplete]
+    if chosen:
+        return chosen
+    if runs:  # only incomplete ones, and they were not asked for
+        raise QueryError(
+            f"root: no complete runs under {root} ({len(runs)} incomplete; --include-incomplete reads them)"
+        )
+    raise QueryError(f"root: no runs under {root} (a run is a directory {run_glob('ROOT', 'MODEL', 'DATE', 'ID')})")
 
 
 class DamagedPart(UserWarning):
@@ -78,7 +119,6 @@ def run_parts(fs, run: Run) -> list[str]:
     named = run.manifest(fs).get("files") if run.complete else None
     if named is None:  # incomplete (or written before manifests listed parts): what is there
         named = [{"name": n, "bytes": b} for n, b in sizes.items() if fnmatch.fnmatch(n, PART_GLOB)]
-    prefix = run.url[: -len(run.path)] if run.url != run.path else ""
     out = []
     for f in sorted(named, key=lambda f: f["name"]):
         where = f"{run.url}/{f['name']}"
@@ -92,7 +132,7 @@ def run_parts(fs, run: Run) -> list[str]:
                 2,
             )
         else:
-            out.append(f"{prefix}{run.path}/{f['name']}")
+            out.append(url(fs, f"{run.path}/{f['name']}"))
     return out
 
 
@@ -105,15 +145,14 @@ def connect(
 ) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection with the views ``explanations``, ``units`` and ``runs`` over ``root``, or only over the
     runs named by ``run_id`` or given as ``runs`` (``show``, ``report`` and ``diff`` open just what they are asked
-    about)."""
-    fs, _ = filesystem(root)
-    con = duckdb.connect(":memory:")
+    about). The connection can read nothing but ``root`` (see ``_confine``)."""
+    fs, base = filesystem(root)
+    con = duckdb.connect(":memory:", config=_CONFIG | {"temp_directory": _private_temp_dir()})
     if runs is None:
         runs = [r for r in list_runs(root, include_incomplete) if run_id is None or r.run_id == run_id]
     runs = list(dict.fromkeys(runs))  # a run diffed against itself is read once
     files = [f for run in runs for f in run_parts(fs, run)]
-    protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
-    if protocol not in ("file", "local"):
+    if not is_local(fs):
         con.register_filesystem(fs)  # DuckDB cannot fetch its httpfs extension offline; s3fs does the reading
     while files:
         listing = ", ".join(_quote(f) for f in files)
@@ -121,8 +160,8 @@ def connect(
         try:
             con.execute(
                 f"""CREATE OR REPLACE VIEW explanations AS
-                SELECT regexp_extract(filename, 'model=([^/]+)', 1) AS model,
-                       regexp_extract(filename, 'run_date=([^/]+)', 1) AS run_date,
+                SELECT regexp_extract(filename, {_quote(partition_pattern("model"))}, 1) AS model,
+                       regexp_extract(filename, {_quote(partition_pattern("run_date"))}, 1) AS run_date,
                        * EXCLUDE (filename)
                 FROM {source}"""
             )
@@ -158,7 +197,24 @@ def connect(
     )  # fmt: skip
     con.register("_runs", pa.Table.from_pylist(run_rows, schema=run_schema))
     con.execute("CREATE VIEW runs AS SELECT * FROM _runs")
+    _confine(con, url(fs, f"{base.rstrip('/')}/"))
     return con
+
+
+def _private_temp_dir() -> str:
+    """Where DuckDB may spill: a fresh path it creates only if it spills and removes on close. DuckDB lets queries
+    read its temp directory even with external access off, and its default (./.tmp) would open the working
+    directory's .tmp to them."""
+    return os.path.join(tempfile.gettempdir(), f"atman-query-{secrets.token_hex(6)}")
+
+
+def _confine(con: duckdb.DuckDBPyConnection, root_dir: str) -> None:
+    """From here on the connection reads only under ``root_dir`` (a directory URL ending in '/'): external access
+    off but for it, then the configuration locked so that no query can turn it back on. The order matters: DuckDB
+    takes no new allowed directories once external access is off."""
+    con.execute("SET allowed_directories = ?", [[root_dir]])
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
 
 
 def run_query(con: duckdb.DuckDBPyConnection, sql: str) -> pa.Table:
@@ -172,12 +228,21 @@ def run_query(con: duckdb.DuckDBPyConnection, sql: str) -> pa.Table:
     kind = statements[0].type.name
     if kind not in READ_ONLY_STATEMENTS:
         raise QueryError(f"sql: only SELECT queries run here (got {kind}); the outputs are read-only")
-    if not con.execute("SELECT current_setting('lock_configuration')").fetchall()[0][0]:
-        con.execute("SET lock_configuration = true")  # no SET / PRAGMA changes from here on
     try:
         return con.sql(sql).to_arrow_table()
+    except duckdb.PermissionException as err:  # connect() confined the connection to the root
+        raise QueryError(
+            f"sql: reads outside the output root are not allowed ({_refused(err)}); "
+            "query the views explanations, units and runs"
+        ) from None
     except duckdb.Error as err:
         raise QueryError(f"sql: {str(err).strip()}") from None
+
+
+def _refused(err: duckdb.Error) -> str:
+    """The path DuckDB refused, else its message."""
+    m = re.search(r'Cannot access \w+ "([^"]*)"', str(err))
+    return m.group(1) if m else _short(err)
 
 
 def _short(err: BaseException) -> str:

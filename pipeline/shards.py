@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.jobspec import InputSpec
-from pipeline.layout import RunPaths, fresh_ls, is_local, parquet_bytes, part_name, publish
+from pipeline.layout import RunPaths, fresh_ls, is_local, parquet_bytes, part_name, publish, url
 from pipeline.reader import STAGED_SCHEMA, InputFile, InputListing, apply_fixups, iter_requests, resolve_ids
 
 log = logging.getLogger(__name__)
@@ -134,12 +134,9 @@ def resolve(run: dict, blocks: list[str], memory_limit: str = "512MB") -> int:
     fs = paths.fs
     with tempfile.TemporaryDirectory(prefix="atman-ids-") as tmp:
         con = duckdb.connect(":memory:", config={"memory_limit": memory_limit, "temp_directory": tmp})
-        if is_local(fs):
-            files = [f"{paths.staging}/{b}" for b in blocks]
-        else:
+        if not is_local(fs):
             con.register_filesystem(fs)  # DuckDB's own S3 client is an extension it cannot fetch offline
-            protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
-            files = [f"{protocol}://{paths.staging}/{b}" for b in blocks]
+        files = [url(fs, f"{paths.staging}/{b}") for b in blocks]
         listing = "[" + ", ".join("'" + f.replace("'", "''") + "'" for f in files) + "]"
         con.execute(f"CREATE VIEW ids AS SELECT ordinal, prompt_id, source FROM read_parquet({listing})")
         fixups = resolve_ids(con, "ids")

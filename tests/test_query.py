@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import duckdb
 import pytest
 from seaweed import s3_bucket, s3_server  # noqa: F401 - fixtures
 
@@ -54,8 +55,13 @@ def root(tmp_path_factory, tiny_model_dir) -> str:
     return root
 
 
-def _cli(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([ATMAN, *args], capture_output=True, text=True, timeout=120)
+def _cli(*args, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([ATMAN, *args], capture_output=True, text=True, timeout=120, env=env)
+
+
+def _said(out: subprocess.CompletedProcess) -> str:
+    """stderr with the terminal's line wrapping undone."""
+    return " ".join(out.stderr.split())
 
 
 def test_views_cover_complete_runs_with_partition_columns(root):
@@ -142,3 +148,114 @@ def test_query_an_s3_root(tiny_model_dir, s3_bucket, tmp_path):  # noqa: F811
     con = connect(f"s3://{s3_bucket}/out")
     assert con.execute("SELECT count(*), count(DISTINCT run_id) FROM explanations").fetchall() == [(4, 1)]
     assert con.execute("SELECT count(*) FROM units WHERE rank = 1").fetchall()[0][0] >= 3
+
+
+def test_s3_queries_read_only_the_roots_prefix(tiny_model_dir, s3_server, s3_bucket, tmp_path):  # noqa: F811
+    root = f"s3://{s3_bucket}/out"
+    make_run(tiny_model_dir, root, "s3run", PROMPTS[:1], input_dir=tmp_path)
+    fs = s3_server.filesystem()
+    other = f"{s3_bucket}-other"
+    fs.mkdir(other)
+    for key in (f"{other}/secret.txt", f"{s3_bucket}/secret.txt", f"{s3_bucket}/out-x/secret.txt"):
+        fs.pipe_file(key, b"not yours")
+    con = connect(root)
+    inside = run_query(con, f"SELECT count(*) AS n FROM glob('{root}/model=*/run_date=*/run_id=*/_SUCCESS')")
+    assert inside.to_pylist() == [{"n": 1}], "files under the root stay readable"
+    assert run_query(con, "SELECT count(*) AS n FROM explanations").to_pylist() == [{"n": 1}]
+    for path in (f"s3://{other}/secret.txt", f"s3://{s3_bucket}/secret.txt", f"s3://{s3_bucket}/out-x/secret.txt",
+                 f"{root}/../secret.txt", f"s3a://{other}/secret.txt"):  # fmt: skip
+        with pytest.raises(QueryError, match="^sql: reads outside the output root are not allowed"):
+            run_query(con, f"SELECT content FROM read_text('{path}')")
+    out = _cli("query", root, f"SELECT content FROM read_text('s3://{other}/secret.txt')")
+    assert out.returncode == 2 and "reads outside the output root are not allowed" in _said(out), out.stderr
+    assert "Traceback" not in out.stderr and "not yours" not in out.stdout
+
+
+@pytest.fixture(scope="module")
+def elsewhere(root, tmp_path_factory) -> Path:
+    """A directory beside the root with a copy of one of its parts: readable by the process, not by a query."""
+    path = tmp_path_factory.mktemp("elsewhere")
+    part = next(Path(root).glob("model=*/run_date=*/run_id=a/part-*.parquet"))
+    (path / "copy.parquet").write_bytes(part.read_bytes())
+    return path
+
+
+PROBES = {
+    "read_csv": "SELECT * FROM read_csv('/etc/passwd')",
+    "read_text": "SELECT content FROM read_text('/etc/hostname')",
+    "glob": "SELECT * FROM glob('/root/*')",
+    "other_dir": "SELECT count(*) FROM read_parquet('{elsewhere}/*.parquet')",
+    "parent": "SELECT count(*) FROM read_parquet('{root}/../*/*.parquet')",
+    "sibling": "SELECT count(*) FROM read_text('{root}-x/secret')",
+    "file_url": "SELECT content FROM read_text('file:///etc/hostname')",
+}
+
+
+@pytest.mark.parametrize("probe", PROBES)
+def test_queries_read_nothing_outside_the_root(root, elsewhere, probe):
+    sql = PROBES[probe].format(root=root, elsewhere=elsewhere)
+    with pytest.raises(QueryError, match=r"^sql: reads outside the output root are not allowed \(.+\)"):
+        run_query(connect(root), sql)
+
+
+def test_the_connection_itself_is_confined_and_locked(root):
+    """Not only run_query: ``show``, ``report`` and ``diff`` use connect() directly."""
+    con = connect(root)
+    with pytest.raises(duckdb.PermissionException):
+        con.execute("SELECT * FROM read_text('/etc/hostname')").fetchall()
+    with pytest.raises(duckdb.Error, match="locked"):
+        con.execute("SET enable_external_access = true")
+    with pytest.raises(duckdb.Error, match="locked"):
+        con.execute("SET allowed_directories = ['/']")
+    manifest = run_query(
+        con, f"SELECT count(*) AS n FROM read_text('{root}/model=*/run_date=*/run_id=*/_manifest.json')"
+    )
+    assert manifest.to_pylist() == [{"n": 3}], "the root's own files remain readable (c lost only _SUCCESS)"
+
+
+def test_cli_refuses_reads_outside_the_root(root, elsewhere):
+    for probe in ("read_csv", "read_text", "glob", "other_dir"):
+        out = _cli("query", root, PROBES[probe].format(root=root, elsewhere=elsewhere))
+        assert out.returncode == 2, (probe, out.stdout, out.stderr)
+        assert "error: sql: reads outside the output root are not allowed" in _said(out), out.stderr
+        assert "Traceback" not in out.stderr and "root:x:0:0" not in out.stdout
+
+
+def test_cli_https_installs_and_fetches_nothing(root, tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {**os.environ, "HOME": str(home), "http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}
+    for sql in (
+        "SELECT * FROM read_parquet('https://example.com/x.parquet')",
+        "SELECT * FROM 'https://example.com/x.csv'",
+    ):
+        out = _cli("query", root, sql, env=env)
+        assert out.returncode == 2 and "reads outside the output root are not allowed" in _said(out), out.stderr
+        assert "https://example.com" in _said(out) and "extension" not in out.stderr.lower()
+    assert list(home.iterdir()) == [], "no extension directory (~/.duckdb) or anything else written under HOME"
+
+
+def test_legitimate_queries_still_work(root):
+    sql = "SELECT r.run_id, count(*) AS n FROM explanations e JOIN runs r USING (run_id) GROUP BY 1 ORDER BY 1"
+    out = _cli("query", root, sql, "--format", "json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == [{"run_id": "a", "n": 4}, {"run_id": "b", "n": 2}]
+    out = _cli("query", root, "SELECT max(rank) AS r FROM units", "--include-incomplete", "--format", "json")
+    assert out.returncode == 0 and json.loads(out.stdout)[0]["r"] >= 1, out.stderr
+
+
+def test_cli_query_needs_runs(tmp_path):
+    missing = _cli("query", str(tmp_path / "nope"), "SELECT count(*) FROM explanations")
+    assert missing.returncode == 2 and f"root: {tmp_path / 'nope'} does not exist" in _said(missing), missing.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    out = _cli("query", str(empty), "SELECT count(*) FROM explanations")
+    assert out.returncode == 2 and f"root: no runs under {empty}" in _said(out), out.stderr
+    unfinished = tmp_path / "unfinished"
+    (unfinished / "model=m" / "run_date=2024-01-01" / "run_id=x").mkdir(parents=True)
+    out = _cli("query", str(unfinished), "SELECT count(*) FROM explanations")
+    said = _said(out)
+    assert out.returncode == 2 and f"root: no complete runs under {unfinished}" in said, out.stderr
+    assert "1 incomplete" in said and "--include-incomplete" in said
+    out = _cli("query", str(unfinished), "SELECT count(*) AS n FROM runs", "--include-incomplete", "--format", "json")
+    assert out.returncode == 0 and json.loads(out.stdout) == [{"n": 1}], out.stderr
