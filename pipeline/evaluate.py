@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from scipy.stats import trim_mean
 
+from pipeline.atman import attention
 from pipeline.atman.config import AtManConfig
 from pipeline.atman.explainer import Explainer, Planned
 from pipeline.atman.sweep import SweepInput
@@ -189,14 +190,8 @@ class SquadEval:
 
     def _rollout(self, planned: Planned) -> np.ndarray:
         ids, n_prompt, _ = self._ids(planned)
-        model = self.lm.model
-        previous = model.config._attn_implementation
-        model.set_attn_implementation("eager")
-        try:
-            with torch.no_grad():
-                attentions = model(input_ids=ids, output_attentions=True).attentions
-        finally:
-            model.set_attn_implementation(previous)
+        with attention.implementation(self.lm.model, "eager"), torch.no_grad():  # weights need explicit softmax
+            attentions = self.lm.model(input_ids=ids, output_attentions=True).attentions
         n = ids.shape[1]
         rollout = torch.eye(n, dtype=torch.float64)
         for layer in attentions:

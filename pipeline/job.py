@@ -51,6 +51,7 @@ from pipeline.layout import (
     valid_run_id,
 )
 from pipeline.lease import Lease
+from pipeline.messages import first_line
 from pipeline.models import check_model
 from pipeline.reader import list_input
 from pipeline.schema import SCHEMA_VERSION, STATUSES
@@ -144,7 +145,7 @@ def run_job(
         if not storage_error(err):
             raise
         raise JobSpecError(
-            f"output.root: {spec.output.root!r}: cannot read it ({type(err).__name__}: {_first_line(err)})"
+            f"output.root: {spec.output.root!r}: cannot read it ({type(err).__name__}: {first_line(err)})"
         ) from None
     executor = _executor(spec, paths, address)
     try:
@@ -211,7 +212,7 @@ def run_job(
         if cause is not None:
             raise cause from None
         raise RunIncomplete(
-            f"the run stopped ({type(err).__name__}: {_first_line(err)}); finished shards are kept: "
+            f"the run stopped ({type(err).__name__}: {first_line(err)}); finished shards are kept: "
             f"rerun with --run-id {run_id} to finish it"
         ) from err
     summary.processed, summary.unit_passes = processed, passes
@@ -323,15 +324,6 @@ def _explain(executor, paths, plan, pending, total, progress, retry_errors, leas
     return processed, passes
 
 
-def _first_line(err: BaseException) -> str:
-    """The line that names the cause; for a Ray task error, the user's exception inside it (no colour codes)."""
-    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(err).strip().splitlines()]
-    cause = [
-        line for line in lines if re.match(r"[A-Za-z_][\w.]*(Error|Exception)\b", line) and not line.startswith("ray.")
-    ]
-    return (cause[-1] if cause else lines[0] if lines else "")[:500]
-
-
 def _unsupported_model(err: BaseException) -> str | None:
     """The reason when ``err`` is (or, through Ray, wraps) the engine's refusal of the model; else None."""
     name = "UnsupportedModelError"  # by name: importing the engine would load torch into the driver
@@ -339,7 +331,7 @@ def _unsupported_model(err: BaseException) -> str | None:
     if any(c.__name__ == name for c in type(err).__mro__) and not hasattr(err, "cause"):
         message = str(err)
     else:
-        cause = _first_line(err)
+        cause = first_line(err)
         if not re.match(rf"(?:[\w.]+\.)?{name}: ", cause):
             return None
         message = cause.split(": ", 1)[1]
@@ -351,7 +343,7 @@ def _job_spec_error(err: BaseException) -> JobSpecError | None:
     cause = getattr(err, "cause", None)
     if isinstance(cause, JobSpecError):
         return JobSpecError(str(cause))
-    m = re.search(r"JobSpecError: (.+)", _first_line(err))
+    m = re.search(r"JobSpecError: (.+)", first_line(err))
     if isinstance(err, JobSpecError) or m:
         return JobSpecError(m.group(1) if m else str(err))
     return None

@@ -24,6 +24,7 @@ import yaml
 import pipeline
 from pipeline.jobspec import JobSpec, JobSpecError
 from pipeline.layout import new_run_id, valid_run_id
+from pipeline.messages import first_line
 
 AGENT_WAIT_S = 60  # how long to wait for a fresh head's job agent
 MAX_SHIPPED_INPUT = 100 * 2**20  # Ray's working_dir limit is 500 MiB; inputs that big belong on S3
@@ -47,7 +48,7 @@ def client(address: str):
     try:
         return JobSubmissionClient(address)
     except (ConnectionError, RuntimeError, ValueError) as err:
-        raise ConnectionError(f"address: cannot reach the Ray Jobs API at {address} ({_first_line(err)})") from None
+        raise ConnectionError(f"address: cannot reach the Ray Jobs API at {address} ({first_line(err)})") from None
 
 
 def submit(
@@ -174,7 +175,3 @@ def wait(address: str, sid: str, echo=print, poll_s: float = 1.0) -> int:
             code = info.driver_exit_code
             return code if code not in (None, 0) else 1
         time.sleep(poll_s)
-
-
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]

@@ -172,6 +172,30 @@ def register() -> None:
 
 
 @contextmanager
+def implementation(model: torch.nn.Module, name: str) -> Iterator[bool]:
+    """Switch ``model`` to transformers' attention implementation ``name`` inside the block and back to its own on
+    exit; yields whether the switch happened (a model that cannot switch is left as it is)."""
+    before = getattr(model.config, "_attn_implementation", None)
+    switched = False
+    if before != name:
+        tf_logger = logging.getLogger("transformers")
+        level = tf_logger.level
+        tf_logger.setLevel(logging.ERROR)  # models that cannot switch only log it; callers check what they need
+        try:
+            model.set_attn_implementation(name)
+            switched = True
+        except (ValueError, KeyError, AttributeError, ImportError):
+            pass
+        finally:
+            tf_logger.setLevel(level)
+    try:
+        yield switched or before == name
+    finally:
+        if switched and before is not None:
+            model.set_attn_implementation(before)
+
+
+@contextmanager
 def activated(model: torch.nn.Module) -> Iterator[None]:
     """Route ``model``'s attention through AtMan inside the block; restore it exactly on exit.
 
@@ -183,24 +207,13 @@ def activated(model: torch.nn.Module) -> Iterator[None]:
 
     register()
     patched = families.install(model)
-    before = getattr(model.config, "_attn_implementation", None)
-    switched = False
-    if not patched and before != ATTN_NAME:
-        tf_logger = logging.getLogger("transformers")
-        level = tf_logger.level
-        tf_logger.setLevel(logging.ERROR)  # models that cannot switch only log it; forward() catches that
-        try:
-            model.set_attn_implementation(ATTN_NAME)
-            switched = True
-        except (ValueError, KeyError, AttributeError, ImportError):
-            pass
-        finally:
-            tf_logger.setLevel(level)
     try:
-        yield
+        if patched:
+            yield
+        else:
+            with implementation(model, ATTN_NAME):
+                yield
     finally:
-        if switched and before is not None:
-            model.set_attn_implementation(before)
         families.uninstall(patched)
 
 
