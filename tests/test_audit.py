@@ -13,6 +13,9 @@ import pytest
 from test_query import PROMPTS, make_run
 from tiny_models import tiny_model
 
+from pipeline.audit import diff_runs, resolve_run
+from pipeline.jobspec import AuditSpec
+
 ATMAN = str(Path(sys.executable).parent / "atman")
 AUDIT_PROMPTS = [
     {"id": "fr", "prompt": "The capital of France is Paris. The capital of Germany is", "target": " Berlin"},
@@ -86,3 +89,41 @@ def test_nightly_audit_exit_codes(tmp_path, model_copy, tokenizer):
 
     bad = _cli(*audit, "28/11/2026", cwd=tmp_path)
     assert bad.returncode == 2 and "date: '28/11/2026' is not YYYY-MM-DD" in bad.stderr
+
+
+LENIENT = {"min_spearman": -1.0, "min_top5_overlap": 0.0}  # only the check under test can flag a prompt
+
+
+def test_base_ce_threshold_flags_only_past_it(tmp_path, model_copy, tiny_model_dir, tokenizer):
+    """`max_abs_delta_ce`: a prompt drifts when its base CE moves by more than the threshold, and only then."""
+    root = str(tmp_path / "out")
+    tiny_model("llama", len(tokenizer), seed=1).save_pretrained(model_copy)  # another model: other CEs
+    make_run(tiny_model_dir, root, "before", PROMPTS[:3])
+    make_run(str(model_copy), root, "after", PROMPTS[:3])
+    base, new = resolve_run(root, "before"), resolve_run(root, "after")
+    unchecked = diff_runs(root, base, new, AuditSpec(**LENIENT)).table.to_pylist()
+    deltas = [abs(r["delta_ce"]) for r in unchecked]
+    assert len(deltas) == 3 and min(deltas) > 1e-3 and not any(r["drift"] for r in unchecked)
+    middle = sorted(deltas)[1]
+    rows = diff_runs(root, base, new, AuditSpec(**LENIENT, max_abs_delta_ce=middle)).table.to_pylist()
+    flagged = {r["prompt_id"] for r in rows if r["drift"]}
+    assert flagged == {r["prompt_id"] for r in unchecked if abs(r["delta_ce"]) > middle} and len(flagged) == 1
+    (row,) = [r for r in rows if r["drift"]]
+    assert row["reason"] == f"|delta CE| {abs(row['delta_ce']):.3f} > {middle}"
+    loose = diff_runs(root, base, new, AuditSpec(**LENIENT, max_abs_delta_ce=max(deltas) + 1))
+    assert loose.drifted == 0
+
+
+def test_units_that_differ_are_drift(tmp_path, tiny_model_dir):
+    """The same prompts cut into other units (here: another granularity) cannot be compared unit by unit."""
+    root = str(tmp_path / "out")
+    words = make_run(tiny_model_dir, root, "words", PROMPTS[:1])
+    tokens = make_run(tiny_model_dir, root, "tokens", PROMPTS[:1], granularity="token")
+    n_words, n_tokens = (len(pq.read_table(r.location).column("unit_text")[0]) for r in (words, tokens))
+    same = diff_runs(root, resolve_run(root, "words"), resolve_run(root, "words"), AuditSpec(**LENIENT))
+    assert same.drifted == 0 and same.config_changed == []
+    result = diff_runs(root, resolve_run(root, "words"), resolve_run(root, "tokens"), AuditSpec(**LENIENT))
+    (row,) = result.table.to_pylist()
+    assert row["drift"] and row["reason"] == f"units differ ({n_words} vs {n_tokens}, {row['n_units']} shared)"
+    assert row["n_units"] < max(n_words, n_tokens)
+    assert result.config_changed == ["method.granularity: 'word' -> 'token'"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -41,9 +42,18 @@ def test_explain_json_offline():
 
 @pytest.mark.slow
 def test_explain_table():
-    out = run("explain", "--prompt", "Paris is in France. Berlin is in", "--target", " Germany", "--no-chat")
+    """The table shows the explanation: its units ranked by score, with their offsets and scores (the prompt alone
+    contains none of that), the same as --json reports."""
+    args = ("explain", "--prompt", "Paris is in France. Berlin is in", "--target", " Germany", "--no-chat")
+    out = run(*args)
     assert out.returncode == 0, out.stderr
-    assert "Berlin" in out.stdout and "rank" in out.stdout
+    rows = re.findall(r"^│ (\d+) +│ '(.*?)' +│ (\d+) +│ ([+-]\d+\.\d{4}) +│$", out.stdout, re.M)
+    d = json.loads(run(*args, "--json").stdout)
+    ranked = sorted(d["units"], key=lambda u: -u["score"])[: len(rows)]
+    assert len(rows) >= 3 and [int(r[0]) for r in rows] == list(range(1, len(rows) + 1)), out.stdout
+    assert [(text, int(start)) for _, text, start, _ in rows] == [(u["text"], u["start"]) for u in ranked]
+    assert [float(r[3]) for r in rows] == pytest.approx([u["score"] for u in ranked], abs=1e-4)
+    assert "target: ' Germany'" in out.stdout and f"base CE: {d['base_target_ce']:.3f} nats" in out.stdout
 
 
 @pytest.mark.parametrize(

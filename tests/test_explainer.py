@@ -104,10 +104,55 @@ def test_explain_batch_matches_single(llama):
         np.testing.assert_allclose(ex.explain(p, t, chat=False).scores, b.scores, atol=1e-5, rtol=0)
 
 
-def test_generated_target_stops_at_eos_and_is_explained(llama):
-    e = Explainer(llama, AtManConfig(granularity="word")).explain(PROMPT, generate=3, chat=False)
-    assert 1 <= len(e.target_tokens) <= 3
-    assert e.per_target.shape == (len(e.units), len(e.target_tokens))
+def _greedy(llama, n: int) -> list[int]:
+    """The tiny model's greedy continuation of PROMPT (distinct tokens, none of them EOS, for these weights)."""
+    ids = Explainer(llama).plan(PROMPT, generate=n, chat=False).target_ids.tolist()
+    assert len(ids) == n and len(set(ids)) == n, ids
+    return ids
+
+
+def test_generated_target_stops_at_eos_and_is_explained(llama, monkeypatch):
+    """The model's EOS is made the third token the model predicts: generation stops there, EOS not included."""
+    greedy = _greedy(llama, 5)
+    monkeypatch.setattr(llama.model.generation_config, "eos_token_id", [llama.tokenizer.eos_token_id, greedy[2]])
+    e = Explainer(llama, AtManConfig(granularity="word")).explain(PROMPT, generate=5, chat=False)
+    assert e.target_tokens == [llama.tokenizer.decode([t]) for t in greedy[:2]]
+    assert e.per_target.shape == (len(e.units), 2)
+
+
+def test_eos_as_the_first_generated_token_is_a_clear_error(llama, monkeypatch):
+    """Nothing to explain: a ValueError naming the target (a job marks the row skipped with it), not a crash."""
+    monkeypatch.setattr(llama.model.generation_config, "eos_token_id", _greedy(llama, 1))
+    with pytest.raises(ValueError, match=r"^target: the model generated EOS first, so there is no target to explain"):
+        Explainer(llama).explain(PROMPT, generate=5, chat=False)
+
+
+def test_chat_without_a_chat_template_is_a_clear_error(llama, monkeypatch):
+    monkeypatch.setattr(llama.tokenizer, "chat_template", None)
+    with pytest.raises(ValueError, match=r"^chat: this tokenizer has no chat template; pass chat=False"):
+        Explainer(llama).explain("Why is the sky blue?", " Rayleigh", chat=True)
+    assert Explainer(llama).explain("Why is the sky blue?", " Rayleigh").chat is False, "auto: raw text without one"
+
+
+def test_postprocess_abs(llama):
+    base = Explainer(llama, AtManConfig(granularity="word")).explain(PROMPT, " The cat", chat=False)
+    absolute = Explainer(llama, AtManConfig(granularity="word", postprocess="abs")).explain(
+        PROMPT, " The cat", chat=False
+    )
+    assert (base.scores < -1e-3).any() and (base.per_target < -1e-3).any(), "signed scores to take the size of"
+    np.testing.assert_allclose(absolute.scores, np.abs(base.scores), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(absolute.per_target, np.abs(base.per_target), rtol=1e-5, atol=1e-6)
+    assert not np.allclose(absolute.scores, np.abs(base.per_target).sum(axis=1), atol=1e-4), "abs of the sum"
+
+
+def test_keep_per_target_false_drops_only_the_matrix(llama):
+    kept = Explainer(llama, AtManConfig(granularity="word")).explain(PROMPT, " The cat", chat=False)
+    dropped = Explainer(llama, AtManConfig(granularity="word", keep_per_target=False)).explain(
+        PROMPT, " The cat", chat=False
+    )
+    assert kept.per_target is not None and dropped.per_target is None and dropped.to_dict()["per_target"] is None
+    np.testing.assert_allclose(dropped.scores, kept.scores, rtol=1e-6)
+    assert dropped.units == kept.units and dropped.target_tokens == kept.target_tokens
 
 
 def test_to_dict_shape(llama):
