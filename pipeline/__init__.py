@@ -9,7 +9,7 @@ from importlib import import_module
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from pipeline.atman import AtManConfig, Explainer, Explanation, UnsupportedModelError
+    from pipeline.atman import AtManConfig, Explainer, Explanation, ScoredUnit, UnitSpan, UnsupportedModelError
     from pipeline.models import DEFAULT_MODEL, LoadedModel, load_model
 
 from pipeline import atman as _atman  # itself lazy: no torch yet
@@ -28,6 +28,8 @@ __all__ = [
     "Explanation",
     "LoadedModel",
     "load_model",
+    "ScoredUnit",
+    "UnitSpan",
     "UnsupportedModelError",
 ]
 

@@ -8,6 +8,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from pipeline.atman.units import top_units
+
 if TYPE_CHECKING:
     from pipeline.atman.explanation import Explanation
 
@@ -31,8 +33,24 @@ def heat_text(prompt: str, units: list[tuple[str, int, int]], scores: list[float
     return text
 
 
-def render_explanation(e: Explanation, console: Console | None = None, top_k: int = 5) -> None:
+def chat_note(e: Explanation, raw_text_hint: str = "chat=False") -> str | None:
+    """The line that tells the user the chat template was applied by the automatic rule (a prompt ending in '?'),
+    or None where the template was not applied or was asked for explicitly. ``raw_text_hint``: how to turn it off
+    where the user is (``--no-chat`` on the command line)."""
+    if not e.chat_auto_applied:
+        return None
+    return f"chat template: applied automatically (the prompt ends in '?'; {raw_text_hint} for raw text)"
+
+
+def render_explanation(
+    e: Explanation, console: Console | None = None, top_k: int = 5, raw_text_hint: str = "chat=False"
+) -> None:
+    """The prompt as a heatmap, the target and settings, and the top units; first, when the chat template was
+    applied automatically, a line saying so (``chat_note``)."""
     console = console or Console()
+    note = chat_note(e, raw_text_hint)
+    if note:
+        console.print(note, style="yellow", highlight=False, markup=False, soft_wrap=True)
     console.print(heat_text(e.prompt, e.units, e.scores.tolist()))
     console.print(
         f"target: {e.target!r}   base CE: {e.base_target_ce:.3f} nats over {len(e.target_tokens)} tokens   "
@@ -95,8 +113,8 @@ def render_row(row: dict, console: Console | None = None, top_k: int = 5, header
             f"{len(row['target_tokens'])} tokens   granularity: {row['granularity']}",
             highlight=False,
         )
-    top = sorted(zip(row["unit_text"], row["scores"], strict=True), key=lambda x: -x[1])[:top_k]
-    console.print("top units: " + ", ".join(f"{t!r} {s:+.3f}" for t, s in top), highlight=False)
+    top = top_units(units, row["scores"], top_k)
+    console.print("top units: " + ", ".join(f"{u.text!r} {u.score:+.3f}" for u in top), highlight=False)
 
 
 def print_table(table, fmt: str, console: Console | None = None) -> None:

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import html
 import json
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from pipeline.query import Run, connect, list_runs
+from pipeline.atman.units import top_units
+
+if TYPE_CHECKING:
+    from pipeline.atman.explanation import Explanation
+    from pipeline.query import Run
 
 PAGE_SIZE = 25
 MAX_PROMPTS = 1000
@@ -76,8 +82,11 @@ def _colour(score: float, scale: float) -> str:
     return f"rgba(220,30,30,{abs(x):.2f})" if x >= 0 else f"rgba(30,80,220,{abs(x):.2f})"
 
 
-def heatmap_html(prompt: str, units: list[tuple[str, int, int]], scores: list[float]) -> str:
-    """The prompt with each unit shaded by its score (red supports the target, blue opposes); score on hover."""
+def heatmap_html(prompt: str, units: Sequence[Sequence], scores: Sequence[float]) -> str:
+    """The prompt with each unit shaded by its score (red supports the target, blue opposes); score on hover.
+    ``units`` are (text, start, length) items. The one HTML heatmap: the run report and ``Explanation`` in a
+    notebook (``explanation_html``) both draw it, so a prompt looks the same in both."""
+    scores = [float(x) for x in scores]
     scale = max((abs(s) for s in scores), default=0.0)
     out, pos = [], 0
     for (_, start, length), score in sorted(zip(units, scores, strict=True), key=lambda x: x[0][1]):
@@ -99,18 +108,46 @@ def _prompt_html(row: dict, top_k: int = 5) -> str:
             f"<div class='text'>{_e(row['prompt'])}</div><p class='meta'>{_e(row['error'])}</p></section>"
         )
     units = list(zip(row["unit_text"], row["unit_start"], row["unit_length"], strict=True))
-    top = sorted(zip(row["unit_text"], row["scores"], strict=True), key=lambda x: -x[1])[:top_k]
-    top_html = ", ".join(f"<b>{_e(t)}</b> {s:+.3f}" for t, s in top)
     return (
         f"<section class='prompt' data-id='{_e(row['prompt_id'])}'>{head}"
         f"<div class='text'>{heatmap_html(row['prompt'], units, row['scores'])}</div>"
         f"<p class='meta'>target <b>{_e(repr(row['target']))}</b> · base CE {row['base_target_ce']:.3f} nats over "
         f"{len(row['target_tokens'])} tokens · {len(units)} {_e(row['granularity'])} units · "
-        f"{row['latency_ms']:.0f} ms</p><p class='meta'>top units: {top_html}</p></section>"
+        f"{row['latency_ms']:.0f} ms</p>"
+        f"<p class='meta'>top units: {top_html(units, row['scores'], top_k)}</p></section>"
+    )
+
+
+def top_html(units: Sequence[Sequence], scores: Sequence[float], k: int = 5) -> str:
+    """The ``k`` highest-scoring units, highest first (``top_units``, the rule the terminal uses too)."""
+    return ", ".join(f"<b>{_e(u.text)}</b> {u.score:+.3f}" for u in top_units(units, scores, k))
+
+
+NOTEBOOK_CSS = (
+    ".atman .text{white-space:pre-wrap;font-family:ui-monospace,monospace;line-height:1.9}"
+    ".atman .u{border-radius:3px;padding:1px 0}.atman .meta{color:#555;font-size:13px;margin:4px 0}"
+)
+
+
+def explanation_html(e: Explanation, top_k: int = 5) -> str:
+    """One explanation as an HTML fragment (``Explanation._repr_html_``): the report's heatmap and top units, the
+    target and settings, and a note when the chat template was applied automatically. Inline CSS only."""
+    from pipeline.render import chat_note
+
+    note = chat_note(e)
+    note = f"<p class='meta'>{_e(note)}</p>" if note else ""
+    return (
+        f"<div class='atman'><style>{NOTEBOOK_CSS}</style>{note}"
+        f"<div class='text'>{heatmap_html(e.prompt, e.units, e.scores)}</div>"
+        f"<p class='meta'>target <b>{_e(repr(e.target))}</b> · base CE {e.base_target_ce:.3f} nats over "
+        f"{len(e.target_tokens)} tokens · {len(e.units)} {_e(e.granularity)} units · mode {_e(e.mode)} · "
+        f"factor {e.factor:g}</p><p class='meta'>top units: {top_html(e.units, e.scores, top_k)}</p></div>"
     )
 
 
 def pick_run(root: str, run_id: str | None) -> Run:
+    from pipeline.query import list_runs
+
     runs = list_runs(root, include_incomplete=run_id is not None)
     if run_id is not None:
         runs = [r for r in runs if r.run_id == run_id]
@@ -122,6 +159,7 @@ def pick_run(root: str, run_id: str | None) -> Run:
 def run_report(root: str, run_id: str | None = None, max_prompts: int = MAX_PROMPTS) -> tuple[str, int]:
     """The HTML report of one run (default: the latest complete one) and the number of prompts it shows."""
     from pipeline.layout import filesystem
+    from pipeline.query import connect
 
     run = pick_run(root, run_id)
     manifest = run.manifest(filesystem(root)[0])

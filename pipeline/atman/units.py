@@ -7,8 +7,11 @@ so every token belongs to at most one unit and each unit is one suppression pass
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from pipeline.atman.config import Granularity
 
@@ -27,6 +30,47 @@ class Unit:
     start: int
     length: int
     positions: tuple[int, ...]
+
+
+class UnitSpan(NamedTuple):
+    """An explained unit as ``Explanation.units`` reports it: its text and character span in the prompt. A named
+    tuple, so ``text, start, length = unit`` and ``unit[0]`` keep working where callers unpack plain tuples."""
+
+    text: str
+    start: int
+    length: int
+
+    @property
+    def end(self) -> int:
+        """One past the last character: ``prompt[unit.start : unit.end] == unit.text``."""
+        return self.start + self.length
+
+
+class ScoredUnit(NamedTuple):
+    """A unit with its score, as ``Explanation.top`` and every top-k list (terminal, report, notebook) give it."""
+
+    text: str
+    start: int
+    length: int
+    score: float
+
+    @property
+    def end(self) -> int:
+        return self.start + self.length
+
+
+def top_units(units: Sequence[Sequence], scores: Sequence[float], k: int | None = 5) -> list[ScoredUnit]:
+    """The ``k`` highest-scoring units (all with ``k=None``), highest first; ties keep prompt order and NaN scores
+    come last. ``units`` are (text, start, length) items in prompt order and ``scores`` one float per unit: the one
+    top-k rule of ``Explanation.top``, the terminal rows and the HTML report, so they never disagree."""
+    if len(units) != len(scores):
+        raise ValueError(f"scores: {len(scores)} scores for {len(units)} units; give one score per unit")
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
+        raise ValueError(f"k: {k!r} is not a number of units >= 0 (or None for all of them)")
+    values = [float(x) for x in scores]
+    nan = [math.isnan(x) for x in values]
+    order = sorted(range(len(values)), key=lambda i: (nan[i], 0.0 if nan[i] else -values[i]))
+    return [ScoredUnit(str(units[i][0]), int(units[i][1]), int(units[i][2]), values[i]) for i in order[:k]]
 
 
 def _split(text: str, span: Span, breaks: re.Pattern[str]) -> list[Span]:
