@@ -1,9 +1,10 @@
-"""The public entry point: ``Explainer(lm, AtManConfig()).explain(prompt, target)``."""
+"""The public entry point: ``Explainer(model, tokenizer, AtManConfig()).explain(prompt, target)``."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -16,13 +17,17 @@ from pipeline.atman.prompts import (
     PreparedPrompt,
     context_length,
     generate_target,
+    generation_kwargs,
     normalize_spans,
     prepare_prompt,
     tokenize_target,
 )
 from pipeline.atman.reference import reference_sweep
 from pipeline.atman.sweep import SweepInput, SweepOutput, sweep
-from pipeline.atman.units import Span, Unit, build_units
+from pipeline.atman.units import Span, Unit, UnitSpan, build_units
+
+if TYPE_CHECKING:
+    from transformers import GenerationConfig
 
 
 @dataclass(frozen=True)
@@ -39,12 +44,33 @@ class Planned:
 
 
 class Explainer:
-    """Explains a causal LM's predictions with AtMan. ``lm`` is anything with ``.model`` and ``.tokenizer``
-    (``pipeline.load_model`` returns one)."""
+    """Explains a causal LM's predictions with AtMan.
 
-    def __init__(self, lm, config: AtManConfig | None = None) -> None:
-        self.lm = lm
-        self.model, self.tokenizer = lm.model, lm.tokenizer
+    ``Explainer(model, tokenizer)`` takes a Hugging Face causal LM and its (fast) tokenizer as they come from
+    ``from_pretrained``, the way Inseq and Captum's LLMAttribution take them; ``Explainer(lm)`` takes what
+    ``pipeline.load_model`` returns (anything with ``.model`` and ``.tokenizer``). ``config`` is the method
+    (default ``AtManConfig()``); ``Explainer(lm, config)``, the original form, still works: an ``AtManConfig`` in
+    the tokenizer's place is the config. The model is used as it is (device, dtype); it must be in eval mode.
+    """
+
+    def __init__(self, model, tokenizer=None, config: AtManConfig | None = None) -> None:
+        if isinstance(tokenizer, AtManConfig):  # Explainer(lm, config)
+            if config is not None:
+                raise TypeError("config: given twice (in the tokenizer's place and as config=); give it once")
+            tokenizer, config = None, tokenizer
+        if config is not None and not isinstance(config, AtManConfig):
+            raise TypeError(f"config: expected an AtManConfig, got {type(config).__name__}; e.g. AtManConfig()")
+        self.lm = None
+        if not isinstance(model, torch.nn.Module) and hasattr(model, "model") and hasattr(model, "tokenizer"):
+            if tokenizer is not None:
+                raise TypeError(
+                    f"tokenizer: {type(model).__name__} carries its own tokenizer; pass Explainer(lm) or "
+                    "Explainer(lm.model, tokenizer)"
+                )
+            self.lm, model, tokenizer = model, model.model, model.tokenizer
+        _check_model(model)
+        _check_tokenizer(tokenizer, model)
+        self.model, self.tokenizer = model, tokenizer
         self.config = config or AtManConfig()
         self._embeddings = self.model.get_input_embeddings().weight
         self._context = context_length(self.model, self.tokenizer)
@@ -63,14 +89,30 @@ class Explainer:
         prompt: str,
         target: str | None = None,
         *,
-        generate: int | None = None,
-        explain_span: Span | list[Span] | None = None,
+        generate: int | Mapping[str, Any] | GenerationConfig | None = None,
+        explain_span: Span | list[Span] | list[int] | None = None,
         chat: bool | None = None,
     ) -> Explanation:
-        """Explain ``target`` (or a greedy continuation of ``generate`` tokens) given ``prompt``.
+        """Explain ``target`` given ``prompt``; without a target, explain what the model generates.
 
-        Raises ValueError naming the parameter for empty prompt/target, over-long input, spans outside
-        the prompt. ``explain_span``: character range(s) of the prompt to explain (default all of it).
+        generate: how to generate the target when none is given. An int: that many new tokens at most, greedy (the
+            default is ``config.generate_max_tokens``). A dict of ``model.generate`` keyword arguments or a
+            ``transformers.GenerationConfig``: e.g. ``{"max_new_tokens": 8, "do_sample": True, "top_p": 0.9}``
+            (seed torch for a repeatable target) or ``{"eos_token_id": ..., "stop_strings": [...]}``. Greedy unless
+            the arguments say otherwise; ``max_new_tokens`` (default ``config.generate_max_tokens``) is capped by
+            the context; the target is cut before the first EOS token (the arguments' ``eos_token_id`` if given,
+            else the model's and tokenizer's), which is never explained.
+        explain_span: character range(s) of the prompt to explain (default all of it): a (start, end) pair as a
+            tuple or a list, as JSON gives it, or a list of such pairs. Overlapping ranges are merged. Tokens
+            outside them are never suppressed.
+        chat: whether the prompt is wrapped in the tokenizer's chat template. None (the default) applies the rule:
+            the template is used when the tokenizer has one and the prompt ends in '?' (trailing spaces ignored),
+            because a question to an instruct model is meant as a user turn; anything else is raw text to continue.
+            True / False decide explicitly. The decision and why are in ``Explanation.chat`` / ``chat_reason``
+            and ``to_dict()["chat"]``; only the user's text is ever explained, never the template's tokens.
+
+        Raises ValueError naming the parameter for empty prompt/target, over-long input, spans outside the prompt,
+        generation arguments ``model.generate`` refuses.
         """
         return self.explain_batch([prompt], [target], generate=generate, explain_spans=[explain_span], chat=chat)[0]
 
@@ -79,11 +121,12 @@ class Explainer:
         prompts: Sequence[str],
         targets: Sequence[str | None] | None = None,
         *,
-        generate: int | None = None,
-        explain_spans: Sequence[Span | list[Span] | None] | None = None,
+        generate: int | Mapping[str, Any] | GenerationConfig | None = None,
+        explain_spans: Sequence[Span | list[Span] | list[int] | None] | None = None,
         chat: bool | None = None,
     ) -> list[Explanation]:
-        """Explain many prompts; their suppression passes are batched together on the device."""
+        """Explain many prompts; their suppression passes are batched together on the device. ``generate`` and
+        ``chat`` apply to every prompt, as in ``explain``; ``explain_spans`` has one entry per prompt."""
         targets = list(targets) if targets is not None else [None] * len(prompts)
         spans = list(explain_spans) if explain_spans is not None else [None] * len(prompts)
         if not (len(targets) == len(spans) == len(prompts)):
@@ -100,8 +143,8 @@ class Explainer:
         prompt: str,
         target: str | None = None,
         *,
-        generate: int | None = None,
-        explain_span: Span | list[Span] | None = None,
+        generate: int | Mapping[str, Any] | GenerationConfig | None = None,
+        explain_span: Span | list[Span] | list[int] | None = None,
         chat: bool | None = None,
     ) -> Planned:
         """Validate and tokenize one request and decide every suppression pass (no forward pass but generation)."""
@@ -111,11 +154,11 @@ class Explainer:
         if target is not None and generate is not None:
             raise ValueError("generate: give either a target or generate=N, not both")
         if target is None:
-            budget = generate if generate is not None else cfg.generate_max_tokens
-            if self._context is not None:
-                budget = min(budget, self._context - len(prepared.prompt_ids))
+            kwargs = generation_kwargs(generate, cfg.generate_max_tokens)
             self._check_length(len(prepared.prompt_ids) + 1)
-            target_ids = generate_target(self.model, self.tokenizer, prepared.prompt_ids, budget)
+            if self._context is not None:
+                kwargs["max_new_tokens"] = min(kwargs["max_new_tokens"], self._context - len(prepared.prompt_ids))
+            target_ids = generate_target(self.model, self.tokenizer, prepared.prompt_ids, kwargs)
         else:
             target_ids = tokenize_target(self.tokenizer, target)
         self._check_length(len(prepared.prompt_ids) + len(target_ids))
@@ -195,7 +238,7 @@ class Explainer:
             target_tokens=[tok.decode([t]) for t in planned.target_ids.tolist()],
             base_target_ce=float(out.base_ce.sum()),
             base_ce_per_token=out.base_ce.tolist(),
-            units=[(u.text, u.start, u.length) for u in planned.units],
+            units=[UnitSpan(u.text, u.start, u.length) for u in planned.units],
             scores=scores[:n],
             per_target=per_target[:n] if cfg.keep_per_target else None,
             mode=cfg.mode,
@@ -203,11 +246,47 @@ class Explainer:
             granularity=cfg.granularity,
             conceptual_threshold=cfg.conceptual_threshold,
             chat=planned.prepared.chat,
+            chat_reason=planned.prepared.chat_reason or None,
             n_prompt_tokens=len(planned.prepared.prompt_ids),
             params=cfg.model_dump(),
-            target_units=[(u.text, u.start, u.length) for u in planned.target_units] if cfg.target_units else None,
+            target_units=[UnitSpan(u.text, u.start, u.length) for u in planned.target_units]
+            if cfg.target_units
+            else None,
             target_scores=scores[n:] if cfg.target_units else None,
             target_per_target=per_target[n:] if cfg.target_units and cfg.keep_per_target else None,
+        )
+
+
+def _check_model(model) -> None:
+    """Refuse what is not a Hugging Face causal LM before anything else touches it, with the fix in the message."""
+    if isinstance(model, str):
+        raise TypeError(
+            f"model: got the name {model!r}; load it first: Explainer(pipeline.load_model({model!r})), or "
+            "Explainer(AutoModelForCausalLM.from_pretrained(name), AutoTokenizer.from_pretrained(name))"
+        )
+    if not isinstance(model, torch.nn.Module) or not all(
+        hasattr(model, a) for a in ("config", "generate", "get_input_embeddings")
+    ):
+        raise TypeError(
+            f"model: expected a Hugging Face causal LM (a PreTrainedModel from AutoModelForCausalLM) or a "
+            f"LoadedModel from pipeline.load_model, got {type(model).__name__}"
+        )
+    if model.training:  # dropout would make every pass, and so every score, random
+        raise ValueError("model: is in training mode (dropout makes the scores random); call model.eval() first")
+
+
+def _check_tokenizer(tokenizer, model) -> None:
+    if tokenizer is None:
+        raise TypeError(
+            f"tokenizer: {type(model).__name__} has no tokenizer; pass it: Explainer(model, tokenizer) with "
+            "tokenizer = AutoTokenizer.from_pretrained(<the model's name>), or use pipeline.load_model"
+        )
+    if not callable(tokenizer) or not hasattr(tokenizer, "decode"):
+        raise TypeError(f"tokenizer: expected a Hugging Face tokenizer, got {type(tokenizer).__name__}")
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(
+            f"tokenizer: {type(tokenizer).__name__} is a slow tokenizer; units are located through character "
+            "offsets, which only fast tokenizers give: AutoTokenizer.from_pretrained(name, use_fast=True)"
         )
 
 

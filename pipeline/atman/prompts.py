@@ -2,16 +2,23 @@
 
 Chat rule (``chat=None``): the tokenizer's chat template is used when the model has one and the prompt is a
 question (its last non-space character is '?'); anything else is raw text to continue. ``chat=True`` or
-``False`` decides explicitly. Raw text is tokenized as it is, with no added special tokens. Under a chat
-template only the user's text is explainable, never the template's tokens.
+``False`` decides explicitly. The decision and its reason travel with the result (``Explanation.chat``,
+``chat_reason``), because an automatic template changes the scores and the user must be able to see it was applied.
+Raw text is tokenized as it is, with no added special tokens. Under a chat template only the user's text is
+explainable, never the template's tokens.
 """
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Mapping
 from dataclasses import dataclass
+from numbers import Integral
+from typing import Any
 
 import torch
 
+from pipeline.atman.explanation import CHAT_AUTO_APPLIED
 from pipeline.atman.units import Span
 
 
@@ -23,6 +30,7 @@ class PreparedPrompt:
     chat: bool
     prompt_ids: torch.Tensor
     token_spans: list[Span | None]
+    chat_reason: str = ""
 
 
 def context_length(model: torch.nn.Module, tokenizer) -> int | None:
@@ -34,38 +42,74 @@ def context_length(model: torch.nn.Module, tokenizer) -> int | None:
     return n
 
 
+def _is_pair(span: Any) -> bool:
+    return (
+        isinstance(span, (tuple, list))
+        and len(span) == 2
+        and all(isinstance(x, Integral) and not isinstance(x, bool) for x in span)
+    )
+
+
 def normalize_spans(prompt: str, explain_span: Span | list[Span] | None) -> list[Span]:
-    """Validated list of [start, end) character ranges; default the whole prompt."""
+    """Validated, sorted list of [start, end) character ranges; default the whole prompt.
+
+    Accepts what JSON gives as well as what Python code writes: one pair as a tuple or a list (``[3, 9]``), or a
+    list (or tuple) of such pairs. Overlapping ranges are merged, so no token can fall into two units."""
     if explain_span is None:
         return [(0, len(prompt))]
-    spans = [explain_span] if isinstance(explain_span, tuple) else list(explain_span)
-    out = []
+    if _is_pair(explain_span):
+        spans = [explain_span]
+    elif isinstance(explain_span, (tuple, list)):
+        spans = list(explain_span)
+    else:
+        raise ValueError(f"explain_span: {explain_span!r} is not a (start, end) pair or a list of them")
+    if not spans:
+        raise ValueError("explain_span: an empty list explains nothing; leave it out (None) to explain all the prompt")
+    out: list[Span] = []
     for span in spans:
-        if not (isinstance(span, (tuple, list)) and len(span) == 2 and all(isinstance(x, int) for x in span)):
+        if not _is_pair(span):
             raise ValueError(f"explain_span: {span!r} is not a (start, end) pair of character offsets")
-        start, end = span
+        start, end = int(span[0]), int(span[1])
         if not 0 <= start < end <= len(prompt):
             raise ValueError(
                 f"explain_span: ({start}, {end}) is outside the prompt; use 0 <= start < end <= {len(prompt)}"
             )
         out.append((start, end))
-    return sorted(out)
+    merged: list[Span] = []
+    for start, end in sorted(out):
+        if merged and start < merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def chat_decision(tokenizer, prompt: str, chat: bool | None) -> tuple[bool, str]:
+    """Whether the chat template wraps ``prompt``, and why (an ``explicit: ...`` or ``auto: ...`` reason)."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if chat is not None and not isinstance(chat, bool):
+        raise ValueError(f"chat: {chat!r} is not True, False or None (None: the template for prompts ending in '?')")
+    if chat and not has_template:
+        raise ValueError("chat: this tokenizer has no chat template; pass chat=False (--no-chat)")
+    if chat is not None:
+        return chat, f"explicit: chat={chat}"
+    if not has_template:
+        return False, "auto: the tokenizer has no chat template"
+    if prompt.rstrip().endswith("?"):
+        return True, CHAT_AUTO_APPLIED
+    return False, "auto: prompt does not end in '?'"
 
 
 def use_chat(tokenizer, prompt: str, chat: bool | None) -> bool:
-    has_template = bool(getattr(tokenizer, "chat_template", None))
-    if chat and not has_template:
-        raise ValueError("chat: this tokenizer has no chat template; pass chat=False (--no-chat)")
-    if chat is None:
-        return has_template and prompt.rstrip().endswith("?")
-    return chat
+    """``chat_decision`` without the reason."""
+    return chat_decision(tokenizer, prompt, chat)[0]
 
 
 def prepare_prompt(tokenizer, prompt: str, chat: bool | None) -> PreparedPrompt:
     """Tokenize ``prompt`` (through the chat template when used), mapping each token to its span in ``prompt``."""
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError("prompt: must be a non-empty string")
-    chat = use_chat(tokenizer, prompt, chat)
+    chat, reason = chat_decision(tokenizer, prompt, chat)
     if chat:
         text = tokenizer.apply_chat_template(
             [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
@@ -82,7 +126,7 @@ def prepare_prompt(tokenizer, prompt: str, chat: bool | None) -> PreparedPrompt:
     for a, b in enc["offset_mapping"]:
         a, b = max(a, offset) - offset, min(b, offset + len(prompt)) - offset
         spans.append((a, b) if a < b else None)
-    return PreparedPrompt(prompt, chat, torch.tensor(enc["input_ids"], dtype=torch.long), spans)
+    return PreparedPrompt(prompt, chat, torch.tensor(enc["input_ids"], dtype=torch.long), spans, reason)
 
 
 def tokenize_target(tokenizer, target: str) -> torch.Tensor:
@@ -102,22 +146,74 @@ def _eos_ids(model, tokenizer) -> set[int]:
     return ids
 
 
+_OURS = ("input_ids", "inputs", "attention_mask")  # generate_target passes these itself
+
+
+def generation_kwargs(generate: Any, default_max_new_tokens: int) -> dict:
+    """``model.generate`` keyword arguments from ``explain(generate=...)``: an int (that many new tokens, greedy),
+    a mapping of ``model.generate`` keyword arguments, or a ``transformers.GenerationConfig``. ``max_new_tokens``
+    is always set (``default_max_new_tokens`` unless given): the target must fit the context, and a config's
+    ``max_length`` would count the prompt. Greedy unless the arguments say otherwise. Raises ValueError naming
+    ``generate``."""
+    from transformers import GenerationConfig
+
+    if generate is None:
+        generate = default_max_new_tokens
+    if isinstance(generate, Integral) and not isinstance(generate, bool):
+        kwargs: dict = {"max_new_tokens": int(generate), "do_sample": False}
+    elif isinstance(generate, GenerationConfig):
+        config = copy.deepcopy(generate)
+        kwargs = {"generation_config": config, "max_new_tokens": config.max_new_tokens or default_max_new_tokens}
+        if (config.num_return_sequences or 1) != 1:
+            raise ValueError("generate: num_return_sequences must be 1; one target is explained per prompt")
+    elif isinstance(generate, Mapping):
+        kwargs = {"do_sample": False, **generate}
+        bad = sorted(k for k in kwargs if not isinstance(k, str) or k in _OURS)
+        if bad:
+            raise ValueError(f"generate: {', '.join(map(str, bad))} are set by the explainer; remove them")
+        if "max_length" in kwargs:
+            raise ValueError("generate: max_length counts the prompt too; give max_new_tokens instead")
+        if kwargs.get("num_return_sequences", 1) != 1:
+            raise ValueError("generate: num_return_sequences must be 1; one target is explained per prompt")
+        kwargs.setdefault("max_new_tokens", default_max_new_tokens)
+    else:
+        raise ValueError(
+            f"generate: {generate!r} is not a number of new tokens (int), a dict of model.generate keyword "
+            "arguments, or a transformers.GenerationConfig"
+        )
+    n = kwargs["max_new_tokens"]
+    if isinstance(n, bool) or not isinstance(n, Integral) or n < 1:
+        raise ValueError(f"generate: must be >= 1 new tokens (got max_new_tokens={n!r})")
+    return kwargs
+
+
 @torch.inference_mode()
-def generate_target(model, tokenizer, prompt_ids: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-    """Greedy continuation of ``prompt_ids``, stopped before the first EOS token."""
-    if max_new_tokens < 1:
-        raise ValueError(f"generate: must be >= 1 new tokens (got {max_new_tokens})")
+def generate_target(model, tokenizer, prompt_ids: torch.Tensor, generate: int | dict) -> torch.Tensor:
+    """A continuation of ``prompt_ids`` (greedy unless ``generate``'s arguments sample), cut before the first EOS
+    token: the target that is then explained. ``generate`` is a number of new tokens or ``generation_kwargs``'s
+    result. EOS is the model's and tokenizer's unless the arguments (or their GenerationConfig) name their own
+    ``eos_token_id``; a ``stop_strings`` argument gets the tokenizer it needs."""
+    kwargs = generation_kwargs(generate, 1) if not isinstance(generate, dict) else dict(generate)
+    if kwargs["max_new_tokens"] < 1:
+        raise ValueError(f"generate: must be >= 1 new tokens (got {kwargs['max_new_tokens']})")
     device = next(model.parameters()).device
-    eos = _eos_ids(model, tokenizer)
+    config = kwargs.get("generation_config")
+    eos = kwargs.get("eos_token_id", getattr(config, "eos_token_id", None))
+    eos = set(eos) if isinstance(eos, (list, tuple, set)) else ({int(eos)} if eos is not None else set())
+    if not eos:
+        eos = _eos_ids(model, tokenizer)
+        kwargs["eos_token_id"] = sorted(eos) or None
+    if kwargs.get("pad_token_id", getattr(config, "pad_token_id", None)) is None:
+        kwargs["pad_token_id"] = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos, default=0)
+    if kwargs.get("stop_strings", getattr(config, "stop_strings", None)):
+        kwargs.setdefault("tokenizer", tokenizer)
     ids = prompt_ids[None].to(device)
-    out = model.generate(
-        ids,
-        attention_mask=torch.ones_like(ids),
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        eos_token_id=sorted(eos) or None,
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (min(eos) if eos else 0),
-    )[0, ids.shape[1] :].cpu()
+    try:
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+    except (ValueError, TypeError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"generate: model.generate refused the arguments: {first}") from err
+    out = getattr(out, "sequences", out)[0, ids.shape[1] :].cpu()  # return_dict_in_generate gives an output object
     stop = next((i for i, t in enumerate(out.tolist()) if t in eos), len(out))
     if stop == 0:
         raise ValueError("target: the model generated EOS first, so there is no target to explain; pass a target")
