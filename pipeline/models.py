@@ -71,12 +71,50 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ATMAN_CACHE") or user_cache_dir("atman-pipeline"))
 
 
-def resolve_device(device: str) -> torch.device:
+def available_devices() -> list[str]:
+    """What ``device`` can be on this machine: auto, cpu, and each accelerator torch can use here."""
+    import torch
+
+    out = ["auto", "cpu"]
+    if torch.cuda.is_available():
+        out += ["cuda", *(f"cuda:{i}" for i in range(torch.cuda.device_count()))]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        out.append("mps")
+    return out
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``device`` as a torch device, checked against this machine: asking for CUDA where there is none (or for a
+    GPU index past the last) is a ValueError naming ``device`` and listing what is available, raised before any
+    weights load, not a torch traceback from deep inside ``model.to``."""
     import torch
 
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(
+            f"device: {device!r} is not a device; available here: {', '.join(available_devices())}"
+        ) from None
+    if dev.type == "cpu":
+        return dev
+    backend = getattr(torch, dev.type, None)
+    if dev.type == "mps":
+        backend = getattr(torch.backends, "mps", None)
+    if backend is None or not hasattr(backend, "is_available") or not backend.is_available():
+        why = "this torch is built without CUDA" if dev.type == "cuda" and torch.version.cuda is None else "none found"
+        raise ValueError(
+            f"device: {device!r} is not available on this machine ({dev.type}: {why}); "
+            f"available here: {', '.join(available_devices())}"
+        )
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(
+            f"device: {device!r} is past the last GPU ({torch.cuda.device_count()} here); "
+            f"available here: {', '.join(available_devices())}"
+        )
+    return dev
 
 
 def resolve_dtype(dtype: DType | torch.dtype, device: torch.device) -> torch.dtype:
@@ -147,7 +185,8 @@ def load_model(
 ) -> LoadedModel:
     """Load a causal LM by embedded alias, Hugging Face id or local directory.
 
-    Only safetensors weights are accepted (no pickle); remote code runs only when asked for.
+    Only safetensors weights are accepted (no pickle); remote code runs only when asked for. ``device`` is auto
+    (CUDA when there is one), cpu, cuda, cuda:N, ...; one this machine lacks is a ValueError naming ``device``.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -29,9 +29,10 @@ class AtManConfig(BaseModel):
     multiply the column), `log_additive` (hosted API: add log m to the column), `scale` (multiply the column ==
     scale the key), or `multiplicative_full_row` (the authors' research code: the minimum over the whole score row,
     causally hidden later keys included; see docs/METHOD.md)."""
-    factor: float = Field(0.1, ge=0.0)
+    factor: float = Field(0.1, ge=0.0, allow_inf_nan=False)
     """Multiplier m applied to a suppressed unit's attention columns (paper: m = 1 - f = 0.1). 1 is the identity,
-    > 1 amplifies. In `log_additive`, m = 0 is taken as the limit m -> 0+ (log m = log 1e-30)."""
+    > 1 amplifies. In `log_additive`, m = 0 is taken as the limit m -> 0+ (log m = log 1e-30). Must be finite: inf or
+    nan would turn every score into nan or inf."""
     conceptual_threshold: float | None = Field(None, ge=0.0, le=1.0)
     """kappa of conceptual suppression (paper Eq. 6): tokens whose input-embedding cosine to a token of the unit is
     >= kappa are suppressed too, with m = 1 - (1 - factor) * cos. None (the default) switches it off: on SQuAD it
