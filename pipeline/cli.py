@@ -97,7 +97,10 @@ def explain(
     explain_span: Annotated[str | None, typer.Option(help="Only explain prompt characters START:END.")] = None,
     chat: Annotated[
         bool | None,
-        typer.Option("--chat/--no-chat", help="Wrap in the chat template / raw text (default: chat for questions)."),
+        typer.Option(
+            "--chat/--no-chat",
+            help="Wrap in the chat template / raw text (default: the template when the prompt ends in '?').",
+        ),
     ] = None,
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
@@ -134,10 +137,15 @@ def explain(
         fail(f"model: {model!r} cannot be explained exactly: {str(error).removeprefix('model: ')}")
     except (ValueError, FileNotFoundError) as error:
         fail(str(error))
-    if as_json:
+    from pipeline.render import chat_note, render_explanation
+
+    if as_json:  # stdout stays pure JSON; its "chat" object says the same
         sys.stdout.write(json.dumps(explanation.to_dict(), ensure_ascii=False) + "\n")
+        note = chat_note(explanation, raw_text_hint="--no-chat")
+        if note:
+            err.print(note, highlight=False, markup=False, soft_wrap=True)
     else:
-        explanation.show(Console())
+        render_explanation(explanation, Console(), raw_text_hint="--no-chat")
 
 
 @app.command()
