@@ -89,9 +89,19 @@ def url(fs, path: str) -> str:
     return path if is_local(fs) else f"{protocol(fs)}://{path}"
 
 
+def is_remote(url: str) -> bool:
+    """Whether ``url`` names remote storage (s3://..., gs://...): anything with a protocol but ``file://``."""
+    return "://" in url and not url.startswith("file://")
+
+
+def is_relative_local(path: str) -> bool:
+    """A local path (or ``file://`` URL) relative to the working directory: what a cluster's pods cannot see."""
+    return not is_remote(path) and not os.path.isabs(path.removeprefix("file://"))
+
+
 def local_root(root: str) -> str | None:
     """The absolute local path of a root given as a path or ``file://`` URL; None for a remote root (s3://...)."""
-    if "://" in root and not root.startswith("file://"):
+    if is_remote(root):
         return None
     return os.path.abspath(root.removeprefix("file://"))
 

@@ -23,6 +23,7 @@ import re
 import yaml
 
 from pipeline.jobspec import JobSpec, JobSpecError
+from pipeline.layout import is_relative_local
 
 FORMATS = ("raycronjob", "cronjob", "crontab", "rayjob", "raycluster")
 SCHEDULED = ("raycronjob", "cronjob", "crontab")
@@ -248,7 +249,7 @@ _Dumper.add_representer(str, _str)
 def check_cluster_paths(spec: JobSpec) -> None:
     """A scheduled job runs in pods that see neither this machine's files nor its working directory."""
     for field, path in (("input.path", spec.input.path), ("output.root", spec.output.root)):
-        if "://" not in path and not path.startswith("/"):
+        if is_relative_local(path):
             raise JobSpecError(
                 f"{field}: {path!r} is a relative local path that the cluster's pods cannot see; "
                 "use s3://bucket/prefix (or an absolute path on a volume the pods mount)"

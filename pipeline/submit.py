@@ -23,7 +23,7 @@ import yaml
 
 import pipeline
 from pipeline.jobspec import JobSpec, JobSpecError
-from pipeline.layout import new_run_id, valid_run_id
+from pipeline.layout import is_relative_local, new_run_id, valid_run_id
 from pipeline.messages import first_line
 
 AGENT_WAIT_S = 60  # how long to wait for a fresh head's job agent
@@ -123,9 +123,7 @@ def _status(jobs, sid: str) -> str | None:
 
 def _check_output_root(spec: JobSpec) -> None:
     root = spec.output.root
-    if "://" in root and not root.startswith("file://"):
-        return
-    if not os.path.isabs(root.removeprefix("file://")):
+    if is_relative_local(root):
         raise JobSpecError(
             f"output.root: {root!r} is a relative local path; a cluster job writes where the cluster can read "
             "it back: use s3://bucket/prefix or an absolute path on shared storage (--set output.root=...)"
@@ -134,7 +132,7 @@ def _check_output_root(spec: JobSpec) -> None:
 
 def _ship_input(path: str, base_dir: Path, workdir: Path) -> str:
     """A relative local input is copied into the working_dir (same relative path); others stay as they are."""
-    if "://" in path or os.path.isabs(path):
+    if not is_relative_local(path):
         return path
     source = base_dir / path
     has_glob = any(c in path for c in "*?[")
