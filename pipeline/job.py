@@ -167,7 +167,11 @@ def run_job(
             progress, leftover = load_progress(paths)
             progress = {s: r for s, r in progress.items() if s < len(plan.shards)}
             redone = []
-            for shard, why in sorted(damaged(paths, progress).items()):
+            problems = damaged(paths, progress)
+            for shard, record in progress.items():  # finalize refused it: without this every rerun would too
+                if shard not in problems and record["rows"] != plan.shard_rows_of(shard):
+                    problems[shard] = f"its part holds {record['rows']} of its {plan.shard_rows_of(shard)} input rows"
+            for shard, why in sorted(problems.items()):
                 redone.append(f"shard {shard}: {why}; it is explained again")
                 notice(redone[-1])
                 del progress[shard]

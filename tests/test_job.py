@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -131,8 +132,7 @@ def test_layout_schema_and_manifest(bad_rows_run, tiny_model_dir):
     assert manifest["config_hash"] == spec.config_hash() and manifest["config"]["name"] == "test"
     assert {"torch", "transformers", "ray", "pyarrow", "atman-pipeline"} <= set(manifest["libraries"])
     assert sorted(f["name"] for f in manifest["files"]) == [p.name for p in parts]
-    success = (run_dir / SUCCESS).stat().st_mtime_ns
-    assert all(p.stat().st_mtime_ns <= success for p in [*parts, run_dir / MANIFEST]), "_SUCCESS is written last"
+    assert (run_dir / SUCCESS).exists()
 
 
 @pytest.mark.cluster
@@ -211,6 +211,89 @@ def test_resume_processes_only_what_is_missing(tmp_path, tiny_model_dir, ray_clu
         run_job(spec, "r2")
 
 
+def _spy_publish(monkeypatch) -> list[str]:
+    """Every file the pipeline publishes, in order (``layout.publish``, wherever a module imported it)."""
+    import pipeline.layout
+
+    real, order = pipeline.layout.publish, []
+
+    def spy(fs, path, data):
+        order.append(path)
+        return real(fs, path, data)
+
+    for name, module in list(sys.modules.items()):
+        if (name == "pipeline" or name.startswith("pipeline.")) and getattr(module, "publish", None) is real:
+            monkeypatch.setattr(module, "publish", spy)
+    return order
+
+
+def test_success_is_published_last(tmp_path, tiny_model_dir, monkeypatch):
+    """Parts, then the manifest, then _SUCCESS, and nothing after it (a reader that sees _SUCCESS sees it all)."""
+    _write(tmp_path / "in.jsonl", GOOD)
+    order = _spy_publish(monkeypatch)
+    spec = _spec(tiny_model_dir, tmp_path / "in.jsonl", tmp_path / "out", shard_rows=2)
+    summary = run_job(spec, "last", address="inline")
+    names = [p.rsplit("/", 1)[-1] for p in order]
+    assert SUCCESS in names, "_SUCCESS goes through publish (a whole file), so a reader never sees half of it"
+    after = [n for n in names[names.index(SUCCESS) + 1 :] if n != "_lease.json"]
+    assert names.count(SUCCESS) == 1 and after == [], f"published after _SUCCESS: {after}"
+    assert names[names.index(SUCCESS) - 1] == MANIFEST
+    parts = [i for i, n in enumerate(names) if n.startswith("part-")]
+    assert len(parts) == summary.shards == 3 and max(parts) < names.index(MANIFEST)
+
+
+def test_finalize_refuses_a_run_with_shards_missing(tmp_path, tiny_model_dir, monkeypatch):
+    """A dispatch that ends with shards unexplained: RunIncomplete (exit 1) naming what is missing and how to
+    resume, no manifest, no _SUCCESS; the rerun it names explains only those shards."""
+    import pipeline.job
+
+    _write(tmp_path / "in.jsonl", GOOD)
+    spec = _spec(tiny_model_dir, tmp_path / "in.jsonl", tmp_path / "out", shard_rows=2)
+    real = pipeline.job._explain
+
+    def drops_the_last(executor, paths, plan, pending, *args, **kwargs):
+        return real(executor, paths, plan, pending[:-1], *args, **kwargs)
+
+    monkeypatch.setattr(pipeline.job, "_explain", drops_the_last)
+    with pytest.raises(pipeline.job.RunIncomplete) as stopped:
+        run_job(spec, "miss", address="inline")
+    assert str(stopped.value) == (
+        "1 of 3 shards (2 of 6 input rows) have no output yet; rerun with --run-id miss to finish it"
+    )
+    assert stopped.value.exit_code == 1
+    (run_dir,) = (tmp_path / "out").glob("model=*/run_date=*/run_id=miss")
+    assert not (run_dir / SUCCESS).exists() and not (run_dir / MANIFEST).exists()
+    monkeypatch.setattr(pipeline.job, "_explain", real)
+    again = run_job(spec, "miss", address="inline")
+    assert again.processed == 2 and again.counts["ok"] == len(GOOD) and (run_dir / SUCCESS).exists()
+
+
+def test_finalize_refuses_a_shard_with_rows_lost(tmp_path, tiny_model_dir, monkeypatch):
+    """A shard recorded with another number of rows than its input is not published as complete, and the rerun
+    the message names redoes that shard (it does not refuse the same record again)."""
+    from pipeline.job import RunIncomplete
+
+    _write(tmp_path / "in.jsonl", GOOD)
+    spec = _spec(tiny_model_dir, tmp_path / "in.jsonl", tmp_path / "out", shard_rows=2)
+    real = ExplainWorker.explain_shard
+
+    def loses_a_row(self, shard, segments, retry_errors=False):  # a broken worker's record of shard 1
+        record = real(self, shard, segments, retry_errors)
+        return {**record, "rows": record["rows"] - 1} if shard == 1 else record
+
+    monkeypatch.setattr(ExplainWorker, "explain_shard", loses_a_row)
+    with pytest.raises(RunIncomplete) as stopped:
+        run_job(spec, "lost", address="inline")
+    assert str(stopped.value) == "shards [1] hold another number of rows than their input; rerun with --run-id lost"
+    (run_dir,) = (tmp_path / "out").glob("model=*/run_date=*/run_id=lost")
+    assert not (run_dir / SUCCESS).exists() and not (run_dir / MANIFEST).exists()
+    monkeypatch.setattr(ExplainWorker, "explain_shard", real)
+    again = run_job(spec, "lost", address="inline")
+    assert again.redone == ["shard 1: its part holds 1 of its 2 input rows; it is explained again"]
+    assert again.processed == 2 and again.counts["ok"] == len(GOOD) and (run_dir / SUCCESS).exists()
+    assert sorted(_read(again.location).column("prompt_id").to_pylist()) == sorted(str(r["id"]) for r in GOOD)
+
+
 # --- the worker in-process: failures are isolated per row, CUDA OOM halves the batch -------------------------------
 
 
@@ -262,6 +345,33 @@ def test_cuda_oom_halves_the_batch_then_marks_the_row(worker, monkeypatch):
     assert (1, 1) in calls, "down to one row per forward pass"
     assert rows["p3"]["status"] == "error" and rows["p3"]["error"].startswith("OutOfMemoryError: CUDA out of memory")
     assert all(rows[f"p{i}"]["status"] == "ok" for i in (0, 1, 2))
+
+
+def test_cuda_oom_while_generating_a_target_marks_only_that_row(worker, monkeypatch):
+    """Out of memory inside ``model.generate`` (a row without a target): that row ends in error naming it."""
+
+    def small_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(worker.explainer.model, "generate", small_memory)
+    requests = _requests(3)
+    requests[1]["target"] = None
+    rows = {r["prompt_id"]: r for r in worker.explain_rows(requests)}
+    assert rows["p1"]["status"] == "error" and rows["p1"]["scores"] is None
+    assert rows["p1"]["error"] == "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    assert rows["p0"]["status"] == rows["p2"]["status"] == "ok"
+
+
+def test_eos_as_the_first_generated_token_skips_the_row(worker, monkeypatch):
+    """Nothing to explain is a property of the request: the row is skipped with the reason, the others explained."""
+    requests = _requests(2)
+    requests[0]["target"] = None
+    first = worker.explainer.plan(requests[0]["prompt"], generate=1).target_ids.tolist()
+    monkeypatch.setattr(worker.explainer.model.generation_config, "eos_token_id", first)
+    rows = {r["prompt_id"]: r for r in worker.explain_rows(requests)}
+    assert rows["p0"]["status"] == "skipped"
+    assert rows["p0"]["error"].startswith("target: the model generated EOS first, so there is no target to explain")
+    assert rows["p1"]["status"] == "ok"
 
 
 _cells = st.one_of(st.none(), st.booleans(), st.integers(-3, 300), st.text(max_size=30), st.lists(st.integers(0, 9)))
@@ -328,6 +438,8 @@ def test_cli_run_leaves_nothing_in_home(tmp_path, tiny_model_dir):
     assert out.returncode == 0, out.stderr
     assert "ok" in out.stdout and "prompts/s" in out.stdout and "run_id=c1" in out.stdout
     assert "top units:" in out.stdout
+    ray_lines = [line for line in out.stderr.splitlines() if re.match(r"[EWF]\d{4} \d\d:\d\d:\d\d|.*core_worker", line)]
+    assert ray_lines == [], "the user sees our progress and summary, not Ray's internal log lines"
     assert list(home.iterdir()) == [], f"left in HOME: {list(home.rglob('*'))[:5]}"
     assert not (tmp_path / "out" / "_scratch" / "c1").exists(), "Ray's scratch dir is removed after the run"
 
@@ -357,7 +469,7 @@ def test_an_id_equal_to_a_duplicate_marker_loses_no_row(tmp_path, tiny_model_dir
 
 
 def test_a_stopped_run_names_the_cause_inside_rays_error():
-    from pipeline.job import _first_line
+    from pipeline.messages import first_line as _first_line
 
     ray_error = RuntimeError(
         "\x1b[36mray::MapWorker(MapBatches(ExplainWorker)).submit()\x1b[39m (pid=1, ip=1.2.3.4)\n"
