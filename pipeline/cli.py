@@ -6,17 +6,23 @@ import json
 import logging
 import sys
 import warnings
-from typing import Annotated, NoReturn
+from typing import Annotated, Literal, NoReturn
 
 import typer
 from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 
-from pipeline.atman.config import GRANULARITIES, MODES, AtManConfig
-from pipeline.models import DEFAULT_MODEL
+from pipeline.atman.config import MODES, Aggregate, AtManConfig, Granularity, Mode, Postprocess
+from pipeline.data import SQUAD_DEV
+from pipeline.eval_methods import DEFAULT_METHODS, GRAMMAR
+from pipeline.jobspec import AuditSpec
+from pipeline.messages import describe
+from pipeline.models import DEFAULT_MODEL, DType
 
 ENGINE = AtManConfig()  # the library defaults, so every command's defaults are the same ones
+AUDIT = AuditSpec()  # the job spec's audit thresholds, the defaults of `atman diff`
+EvalGranularity = Literal["token", "word", "sentence", "paragraph"]  # `custom` needs a delimiter the data lacks
 
 app = typer.Typer(
     help="AtMan explanations of causal LMs: which parts of the prompt the prediction relies on.",
@@ -37,9 +43,22 @@ def fail(message: str, code: int = 2) -> NoReturn:
     raise typer.Exit(code)
 
 
-def describe(error: ValidationError) -> str:
-    """One line per invalid field: 'field: what is wrong'."""
-    return "; ".join(f"{'.'.join(str(x) for x in e['loc']) or 'config'}: {e['msg']}" for e in error.errors())
+def _method_option(name: str, values: str = "", flag: str | None = None) -> typer.models.OptionInfo:
+    """A command-line option for AtManConfig's field ``name``: its help is the field's own documentation (the
+    choices and the default come from the field's type and AtManConfig's default, so the CLI cannot drift)."""
+    help_text = AtManConfig.model_fields[name].description or ""
+    if values:
+        help_text = f"{help_text} Give {values}."
+    return typer.Option(*([flag] if flag else []), help=help_text)
+
+
+def _audit_option(name: str) -> typer.models.OptionInfo:
+    """An option of `atman diff` for the job spec's audit threshold ``name`` (same help, same default)."""
+    return typer.Option(help=AuditSpec.model_fields[name].description)
+
+
+def _kappa_text(value: float | None) -> str:
+    return "none" if value is None else str(value)
 
 
 def _quiet_libraries() -> None:
@@ -75,20 +94,18 @@ def explain(
     target: Annotated[str | None, typer.Option(help="Target text to explain (default: generate one).")] = None,
     generate: Annotated[int | None, typer.Option(help="Generate N tokens greedily and explain them.")] = None,
     model: Annotated[str, typer.Option(help="Embedded alias, Hugging Face id or local directory.")] = DEFAULT_MODEL,
-    granularity: Annotated[str, typer.Option(help=f"One of {', '.join(GRANULARITIES)}.")] = "token",
-    delimiter: Annotated[str | None, typer.Option(help="Separator for --granularity custom.")] = None,
-    mode: Annotated[str, typer.Option(help=f"Suppression form: {', '.join(MODES)}.")] = ENGINE.mode,
-    factor: Annotated[
-        float, typer.Option(help="Attention multiplier m of suppressed units (paper: 0.1).")
-    ] = ENGINE.factor,
+    granularity: Annotated[Granularity, _method_option("granularity")] = ENGINE.granularity,
+    delimiter: Annotated[str | None, _method_option("delimiter")] = ENGINE.delimiter,
+    mode: Annotated[Mode, _method_option("mode")] = ENGINE.mode,
+    factor: Annotated[float, _method_option("factor")] = ENGINE.factor,
     conceptual_threshold: Annotated[
-        str, typer.Option(help="Conceptual suppression cosine threshold, or 'none' (default: off; paper: 0.7).")
-    ] = str(ENGINE.conceptual_threshold).lower(),
-    aggregate: Annotated[
-        str, typer.Option(help="Per-target-token ΔCE combined by sum, or sum_of_squares (the paper's evaluation).")
-    ] = ENGINE.aggregate,
+        str, _method_option("conceptual_threshold", "a number in [0, 1] or 'none'")
+    ] = _kappa_text(ENGINE.conceptual_threshold),
+    aggregate: Annotated[Aggregate, _method_option("aggregate")] = ENGINE.aggregate,
+    postprocess: Annotated[Postprocess, _method_option("postprocess")] = ENGINE.postprocess,
+    normalize: Annotated[bool, _method_option("normalize", flag="--normalize/--no-normalize")] = ENGINE.normalize,
     preset: Annotated[
-        str,
+        Literal["none", "paper"],
         typer.Option(
             help="'paper': the AtMan authors' research code (AtManConfig.paper(): mode, factor, conceptual "
             "suppression, target units, aggregation); --granularity still applies. 'none': the options above."
@@ -102,14 +119,12 @@ def explain(
             help="Wrap in the chat template / raw text (default: the template when the prompt ends in '?').",
         ),
     ] = None,
-    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
+    dtype: Annotated[DType, typer.Option(help="Weights' dtype: auto = bfloat16 on GPU, float32 on CPU.")] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
     """Explain one prediction: score every unit of the prompt by how much suppressing it hurts the target."""
     _quiet_libraries()
-    if preset not in ("none", "paper"):
-        fail(f"preset: {preset!r} is not one of none, paper")
     try:
         if preset == "paper":
             config = AtManConfig.paper(granularity=granularity, delimiter=delimiter)
@@ -121,6 +136,8 @@ def explain(
                 delimiter=delimiter,
                 conceptual_threshold=_threshold(conceptual_threshold),
                 aggregate=aggregate,
+                postprocess=postprocess,
+                normalize=normalize,
             )
     except ValidationError as error:
         fail(describe(error))
@@ -307,15 +324,17 @@ def diff(
     root: Annotated[str, typer.Argument(help="Output root (local path or s3://...).")],
     base: Annotated[str, typer.Option(help="Base run: RUN_ID or MODEL/RUN_ID.")],
     new: Annotated[str, typer.Option(help="New run: RUN_ID or MODEL/RUN_ID.")],
-    min_spearman: Annotated[float, typer.Option(help="Drift below this rank correlation.")] = 0.8,
-    min_top5_overlap: Annotated[float, typer.Option(help="Drift below this top-5 overlap.")] = 0.6,
+    min_spearman: Annotated[float, _audit_option("min_spearman")] = AUDIT.min_spearman,
+    min_top5_overlap: Annotated[float, _audit_option("min_top5_overlap")] = AUDIT.min_top5_overlap,
+    max_abs_delta_ce: Annotated[float | None, _audit_option("max_abs_delta_ce")] = AUDIT.max_abs_delta_ce,
 ) -> None:
     """Compare two runs prompt by prompt; writes ROOT/_audits/<base>__<new>/audit.parquet (+ .html, summary)."""
     from pipeline.audit import diff_runs, resolve_run
-    from pipeline.jobspec import AuditSpec
 
     try:
-        thresholds = AuditSpec(min_spearman=min_spearman, min_top5_overlap=min_top5_overlap)
+        thresholds = AuditSpec(
+            min_spearman=min_spearman, min_top5_overlap=min_top5_overlap, max_abs_delta_ce=max_abs_delta_ce
+        )
         result = diff_runs(root, resolve_run(root, base), resolve_run(root, new), thresholds)
     except ValidationError as error:
         fail(describe(error))
@@ -440,10 +459,14 @@ def _on_job(address: str, submission_id: str, call):
         fail(f"submission_id: {submission_id!r}: {error}")
 
 
+SubmissionId = Annotated[str, typer.Argument(help="e.g. atman-demo-2026-11-28")]
+Address = Annotated[str, typer.Option(help="Ray Jobs API, e.g. http://HEAD:8265.")]
+
+
 @app.command()
 def status(
-    submission_id: Annotated[str, typer.Argument(help="e.g. atman-demo-2026-11-28")],
-    address: Annotated[str, typer.Option(help="Ray Jobs API, e.g. http://HEAD:8265.")],
+    submission_id: SubmissionId,
+    address: Address,
 ) -> None:
     """The status of a submitted job."""
     info = _on_job(address, submission_id, lambda jobs: jobs.get_job_info(submission_id))
@@ -452,8 +475,8 @@ def status(
 
 @app.command()
 def logs(
-    submission_id: Annotated[str, typer.Argument(help="e.g. atman-demo-2026-11-28")],
-    address: Annotated[str, typer.Option(help="Ray Jobs API, e.g. http://HEAD:8265.")],
+    submission_id: SubmissionId,
+    address: Address,
 ) -> None:
     """The logs of a submitted job."""
     sys.stdout.write(_on_job(address, submission_id, lambda jobs: jobs.get_job_logs(submission_id)))
@@ -461,8 +484,8 @@ def logs(
 
 @app.command()
 def stop(
-    submission_id: Annotated[str, typer.Argument(help="e.g. atman-demo-2026-11-28")],
-    address: Annotated[str, typer.Option(help="Ray Jobs API, e.g. http://HEAD:8265.")],
+    submission_id: SubmissionId,
+    address: Address,
 ) -> None:
     """Stop a submitted job (rows written so far stay; `atman submit --resume --run-id ...` finishes the run)."""
     stopped = _on_job(address, submission_id, lambda jobs: jobs.stop_job(submission_id))
@@ -503,6 +526,21 @@ eval_app = typer.Typer(help="Evaluate attribution methods (the paper's protocols
 app.add_typer(eval_app, name="eval")
 
 
+_DATA = typer.Option(help="SQuAD JSONL (id, context, question, answers[{text, answer_start}]); default: the bundled "
+                    "76-example dev subset (CC BY-SA 4.0).")  # fmt: skip
+
+
+def _grid_value(option: str, text: str, parse, field: str):
+    """One value of a sweep's comma-separated grid, parsed and checked as AtManConfig's ``field`` would check it."""
+    try:
+        value = parse(text.strip())
+        AtManConfig(**{field: value})
+    except ValueError as error:  # float('x') and pydantic's ValidationError alike
+        reason = describe(error) if isinstance(error, ValidationError) else "not a number"
+        fail(f"{option}: {text.strip()!r}: {reason}")
+    return value
+
+
 def _eval_model(model: str):
     from pipeline import load_model
 
@@ -541,24 +579,22 @@ def _print_metrics(title: str, keys: list[str], rows: list[tuple[list[str], dict
 
 @eval_app.command("squad")
 def eval_squad(
-    data: Annotated[str, typer.Option(help="SQuAD JSONL: id, context, question, answers[{text, answer_start}].")],
+    data: Annotated[str, _DATA] = str(SQUAD_DEV),
     limit: Annotated[int | None, typer.Option(help="Only the first N examples.")] = None,
     sample: Annotated[int | None, typer.Option(help="N examples evenly spaced through the file.")] = None,
     methods: Annotated[
-        str,
-        typer.Option(help="Comma-separated: atman, atman:<mode>[+conceptual][+squares], ixg, ig, rollout, random."),
-    ] = "atman,ixg,ig,rollout,random",
+        str, typer.Option(help=f"Comma-separated method names: {GRAMMAR}; <mode>: {', '.join(MODES)}.")
+    ] = ",".join(DEFAULT_METHODS),
     model: Annotated[str, typer.Option(help="Embedded alias, Hugging Face id or local directory.")] = DEFAULT_MODEL,
-    granularity: Annotated[str, typer.Option(help="word or token.")] = "word",
+    granularity: Annotated[EvalGranularity, _method_option("granularity")] = ENGINE.granularity,
     as_json: Annotated[bool, typer.Option("--json", help="Print the JSON result (DESIGN.md shape).")] = False,
     out: Annotated[str | None, typer.Option(help="Also write the JSON result to this file.")] = None,
 ) -> None:
     """SQuAD plausibility (mAP / mAR, means and interquartile means, 0-100) and deletion AOPC per method."""
-    from pipeline.evaluate import evaluate, load_squad, parse_methods
+    from pipeline.eval_methods import parse_methods
+    from pipeline.evaluate import evaluate, load_squad
 
     _quiet_libraries()
-    if granularity not in ("word", "token"):
-        fail(f"granularity: {granularity!r} is not word or token")
     try:
         names = parse_methods(methods)
         examples = load_squad(data, limit, sample)
@@ -583,28 +619,28 @@ def eval_squad(
 
 @eval_app.command("sweep")
 def eval_sweep(
-    data: Annotated[str, typer.Option(help="SQuAD JSONL, as for `atman eval squad`.")],
+    data: Annotated[str, _DATA] = str(SQUAD_DEV),
     limit: Annotated[int | None, typer.Option(help="Only the first N examples.")] = None,
     sample: Annotated[int | None, typer.Option(help="N examples evenly spaced through the file.")] = None,
-    mode: Annotated[str, typer.Option(help=f"Suppression form: {', '.join(MODES)}.")] = ENGINE.mode,
-    factors: Annotated[str, typer.Option(help="Comma-separated factors m.")] = "0,0.05,0.1,0.3",
-    kappas: Annotated[str, typer.Option(help="Comma-separated conceptual thresholds; 'none' = off.")] = "none,0.7,0.9",
+    mode: Annotated[Mode, _method_option("mode")] = ENGINE.mode,
+    factors: Annotated[str, typer.Option(help="Comma-separated factors m (AtManConfig.factor).")] = "0,0.05,0.1,0.3",
+    kappas: Annotated[
+        str, typer.Option(help="Comma-separated conceptual thresholds in [0, 1]; 'none' = off.")
+    ] = "none,0.7,0.9",
     model: Annotated[str, typer.Option(help="Embedded alias, Hugging Face id or local directory.")] = DEFAULT_MODEL,
-    granularity: Annotated[str, typer.Option(help="word or token.")] = "word",
+    granularity: Annotated[EvalGranularity, _method_option("granularity")] = ENGINE.granularity,
     out: Annotated[str | None, typer.Option(help="Also write the JSON result to this file.")] = None,
 ) -> None:
     """The paper's line sweep: AtMan's mAP / mAR / AOPC over factor x conceptual threshold on SQuAD."""
     from pipeline.evaluate import load_squad, sweep
 
     _quiet_libraries()
-    if mode not in MODES:
-        fail(f"mode: {mode!r} is not one of {', '.join(MODES)}")
+    grid_f = [_grid_value("factors", x, float, "factor") for x in factors.split(",")]
+    grid_k = [_grid_value("kappas", x, _threshold, "conceptual_threshold") for x in kappas.split(",")]
     try:
-        grid_f = [float(x) for x in factors.split(",")]
-        grid_k = [_threshold(x) for x in kappas.split(",")]
         examples = load_squad(data, limit, sample)
     except ValueError as error:
-        fail(f"factors: {error}" if "could not convert" in str(error) else str(error))
+        fail(str(error))
     except FileNotFoundError as error:
         fail(f"data: {error}")
     lm = _eval_model(model)

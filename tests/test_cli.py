@@ -14,8 +14,8 @@ import pytest
 ATMAN = str(Path(sys.executable).parent / "atman")
 
 
-def run(*args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+def run(*args: str, env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env_extra or {})}
     return subprocess.run([ATMAN, *args], capture_output=True, text=True, env=env, timeout=300)
 
 
@@ -59,17 +59,42 @@ def test_explain_table():
 @pytest.mark.parametrize(
     "args, field",
     [
-        (["--prompt", "", "--target", " x"], "prompt"),
-        (["--prompt", "abc", "--target", ""], "target"),
-        (["--prompt", "abc", "--target", " x", "--mode", "bogus"], "mode"),
-        (["--prompt", "abc", "--target", " x", "--granularity", "clause"], "granularity"),
-        (["--prompt", "abc", "--target", " x", "--factor", "-1"], "factor"),
-        (["--prompt", "abc", "--target", " x", "--explain-span", "1:99"], "explain_span"),
-        (["--prompt", "abc", "--target", " x", "--conceptual-threshold", "high"], "conceptual-threshold"),
-        (["--prompt", "abc " * 9000, "--target", " x"], "prompt"),  # 9,001 tokens: past the 8,192-token context
+        (["--prompt", "", "--target", " x"], "prompt:"),
+        (["--prompt", "abc", "--target", ""], "target:"),
+        (["--prompt", "abc", "--target", " x", "--mode", "bogus"], "'--mode'"),
+        (["--prompt", "abc", "--target", " x", "--granularity", "clause"], "'--granularity'"),
+        (["--prompt", "abc", "--target", " x", "--postprocess", "cube"], "'--postprocess'"),
+        (["--prompt", "abc", "--target", " x", "--granularity", "custom"], "delimiter:"),
+        (["--prompt", "abc", "--target", " x", "--delimiter", "|"], "delimiter:"),
+        (["--prompt", "abc", "--target", " x", "--factor", "-1"], "factor:"),
+        (["--prompt", "abc", "--target", " x", "--factor", "inf"], "factor:"),
+        (["--prompt", "abc", "--target", " x", "--explain-span", "1:99"], "explain_span:"),
+        (["--prompt", "abc", "--target", " x", "--conceptual-threshold", "high"], "conceptual-threshold:"),
+        (["--prompt", "abc", "--target", " x", "--conceptual-threshold", "1.5"], "conceptual_threshold:"),
+        (["--prompt", "abc " * 9000, "--target", " x"], "prompt:"),  # 9,001 tokens: past the 8,192-token context
     ],
 )
 def test_bad_input_exits_2_naming_the_field(args, field):
+    """The option's own name (choices typer checks) or the config field it sets; never a traceback."""
     out = run("explain", *args)
     assert out.returncode == 2, out.stderr
-    assert f"{field}:" in out.stderr
+    assert field in " ".join(out.stderr.split()) and "Traceback" not in out.stderr, out.stderr
+
+
+def test_method_options_come_from_atman_config():
+    """`atman explain --help` shows AtManConfig's choices and defaults, and the job spec's method keys are
+    AtManConfig's fields with its defaults: one source of truth for every entry point."""
+    from pipeline.atman.config import MODES, AtManConfig
+    from pipeline.jobspec import METHOD_FIELDS, MethodSpec
+
+    out = run("explain", "--help", env_extra={"COLUMNS": "250"})
+    text = " ".join(out.stdout.split())
+    engine = AtManConfig()
+    assert out.returncode == 0 and f"<{'|'.join(MODES)}>" in text, text
+    for option, value in (("--granularity", engine.granularity), ("--mode", engine.mode), ("--factor", engine.factor)):
+        assert re.search(rf"{option} [^\[]*\[default: {value}\]", text), option
+    spec = MethodSpec()
+    assert set(MethodSpec.model_fields) == set(METHOD_FIELDS)
+    assert {k: getattr(spec, k) for k in METHOD_FIELDS} == {k: getattr(engine, k) for k in METHOD_FIELDS}
+    for name in METHOD_FIELDS:
+        assert MethodSpec.model_fields[name].description == AtManConfig.model_fields[name].description, name
