@@ -17,7 +17,7 @@ GRANULARITIES: tuple[str, ...] = Granularity.__args__
 
 
 class AtManConfig(BaseModel):
-    """How to suppress, what to explain and how to score (../shared/ATMAN.md).
+    """How to suppress, what to explain and how to score (docs/METHOD.md states the method exactly).
 
     Invalid values raise ``pydantic.ValidationError`` (a ``ValueError``) naming the field.
     """
