@@ -34,7 +34,6 @@ from scipy.stats import trim_mean
 from pipeline.atman import attention
 from pipeline.atman.config import AtManConfig
 from pipeline.atman.explainer import Explainer, Planned
-from pipeline.atman.sweep import SweepInput
 from pipeline.eval_methods import method_config
 
 DELETION_K = (1, 2, 3, 4, 5)
@@ -149,10 +148,7 @@ class SquadEval:
 
     def atman_scores(self, planned: Planned, cfg: AtManConfig) -> np.ndarray:
         """AtMan scores of the planned (prompt) units under ``cfg``: its passes, aggregation and postprocess."""
-        explainer = self.explainer(cfg)
-        planned = explainer.passes(planned)
-        out = explainer.run([planned.sweep_input])[0]
-        return explainer.explanation(planned, out).scores.astype(np.float64)
+        return self.explainer(cfg).score(planned).scores.astype(np.float64)
 
     # --- baselines on the same tokens ---------------------------------------------------------------------------
 
@@ -206,17 +202,11 @@ class SquadEval:
     def deletion(self, planned: Planned, scores: np.ndarray) -> float:
         """AOPC: mean CE rise (nats, whole target) with the top-k units removed from attention, k = 1..5."""
         order = np.argsort(-scores, kind="stable")
-        n = len(planned.sweep_input.input_ids)
         ks = [k for k in DELETION_K if k <= len(order)]
         if not ks:
             return 0.0
-        mult = torch.ones(len(ks), n, dtype=torch.float32)
-        for row, k in enumerate(ks):
-            for unit in order[:k]:
-                mult[row, list(planned.units[unit].positions)] = 0.0
         cfg = AtManConfig(mode="log_additive", factor=0.0, conceptual_threshold=None, granularity=self.granularity)
-        out = self.explainer(cfg).run([SweepInput(planned.sweep_input.input_ids, planned.sweep_input.n_target, mult)])
-        return float((out[0].ce - out[0].base_ce[None]).sum(dim=1).mean())
+        return float(self.explainer(cfg).suppressed_rise(planned, [order[:k] for k in ks]).mean())
 
     def removal(self, planned: Planned, scores: np.ndarray) -> float:
         """AOPC with the top-k units' tokens dropped from the input (k = 1..5): the neutral deletion, which uses no

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from pipeline.data import SQUAD_DEV
 from pipeline.eval_methods import parse_methods
@@ -196,3 +197,27 @@ def test_removal_deletion_drops_the_top_units_tokens(tiny_lms, squad_file):
         rises.append(ce(torch.tensor([t for i, t in enumerate(ids.tolist()) if i not in dropped])) - ce(ids))
     assert ev.removal(planned, scores) == pytest.approx(np.mean(rises), abs=1e-4)
     assert any(abs(r) > 1e-3 for r in rises), "dropping tokens changes the target CE"
+
+
+@pytest.mark.parametrize("factor", [0.0, 0.3])
+def test_suppressed_rise_equals_the_oracle(tiny_lms, factor):
+    """Explainer.suppressed_rise (the deletion curve's engine call) against the oracle that runs the untouched
+    model one pass per set, with the same positions suppressed."""
+    from oracle import oracle_scores
+
+    from pipeline import AtManConfig, Explainer
+
+    lm = tiny_lms["llama"]
+    explainer = Explainer(lm, AtManConfig(granularity="word", factor=factor))
+    planned = explainer.plan("Paris is in France and Rome is in Italy", " Rome", chat=False)
+    sets = [[0], [0, 2], [4, 1, 3]]
+    got = explainer.suppressed_rise(planned, sets)
+    ids = planned.sweep_input.input_ids
+    mult = torch.ones(len(sets), len(ids))
+    for row, unit_set in enumerate(sets):
+        for i in unit_set:
+            mult[row, list(planned.units[i].positions)] = factor
+    want = oracle_scores(lm.model, ids, mult, planned.sweep_input.n_target, "log_additive")
+    assert got.shape == (3,) and np.abs(want).max() > 1e-3
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    assert explainer.suppressed_rise(planned, []).shape == (0,)
