@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Literal
 from filelock import FileLock
 from platformdirs import user_cache_dir
 
+from pipeline.messages import first_line
+
 if TYPE_CHECKING:
     import torch
 
@@ -232,10 +234,6 @@ def check_model(name: str, revision: str | None = None, trust_remote_code: bool 
         AutoConfig.from_pretrained(name, **kwargs)
     except (OSError, ValueError) as err:
         raise ValueError(
-            f"model: cannot load {name!r} ({_first_line(err)}). Use an alias ({', '.join(EMBEDDED_MODELS)}), "
+            f"model: cannot load {name!r} ({first_line(err)}). Use an alias ({', '.join(EMBEDDED_MODELS)}), "
             "a local directory with safetensors weights, or a Hugging Face id reachable from here."
         ) from None
-
-
-def _first_line(err: BaseException) -> str:
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
