@@ -17,7 +17,7 @@ from pipeline.atman.config import MODES, Aggregate, AtManConfig, Granularity, Mo
 from pipeline.data import SQUAD_DEV
 from pipeline.eval_methods import DEFAULT_METHODS, GRAMMAR
 from pipeline.jobspec import AuditSpec
-from pipeline.messages import describe
+from pipeline.messages import describe, first_line
 from pipeline.models import DEFAULT_MODEL, DType
 
 ENGINE = AtManConfig()  # the library defaults, so every command's defaults are the same ones
@@ -141,6 +141,8 @@ def explain(
             )
     except ValidationError as error:
         fail(describe(error))
+    import torch
+
     from pipeline import Explainer, UnsupportedModelError, load_model
 
     try:
@@ -154,6 +156,12 @@ def explain(
         fail(f"model: {model!r} cannot be explained exactly: {str(error).removeprefix('model: ')}")
     except (ValueError, FileNotFoundError) as error:
         fail(str(error))
+    except torch.OutOfMemoryError as error:
+        fail(
+            f"device: out of memory while explaining ({first_line(error)}); lower AtManConfig's batch_size / "
+            "max_batch_tokens from Python, pick --dtype bfloat16, a smaller --model, or --device cpu",
+            code=1,
+        )
     from pipeline.render import chat_note, render_explanation
 
     if as_json:  # stdout stays pure JSON; its "chat" object says the same

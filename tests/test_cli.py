@@ -98,3 +98,21 @@ def test_method_options_come_from_atman_config():
     assert {k: getattr(spec, k) for k in METHOD_FIELDS} == {k: getattr(engine, k) for k in METHOD_FIELDS}
     for name in METHOD_FIELDS:
         assert MethodSpec.model_fields[name].description == AtManConfig.model_fields[name].description, name
+
+
+def test_explain_out_of_memory_is_a_message_not_a_traceback(monkeypatch, tiny_model_dir):
+    """A device out of memory during `atman explain` exits 1 with what to change, not a traceback."""
+    import torch
+    from typer.testing import CliRunner
+
+    from pipeline.atman.explainer import Explainer
+    from pipeline.cli import app
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(Explainer, "explain", out_of_memory)
+    result = CliRunner().invoke(app, ["explain", "--prompt", "abc", "--target", " x", "--model", tiny_model_dir])
+    text = " ".join(result.output.split())
+    assert result.exit_code == 1 and "device: out of memory while explaining" in text, text
+    assert "Tried to allocate 2.00 GiB" in text and "Traceback" not in text
