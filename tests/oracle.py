@@ -80,9 +80,10 @@ def _target_ce(logits: torch.Tensor, ids: torch.Tensor, n_target: int) -> torch.
 
 
 def unit_multipliers(tokenizer, prompt: str, units, n_target: int, factor: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids (prompt as raw text, no special tokens, then the target) and [U, n] multipliers: a token gets
-    ``factor`` in unit u's pass when its character span overlaps the unit's span."""
-    enc = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+    """Token ids (prompt as raw text with the special tokens the tokenizer adds itself, e.g. Gemma's <bos>, then
+    the target) and [U, n] multipliers: a token gets ``factor`` in unit u's pass when its character span overlaps
+    the unit's span (a special token's span is empty: never suppressed)."""
+    enc = tokenizer(prompt, add_special_tokens=True, return_offsets_mapping=True)
     n = len(enc["input_ids"]) + n_target
     mult = torch.ones(len(units), n)
     for u, (_, start, length) in enumerate(units):

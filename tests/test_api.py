@@ -348,3 +348,20 @@ def test_import_pipeline_does_not_load_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
+
+
+def test_raw_prompts_start_with_the_tokenizers_own_leading_special_tokens():
+    """Gemma-style tokenizers add <bos> (and some an EOS) around text: raw prompts keep the leading ones only."""
+    from pipeline.atman.prompts import leading_special_ids
+
+    class Tok:
+        def __init__(self, lead, trail):
+            self.lead, self.trail = lead, trail
+
+        def __call__(self, text, add_special_tokens=True, **kwargs):
+            ids = [100 + ord(c) for c in text]
+            return {"input_ids": (self.lead + ids + self.trail) if add_special_tokens else ids}
+
+    assert leading_special_ids(Tok([2], [])) == [2]
+    assert leading_special_ids(Tok([2, 5], [3])) == [2, 5]
+    assert leading_special_ids(Tok([], [3])) == []

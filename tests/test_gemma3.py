@@ -98,3 +98,11 @@ def test_engine_equals_oracle_with_the_sliding_window_active(gemma):
         assert (windowed(ids).logits - gemma.model(ids).logits).abs().max() > 1e-2, "the window must hide keys"
     worst = _worst_vs_oracle(lm, windowed, "word", "multiplicative")
     print(f"{ALIAS} word, window 4: max |engine - oracle| = {worst:.1e}")
+
+
+def test_raw_prompts_start_with_bos(gemma):
+    """Gemma was trained with <bos> first; a raw prompt without it explains a degraded model."""
+    planned = Explainer(gemma, AtManConfig()).plan(PROMPT, TARGET, chat=False)
+    ids = planned.sweep_input.input_ids.tolist()
+    assert ids[0] == gemma.tokenizer.bos_token_id and ids.count(gemma.tokenizer.bos_token_id) == 1
+    assert planned.prepared.token_spans[0] is None and all(0 not in u.positions for u in planned.units)

@@ -126,7 +126,24 @@ def prepare_prompt(tokenizer, prompt: str, chat: bool | None) -> PreparedPrompt:
     for a, b in enc["offset_mapping"]:
         a, b = max(a, offset) - offset, min(b, offset + len(prompt)) - offset
         spans.append((a, b) if a < b else None)
-    return PreparedPrompt(prompt, chat, torch.tensor(enc["input_ids"], dtype=torch.long), spans, reason)
+    ids = list(enc["input_ids"])
+    if not chat:  # a template writes its own BOS; raw text gets the one the tokenizer would add
+        lead = leading_special_ids(tokenizer)
+        ids, spans = lead + ids, [None] * len(lead) + spans
+    return PreparedPrompt(prompt, chat, torch.tensor(ids, dtype=torch.long), spans, reason)
+
+
+def leading_special_ids(tokenizer) -> list[int]:
+    """The special tokens the tokenizer puts before any text (Gemma's ``<bos>``; none for SmolLM2). Models trained
+    with a BOS degrade badly without it, so raw prompts start with what ``tokenizer(text)`` would start with; only
+    the leading ones: a trailing EOS would end the prompt before the target."""
+    probe = "a"
+    with_special = tokenizer(probe)["input_ids"]
+    plain = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    for start in range(len(with_special) - len(plain) + 1):
+        if with_special[start : start + len(plain)] == plain:
+            return list(with_special[:start])
+    return []
 
 
 def tokenize_target(tokenizer, target: str) -> torch.Tensor:

@@ -31,6 +31,8 @@ import functools
 
 import numpy as np
 
+from pipeline.atman.prompts import leading_special_ids
+
 
 @functools.cache
 def _citer_class():
@@ -97,6 +99,8 @@ def _citer_class():
                     [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
                 )
             ids = self.tokenizer.encode(prompt, add_special_tokens=False)
+            if not self.chat:  # as the planned request: raw text starts with the tokenizer's BOS, if any
+                ids = leading_special_ids(self.tokenizer) + ids
             return (ids, prompt) if return_prompt else ids
 
         @property
