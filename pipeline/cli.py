@@ -623,6 +623,9 @@ def eval_squad(
         [([name], m) for name, m in result["methods"].items()],
     )
     Console().print(f"answer units are {100 * result['answer_share']:.1f} % of all units (random's expected mAP)")
+    for pair, d in result["differences"].items():
+        lo, hi = d["ci95"]
+        Console().print(f"mAP {pair}: {d['mAP']:+.1f} (95 % bootstrap CI {lo:+.1f} to {hi:+.1f})", highlight=False)
 
 
 @eval_app.command("sweep")

@@ -9,10 +9,13 @@ from pipeline.atman.config import MODES, AtManConfig
 
 BASELINES = ("ixg", "ig", "rollout", "random")
 """Captum's InputXGradient and IntegratedGradients, attention rollout, and uniform random scores."""
+PEERS = ("attnlrp", "occlusion", "contextcite")
+"""The methods users pick instead of AtMan (``pipeline.peers``): AttnLRP (lxt), Captum's occlusion
+(FeatureAblation), ContextCite."""
 DEFAULT_METHODS = ("atman", *BASELINES)
 PAPER_KAPPA = 0.7
 """The paper's conceptual-suppression threshold, used by the ``+conceptual`` names."""
-GRAMMAR = "atman, atman:<mode>[+conceptual][+squares], atman+squares, atman:paper, " + ", ".join(BASELINES)
+GRAMMAR = "atman, atman:<mode>[+conceptual][+squares], atman+squares, atman:paper, " + ", ".join(PEERS + BASELINES)
 """How the names are built, for help texts; ``<mode>`` is one of AtManConfig's modes."""
 
 
@@ -20,7 +23,7 @@ def method_names() -> set[str]:
     """Every valid name: the AtMan variants over AtManConfig's modes, each optionally ``+squares``, and the
     baselines."""
     atman = {"atman"} | {f"atman:{m}" for m in MODES} | {f"atman:{m}+conceptual" for m in MODES}
-    return {"atman:paper", *BASELINES} | atman | {f"{a}+squares" for a in atman}
+    return {"atman:paper", *PEERS, *BASELINES} | atman | {f"{a}+squares" for a in atman}
 
 
 def parse_methods(text: str) -> list[str]:

@@ -35,6 +35,7 @@ from pipeline.atman import attention
 from pipeline.atman.config import AtManConfig
 from pipeline.atman.explainer import Explainer, Planned
 from pipeline.eval_methods import method_config
+from pipeline.peers import PEERS, peer_scores
 
 DELETION_K = (1, 2, 3, 4, 5)
 UNITS = AtManConfig().granularity  # the library's default units, as everywhere else
@@ -137,6 +138,8 @@ class SquadEval:
             return self.atman_scores(planned, method_config(name, self.granularity))
         if name == "random":
             return rng.random(len(planned.units))
+        if name in PEERS:
+            return peer_scores(name, self.lm, planned)
         token_scores = {"ixg": self._ixg, "ig": self._ig, "rollout": self._rollout}[name](planned)
         return np.array([token_scores[list(u.positions)].sum() for u in planned.units], dtype=np.float64)
 
@@ -268,8 +271,33 @@ def evaluate(lm, examples: list[Example], methods: list[str], granularity: str =
         "granularity": granularity,
         "answer_share": float(np.mean([r["n_answer_units"] / max(r["n_units"], 1) for r in per_example])),
         "methods": {m: results[m].summary() for m in methods},
+        "differences": map_differences(results, seed),
         "examples": per_example,
     }
+
+
+def map_differences(results: dict[str, MethodResult], seed: int = 0, resamples: int = 10_000) -> dict:
+    """AtMan's mAP minus every other method's, paired over the same examples, with a 95 % percentile bootstrap
+    interval (scipy.stats.bootstrap over the examples): {"atman - ixg": {"mAP": d, "ci95": [lo, hi]}}. The
+    reference is the first AtMan method asked for; none, or fewer than two examples, gives {}."""
+    from scipy.stats import bootstrap
+
+    reference = next((m for m in results if m.startswith("atman")), None)
+    if reference is None or len(results[reference].ap) < 2:
+        return {}
+    base = 100 * np.asarray(results[reference].ap)
+    out = {}
+    for name, result in results.items():
+        if name == reference:
+            continue
+        d = base - 100 * np.asarray(result.ap)
+        if np.ptp(d) == 0:  # identical differences: the interval is the point
+            lo = hi = float(d[0])
+        else:
+            ci = bootstrap((d,), np.mean, n_resamples=resamples, method="percentile", random_state=seed)
+            lo, hi = float(ci.confidence_interval.low), float(ci.confidence_interval.high)
+        out[f"{reference} - {name}"] = {"mAP": float(d.mean()), "ci95": [lo, hi]}
+    return out
 
 
 def sweep(lm, examples: list[Example], mode: str, factors: list[float], kappas: list[float | None],

@@ -53,3 +53,42 @@ def test_cli_bench_script_and_the_light_entry_points(tmp_path):
     assert set(results) == {"atman --help", "atman explain --help", "atman query --help", "import pipeline"}
     for name, r in results.items():
         assert r["median_s"] > 0 and r["heavy"] == [], (name, r["heavy"])
+
+
+def test_eval_plot_has_a_point_per_method_and_model(tmp_path):
+    sys.path.insert(0, str(ROOT / "bench"))
+    from plot_eval import points
+
+    def result(model, maps):
+        methods = {m: {"mAP": v, "seconds_per_example": s} for m, (v, s) in maps.items()}
+        return {"model": model, "granularity": "word", "n": 2, "methods": methods}
+
+    a = result("m1", {"atman": (40.0, 10.0), "random": (3.0, 0.0)})
+    b = result("m2", {"atman": (35.0, 20.0), "ixg": (15.0, 1.5)})
+    assert sorted(p[1:] for p in points([a, b])) == [
+        ("atman", 10.0, 40.0), ("atman", 20.0, 35.0), ("ixg", 1.5, 15.0), ("random", 0.0, 3.0)
+    ]  # fmt: skip
+    files = []
+    for r in (a, b):
+        files.append(tmp_path / f"{r['model']}.json")
+        files[-1].write_text(json.dumps(r))
+    out = tmp_path / "plot.png"
+    subprocess.run([sys.executable, str(ROOT / "bench/plot_eval.py"), *map(str, files), "--out", str(out)],
+                   check=True, capture_output=True, timeout=120)  # fmt: skip
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
+
+
+def test_peers_bench_script_runs_on_a_tiny_model(tmp_path, tiny_model_dir):
+    data = tmp_path / "squad.jsonl"  # short enough for the tiny model's 96-token context
+    example = {"id": "e1", "context": "The Eiffel Tower is in Paris. It was finished in 1889 and is made of iron.",
+               "question": "When was it finished?", "answers": [{"text": "1889", "answer_start": 49}]}  # fmt: skip
+    data.write_text(json.dumps(example) + "\n")
+    out = tmp_path / "peers.json"
+    cmd = [sys.executable, str(ROOT / "bench/bench_peers.py"), "--examples", "1", "--model", tiny_model_dir]
+    cmd += ["--data", str(data), "--batch", "4", "--out", str(out)]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    result = json.loads(out.read_text())
+    (row,) = result["per_example"]
+    assert result["examples"] == 1 and result["passes_per_example"] == row["units"] + 1 > 2
+    assert row["atman_s"] > 0 and row["occlusion_s"] > 0 and result["occlusion_over_atman"] > 0
+    assert result["occlusion"]["perturbations_per_eval"] == 4

@@ -221,3 +221,21 @@ def test_suppressed_rise_equals_the_oracle(tiny_lms, factor):
     assert got.shape == (3,) and np.abs(want).max() > 1e-3
     np.testing.assert_allclose(got, want, atol=1e-4)
     assert explainer.suppressed_rise(planned, []).shape == (0,)
+
+
+def test_map_differences_are_paired_with_bootstrap_intervals():
+    """AtMan minus each method, paired per example; the interval brackets the mean and shrinks to the point when
+    every example differs by the same amount; the order of the examples does not matter."""
+    from pipeline.evaluate import MethodResult, map_differences
+
+    rng = np.random.default_rng(3)
+    atman = MethodResult(ap=list(rng.uniform(0.2, 0.6, 40)))
+    other = MethodResult(ap=list(np.asarray(atman.ap) - 0.1 + rng.normal(0, 0.05, 40)))
+    same_shift = MethodResult(ap=list(np.asarray(atman.ap) - 0.05))
+    d = map_differences({"ixg": other, "atman": atman, "shifted": same_shift})
+    assert set(d) == {"atman - ixg", "atman - shifted"}
+    diff = d["atman - ixg"]
+    assert diff["mAP"] == pytest.approx(100 * (np.mean(atman.ap) - np.mean(other.ap)))
+    assert diff["ci95"][0] < diff["mAP"] < diff["ci95"][1] and 7 < diff["ci95"][0] and diff["ci95"][1] < 13
+    assert d["atman - shifted"] == {"mAP": pytest.approx(5.0), "ci95": [pytest.approx(5.0), pytest.approx(5.0)]}
+    assert map_differences({"ixg": other}) == {} and map_differences({"atman": MethodResult(ap=[0.1])}) == {}

@@ -1,0 +1,61 @@
+"""The picture a user decides by: mAP against seconds per example, one point per method and model.
+
+Reads the JSON results of `atman eval squad --json --out FILE` (one file per model; several granularities may be
+given too) and writes a PNG:
+
+    python bench/plot_eval.py bench/eval/table-smollm2.json bench/eval/table-gemma3.json --out docs/eval-map-vs-time.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def points(results: list[dict]) -> list[tuple[str, str, float, float]]:
+    """(model label, method, seconds per example, mAP) of every method in every result."""
+    out = []
+    for r in results:
+        label = f"{r['model']} ({r.get('granularity', '?')} units, n={r['n']})"
+        for method, m in r["methods"].items():
+            out.append((label, method, m["seconds_per_example"], m["mAP"]))
+    return out
+
+
+def plot(results: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
+    markers = "osD^v<>"
+    labels = sorted({p[0] for p in points(results)})
+    for i, label in enumerate(labels):
+        mine = [p for p in points(results) if p[0] == label]
+        xs = [max(p[2], 1e-3) for p in mine]  # random takes ~0 s: keep it on the log axis
+        ax.scatter(xs, [p[3] for p in mine], marker=markers[i % len(markers)], s=50, label=label)
+        for (_, method, _, y), x in zip(mine, xs, strict=True):
+            ax.annotate(method, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("seconds per example (log scale; same machine, one run per model)")
+    ax.set_ylabel("mAP (share of relevance on the answer, 0-100)")
+    ax.set_title("SQuAD dev subset: plausibility against cost")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", nargs="+", help="JSON files written by `atman eval squad --json --out`.")
+    parser.add_argument("--out", required=True, help="PNG to write.")
+    args = parser.parse_args()
+    plot([json.loads(Path(f).read_text()) for f in args.results], args.out)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
