@@ -324,7 +324,7 @@ def report(
     except ValueError as error:
         fail(str(error))
     Path(out).write_text(text, encoding="utf-8")
-    Console().print(f"wrote {out}: {shown} prompts", highlight=False)
+    Console().print(f"wrote {out}: {shown} prompts", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -525,7 +525,7 @@ def schedule(
         fail(str(error))
     if out:
         Path(out).write_text(text, encoding="utf-8")
-        Console().print(f"wrote {out}", highlight=False)
+        Console().print(f"wrote {out}", highlight=False, soft_wrap=True)
     else:
         sys.stdout.write(text)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -26,7 +27,10 @@ def root(tmp_path_factory, tiny_model_dir) -> str:
 
 
 def _report(root: str, out: Path, *args: str) -> subprocess.CompletedProcess:
-    res = subprocess.run([ATMAN, "report", root, "--out", str(out), *args], capture_output=True, text=True, timeout=120)
+    """`atman report` in a narrow terminal (COLUMNS=40): the path it prints must still be one line."""
+    env = {**os.environ, "COLUMNS": "40"}
+    cmd = [ATMAN, "report", root, "--out", str(out), *args]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
     assert res.returncode == 0, res.stderr
     return res
 
@@ -71,7 +75,7 @@ def test_max_prompts_caps_the_page(root, tmp_path):
     assert len(every) == len(set(every)) == 31 and "Showing the first" not in whole.read_text()
     capped = tmp_path / "capped.html"
     res = _report(root, capped, "--run-id", "many", "--max-prompts", "10")
-    assert "10 prompts" in res.stdout
+    assert res.stdout.strip() == f"wrote {capped}: 10 prompts"
     text = capped.read_text()
     assert "Showing the first 10 of 31 prompts" in text
     assert re.findall(section, text) == sorted(every)[:10], "the first 10 by prompt id, nothing else"
