@@ -597,6 +597,12 @@ def eval_squad(
     granularity: Annotated[EvalGranularity, _method_option("granularity")] = ENGINE.granularity,
     as_json: Annotated[bool, typer.Option("--json", help="Print the JSON result (DESIGN.md shape).")] = False,
     out: Annotated[str | None, typer.Option(help="Also write the JSON result to this file.")] = None,
+    records: Annotated[
+        str | None,
+        typer.Option(
+            help="JSONL file keeping each finished example; rerun with the same file to go on where a run stopped."
+        ),
+    ] = None,
 ) -> None:
     """SQuAD plausibility (mAP / mAR, means and interquartile means, 0-100) and deletion AOPC per method."""
     from pipeline.eval_methods import parse_methods
@@ -609,7 +615,14 @@ def eval_squad(
     except (ValueError, FileNotFoundError) as error:
         fail(str(error))
     lm = _eval_model(model)
-    result = _with_progress(len(examples), lambda tick: evaluate(lm, examples, names, granularity, on_example=tick))
+    try:
+        result = _with_progress(
+            len(examples), lambda tick: evaluate(lm, examples, names, granularity, on_example=tick, records=records)
+        )
+    except ValueError as error:
+        if not str(error).startswith("records:"):
+            raise
+        fail(str(error))
     text = json.dumps(result, ensure_ascii=False)
     if out:
         with open(out, "w", encoding="utf-8") as f:

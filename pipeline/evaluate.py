@@ -57,13 +57,24 @@ class MethodResult:
     aopc_removal: list[float] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
 
-    def add(self, ev: SquadEval, planned: Planned, truth: np.ndarray, scores: np.ndarray, seconds: float) -> dict:
-        """Score one example's relevance against its ground truth (AP, AR, deletion AOPC) and keep the numbers."""
+    @staticmethod
+    def measure(ev: SquadEval, planned: Planned, truth: np.ndarray, scores: np.ndarray, seconds: float) -> dict:
+        """One example's numbers for one method: AP, AR (0-100), deletion AOPC by suppression and by removal."""
         ap, ar = average_precision(scores, truth), average_recall(scores, truth)
         aopc, removal = ev.deletion(planned, scores), ev.removal(planned, scores)
-        self.ap.append(ap), self.ar.append(ar), self.seconds.append(seconds)
-        self.aopc.append(aopc), self.aopc_removal.append(removal)
         return {"AP": 100 * ap, "AR": 100 * ar, "aopc": aopc, "aopc_removal": removal, "seconds": seconds}
+
+    def keep(self, numbers: dict) -> None:
+        """Add one example's numbers (``measure``'s dict) to the method's lists."""
+        self.ap.append(numbers["AP"] / 100), self.ar.append(numbers["AR"] / 100)
+        self.aopc.append(numbers["aopc"]), self.aopc_removal.append(numbers["aopc_removal"])
+        self.seconds.append(numbers["seconds"])
+
+    def add(self, ev: SquadEval, planned: Planned, truth: np.ndarray, scores: np.ndarray, seconds: float) -> dict:
+        """Score one example's relevance against its ground truth (AP, AR, deletion AOPC) and keep the numbers."""
+        numbers = self.measure(ev, planned, truth, scores, seconds)
+        self.keep(numbers)
+        return numbers
 
     def summary(self) -> dict:
         def pct(values, iq=False):
@@ -249,20 +260,34 @@ def average_recall(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def evaluate(lm, examples: list[Example], methods: list[str], granularity: str = UNITS, seed: int = 0,
-             on_example: Callable[[int, int], None] | None = None) -> dict:  # fmt: skip
-    """The DESIGN.md JSON shape: n, model, methods {name: metrics}, examples [...]."""
+             on_example: Callable[[int, int], None] | None = None, records: str | None = None) -> dict:  # fmt: skip
+    """The DESIGN.md JSON shape: n, model, methods {name: metrics}, examples [...].
+
+    ``records``: a JSONL file that keeps every finished example (one line each, written when it finishes), so a
+    run of hours that stops can go on where it stopped: an example already there with this model and units is not
+    recomputed, only the methods it lacks run (a later line for the same id replaces an earlier one). A file from
+    another model or other units is refused (``ValueError`` naming ``records``)."""
     ev = SquadEval(lm, granularity, seed)
     results = {m: MethodResult() for m in methods}
+    kept = load_records(records, lm.model_id, granularity) if records else {}
     per_example = []
     for i, ex in enumerate(examples):
-        planned, truth = ev.prepare(ex)
-        rng = np.random.default_rng([seed, i])
-        record = {"id": ex.id, "n_units": len(planned.units), "n_answer_units": int(truth.sum()), "methods": {}}
+        record = kept.get(ex.id) or {"id": ex.id, "model": lm.model_id, "granularity": granularity, "methods": {}}
+        missing = [name for name in methods if name not in record["methods"]]
+        if missing:
+            planned, truth = ev.prepare(ex)
+            record.update(n_units=len(planned.units), n_answer_units=int(truth.sum()))
+            rng = np.random.default_rng([seed, i])
+            for name in missing:
+                start = time.perf_counter()
+                scores = ev.scores(name, planned, rng)
+                record["methods"][name] = MethodResult.measure(ev, planned, truth, scores, time.perf_counter() - start)
+            if records:
+                with open(records, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
         for name in methods:
-            start = time.perf_counter()
-            scores = ev.scores(name, planned, rng)
-            record["methods"][name] = results[name].add(ev, planned, truth, scores, time.perf_counter() - start)
-        per_example.append(record)
+            results[name].keep(record["methods"][name])
+        per_example.append({**record, "methods": {name: record["methods"][name] for name in methods}})
         if on_example:
             on_example(i + 1, len(examples))
     return {
@@ -274,6 +299,33 @@ def evaluate(lm, examples: list[Example], methods: list[str], granularity: str =
         "differences": map_differences(results, seed),
         "examples": per_example,
     }
+
+
+def load_records(path: str, model: str, granularity: str) -> dict[str, dict]:
+    """The examples a records file holds ({id: record}, the last line per id), checked to be this model's and units';
+    a missing file holds none."""
+    kept: dict[str, dict] = {}
+    try:
+        f = open(path, encoding="utf-8")
+    except FileNotFoundError:
+        return kept
+    with f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                seen = (record["model"], record["granularity"])
+                record["methods"]
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise ValueError(f"records: {path}:{number} is not an evaluation record ({err})") from None
+            if seen != (model, granularity):
+                raise ValueError(
+                    f"records: {path} holds {seen[0]} with {seen[1]} units, not {model} with {granularity} units; "
+                    "give another file"
+                )
+            kept[record["id"]] = record
+    return kept
 
 
 def map_differences(results: dict[str, MethodResult], seed: int = 0, resamples: int = 10_000) -> dict:

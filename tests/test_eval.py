@@ -239,3 +239,32 @@ def test_map_differences_are_paired_with_bootstrap_intervals():
     assert diff["ci95"][0] < diff["mAP"] < diff["ci95"][1] and 7 < diff["ci95"][0] and diff["ci95"][1] < 13
     assert d["atman - shifted"] == {"mAP": pytest.approx(5.0), "ci95": [pytest.approx(5.0), pytest.approx(5.0)]}
     assert map_differences({"ixg": other}) == {} and map_differences({"atman": MethodResult(ap=[0.1])}) == {}
+
+
+def test_records_let_a_stopped_run_go_on(tiny_lms, squad_file, tmp_path, monkeypatch):
+    """--records: each finished example is kept; a rerun computes only what the file lacks and reports what a run
+    without records reports. Another model's or units' file is refused naming records."""
+    lm, examples, records = tiny_lms["llama"], load_squad(str(squad_file)), tmp_path / "records.jsonl"
+    fresh = evaluate(lm, examples, ["atman", "random", "ixg"])
+    first = evaluate(lm, examples[:1], ["atman", "random"], records=str(records))
+    assert [json.loads(line)["id"] for line in records.read_text().splitlines()] == ["e1"]
+
+    calls = []
+    original = SquadEval.scores
+    monkeypatch.setattr(SquadEval, "scores", lambda self, name, *a: calls.append(name) or original(self, name, *a))
+    resumed = evaluate(lm, examples, ["atman", "random", "ixg"], records=str(records))
+    assert calls == ["ixg", "atman", "random", "ixg"], "e1 only lacked ixg; e2 was not there"
+    assert resumed["examples"][0]["methods"]["atman"] == first["examples"][0]["methods"]["atman"]
+    for name, m in fresh["methods"].items():
+        for key in ("mAP", "mAR", "mAP_IQ", "mAR_IQ", "aopc", "aopc_removal"):
+            assert resumed["methods"][name][key] == pytest.approx(m[key], abs=1e-6), (name, key)
+    assert resumed["differences"].keys() == fresh["differences"].keys()
+
+    calls.clear()
+    again = evaluate(lm, examples, ["atman", "ixg"], records=str(records))
+    assert calls == [] and set(again["examples"][1]["methods"]) == {"atman", "ixg"}
+    with pytest.raises(ValueError, match=r"^records: .* holds .* with word units, not .* with token units"):
+        evaluate(lm, examples, ["atman"], granularity="token", records=str(records))
+    records.write_text("not json\n")
+    with pytest.raises(ValueError, match=r"^records: .*:1 is not an evaluation record"):
+        evaluate(lm, examples, ["atman"], records=str(records))
