@@ -32,9 +32,10 @@ def lxt_installed():
         missing_tool(str(err), f".venv/bin/pip install --no-deps lxt=={attnlrp.LXT_VERSION}")
 
 
-@pytest.fixture(scope="module")
-def case(tiny_lms):
-    lm = tiny_lms["llama"]
+@pytest.fixture(scope="module", params=["llama", "gemma3"])
+def case(tiny_lms, request):
+    """A tiny model of each family lxt has rules for (the two embedded models' architectures)."""
+    lm = tiny_lms[request.param]
     planned, _ = SquadEval(lm).prepare(EXAMPLE)
     return lm, planned
 
@@ -96,33 +97,45 @@ def test_approximate_conservation_and_not_plain_gradient(case):
 def test_eager_and_sdpa_attention_agree(case):
     """The default (SDPA) and the module's own eager attention both go through lxt's attention wrapper."""
     lm, planned = case
-    eager = tiny_model("llama", lm.model.config.vocab_size, attn_implementation="eager")
+    family = "llama" if "Llama" in type(lm.model).__name__ else "gemma3"
+    eager = tiny_model(family, lm.model.config.vocab_size, attn_implementation="eager")
     assert lm.model.config._attn_implementation == "sdpa"
     relevance, _ = attnlrp.token_relevance(lm, planned)
     eager_relevance, _ = attnlrp.token_relevance(LoadedModel(eager, lm.tokenizer, "tiny-eager", "random"), planned)
     np.testing.assert_allclose(eager_relevance, relevance, rtol=1e-4, atol=1e-5)
 
 
-def test_patch_is_in_effect_only_inside(case):
-    from torch.nn import Dropout
-    from transformers.models.llama import modeling_llama
+@pytest.mark.parametrize(
+    ("family", "module", "classes"),
+    [
+        ("lxt.efficient.models.llama", "llama", (("LlamaMLP", "forward"), ("LlamaRMSNorm", "forward"))),
+        ("lxt.efficient.models.gemma3", "gemma3", (("Gemma3MLP", "forward"), ("Gemma3RMSNorm", "_norm"))),
+    ],
+)
+def test_patch_is_in_effect_only_inside(family, module, classes):
+    import importlib
 
-    targets = (modeling_llama.LlamaMLP, modeling_llama.LlamaRMSNorm, Dropout)
-    before = [t.forward for t in targets] + [
-        modeling_llama.eager_attention_forward,
-        modeling_llama.ALL_ATTENTION_FUNCTIONS,
-    ]
+    from torch.nn import Dropout
+
+    modeling = importlib.import_module(f"transformers.models.{module}.modeling_{module}")
+    targets = [(getattr(modeling, cls), method) for cls, method in classes] + [(Dropout, "forward")]
+
+    def state():
+        return [getattr(t, m) for t, m in targets] + [
+            modeling.eager_attention_forward,
+            modeling.ALL_ATTENTION_FUNCTIONS,
+        ]
+
+    before = state()
+    assert all(getattr(t, m).__module__ != "lxt.efficient.patches" for t, m in targets[:1])
     with pytest.raises(RuntimeError, match="inside"):
-        with attnlrp.attnlrp_patched():
-            assert all(t.forward.__module__ == "lxt.efficient.patches" for t in targets)
-            interface = modeling_llama.ALL_ATTENTION_FUNCTIONS
+        with attnlrp.attnlrp_patched(family):
+            assert all(getattr(t, m) is not b for (t, m), b in zip(targets, before, strict=False))
+            interface = modeling.ALL_ATTENTION_FUNCTIONS
             assert interface.get_interface("sdpa", None).__qualname__.startswith("wrap_attention_forward")
-            assert modeling_llama.eager_attention_forward.__module__ == "lxt.efficient.patches"
+            assert modeling.eager_attention_forward.__module__ == "lxt.efficient.patches"
             raise RuntimeError("inside")
-    after = [t.forward for t in targets] + [
-        modeling_llama.eager_attention_forward,
-        modeling_llama.ALL_ATTENTION_FUNCTIONS,
-    ]
+    after = state()
     assert all(a is b for a, b in zip(before, after, strict=True))
 
 
@@ -151,7 +164,9 @@ def test_other_methods_unchanged_after_attnlrp(case):
 def test_non_llama_is_refused(tiny_lms):
     lm = tiny_lms["gpt2"]
     planned, _ = SquadEval(lm).prepare(EXAMPLE)
-    with pytest.raises(attnlrp.AttnLRPUnavailable, match="GPT2LMHeadModel is not supported"):
+    with pytest.raises(
+        attnlrp.AttnLRPUnavailable, match="GPT2LMHeadModel is not supported; .* LlamaForCausalLM, Gemma3"
+    ):
         attnlrp.unit_scores(lm, planned)
 
 

@@ -8,14 +8,15 @@ do, and a unit's score is the sum over its tokens. lxt's rules (identity rule on
 uniform rule on the gated product and on the attention matmuls) are approximately conservative: the relevances of
 all input tokens sum to about the explained output.
 
-Llama only (the embedded model's architecture): lxt's rule map ``lxt.efficient.models.llama.attnLRP``.
+Llama and Gemma 3 (the two embedded models' architectures): lxt's rule maps ``lxt.efficient.models.llama.attnLRP``
+and ``lxt.efficient.models.gemma3.attnLRP``; any other model is refused naming its class.
 
 Two things stand between lxt 2.1 and this project, both handled here without changing lxt's rules:
 - ``import lxt`` fails on transformers 5: lxt's package ``__init__`` imports every model family it supports, and
   its bundled BERT file (``lxt/efficient/models/bert.py``) imports ``transformers.modeling_attn_mask_utils``, a
   module transformers 5 removed (masks moved to ``transformers.masking_utils``); its ViT map also imports
-  torchvision, which CPU installs here lack (PyPI's torchvision wheels link CUDA torch). So only the three files
-  Llama needs are loaded (``rules``, ``patches``, ``models/llama``), which import nothing of the rest.
+  torchvision, which CPU installs here lack (PyPI's torchvision wheels link CUDA torch). So only the files a family
+  needs are loaded (``rules``, ``patches``, ``models/llama`` or ``models/gemma3``), which import nothing of the rest.
 - lxt's attention patch (``patches.patch_attention``) replaces the modeling module's ``ALL_ATTENTION_FUNCTIONS``
   with a plain dict of wrapped functions; transformers 5's ``LlamaAttention.forward`` calls
   ``ALL_ATTENTION_FUNCTIONS.get_interface(...)``, which a dict lacks (``AttributeError``). The adapter below
@@ -23,6 +24,7 @@ Two things stand between lxt 2.1 and this project, both handled here without cha
 
 lxt patches classes and the modeling module, so every Llama in the process would be affected: the patch is applied
 only for the duration of one call (under a lock) and undone in ``finally``; the model object is never modified.
+The patched method of each class is read from lxt's rule (``forward``, or ``_norm`` for Gemma 3's RMSNorm).
 """
 
 from __future__ import annotations
@@ -39,10 +41,13 @@ import numpy as np
 import torch
 
 LXT_VERSION = "2.1"
-_LXT_FILES = {  # module -> file under the lxt package, in import order (each imports only the ones before it)
+_LXT_BASE = {  # module -> file under the lxt package, in import order (each imports only the ones before it)
     "lxt.efficient.rules": "efficient/rules.py",
     "lxt.efficient.patches": "efficient/patches.py",
-    "lxt.efficient.models.llama": "efficient/models/llama.py",
+}
+FAMILIES = {  # the model class -> lxt's module of rules for it (its file: efficient/models/<name>.py)
+    "LlamaForCausalLM": "lxt.efficient.models.llama",
+    "Gemma3ForCausalLM": "lxt.efficient.models.gemma3",
 }
 _LOCK = threading.RLock()
 _MISSING = object()
@@ -52,16 +57,18 @@ class AttnLRPUnavailable(RuntimeError):
     """lxt cannot explain this model here; the message names the reason."""
 
 
-def _lxt_modules() -> tuple[ModuleType, ModuleType]:
-    """lxt's ``patches`` and ``models.llama`` modules, loaded from lxt's files without its package ``__init__``
-    (which fails on transformers 5, see the module docstring). Modules already imported are reused."""
+def _lxt_modules(family: str = "lxt.efficient.models.llama") -> tuple[ModuleType, ModuleType]:
+    """lxt's ``patches`` module and its rule module for one family (``FAMILIES``' values), loaded from lxt's files
+    without its package ``__init__`` (which fails on transformers 5, see the module docstring). Modules already
+    imported are reused."""
     spec = importlib.util.find_spec("lxt")
     if spec is None or not spec.submodule_search_locations:
         raise AttnLRPUnavailable(
             f"attnlrp: the library lxt is not installed (pip install --no-deps lxt=={LXT_VERSION})"
         )
     root = Path(next(iter(spec.submodule_search_locations)))
-    for name, relative in _LXT_FILES.items():
+    files = {**_LXT_BASE, family: "efficient/models/" + family.rsplit(".", 1)[1] + ".py"}
+    for name, relative in files.items():
         if name in sys.modules:
             continue
         file_spec = importlib.util.spec_from_file_location(name, root / relative)
@@ -74,7 +81,7 @@ def _lxt_modules() -> tuple[ModuleType, ModuleType]:
         except Exception as err:
             del sys.modules[name]
             raise AttnLRPUnavailable(f"attnlrp: cannot load lxt's {relative}: {type(err).__name__}: {err}") from err
-    return sys.modules["lxt.efficient.patches"], sys.modules["lxt.efficient.models.llama"]
+    return sys.modules["lxt.efficient.patches"], sys.modules[family]
 
 
 def _patch_attention(modeling: ModuleType, patches: ModuleType) -> None:
@@ -97,21 +104,31 @@ def _patch_attention(modeling: ModuleType, patches: ModuleType) -> None:
     modeling.ALL_ATTENTION_FUNCTIONS = wrapped
 
 
+def _modeling_module(rules: dict) -> ModuleType:
+    """The transformers modeling module among a rule map's keys (the one whose attention functions lxt wraps)."""
+    return next(target for target in rules if isinstance(target, ModuleType))
+
+
 @contextmanager
-def attnlrp_patched() -> Iterator[None]:
-    """lxt's AttnLRP rules on every Llama of the process inside the block, the originals restored after it."""
-    patches, llama = _lxt_modules()
-    modeling = llama.modeling_llama
+def attnlrp_patched(family: str = "lxt.efficient.models.llama") -> Iterator[None]:
+    """lxt's AttnLRP rules on every model of one family (``FAMILIES``' values) in the process inside the block, the
+    originals restored after it."""
+    patches, rules_module = _lxt_modules(family)
+    rules = rules_module.attnLRP
+    modeling = _modeling_module(rules)
     with _LOCK:
         saved: list[tuple[object, str, object]] = []
-        for target in llama.attnLRP:
-            names = ("eager_attention_forward", "ALL_ATTENTION_FUNCTIONS") if target is modeling else ("forward",)
+        for target, patch in rules.items():
+            if target is modeling:
+                names = ("eager_attention_forward", "ALL_ATTENTION_FUNCTIONS")
+            else:  # lxt's rules are partial(patch_method, fn[, method_name=...]): the method they replace
+                names = (getattr(patch, "keywords", {}).get("method_name", "forward"),)
             saved += [(target, name, vars(target).get(name, _MISSING)) for name in names]
         try:
-            for target, patch in llama.attnLRP.items():
+            for target, patch in rules.items():
                 if target is modeling:
                     _patch_attention(modeling, patches)
-                elif target.forward.__module__ != patches.__name__:  # else lxt's rule is already there
+                else:  # lxt's patch_method leaves a method it already replaced as it is
                     patch(target)
             yield
         finally:
@@ -126,18 +143,17 @@ def attnlrp_patched() -> Iterator[None]:
 def token_relevance(lm, planned) -> tuple[np.ndarray, float]:
     """AttnLRP relevance of every input token (prompt and target, [n]) for the summed target-token logits, and that
     explained output (the relevances sum to about it)."""
-    from transformers.models.llama.modeling_llama import LlamaForCausalLM
-
     model = lm.model
-    if not isinstance(model, LlamaForCausalLM):
+    family = FAMILIES.get(type(model).__name__)
+    if family is None:
         raise AttnLRPUnavailable(
-            f"attnlrp: {type(model).__name__} is not supported; this peer applies lxt's Llama rules "
-            "(lxt.efficient.models.llama) and runs on Llama models only"
+            f"attnlrp: {type(model).__name__} is not supported; this peer applies lxt's rules for "
+            f"{', '.join(FAMILIES)} only"
         )
     ids = planned.sweep_input.input_ids.to(model.device)[None]
     n_prompt = ids.shape[1] - planned.sweep_input.n_target
     embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
-    with attnlrp_patched(), torch.enable_grad():
+    with attnlrp_patched(family), torch.enable_grad():
         logits = model(inputs_embeds=embeds, use_cache=False).logits[0, n_prompt - 1 : -1]
         explained = logits.gather(-1, ids[0, n_prompt:, None]).sum()
         (grad,) = torch.autograd.grad(explained, embeds)  # the inputs only: no parameter's .grad is touched
