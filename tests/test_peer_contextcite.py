@@ -4,6 +4,8 @@ target and its prompt is our planned request's, checked on the forward passes it
 from __future__ import annotations
 
 import itertools
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -148,3 +150,18 @@ def test_squad_sentence_eval_on_the_real_model():
         for metrics in example["methods"].values():
             assert 0 <= metrics["AP"] <= 100 and 0 <= metrics["AR"] <= 100 and np.isfinite(metrics["aopc"])
     assert set(result["methods"]) == {"contextcite", "random"}
+
+
+def test_import_is_quiet_and_offline():
+    """context_cite calls nltk.download at import; the peer imports it without that call (no output, no network)."""
+    code = (
+        "import nltk, sys\n"
+        "calls = []\n"
+        "nltk.download = lambda *a, **k: calls.append(a)\n"
+        "from pipeline.peers import contextcite\n"
+        "contextcite._import_context_cite()\n"
+        "assert 'context_cite' in sys.modules and calls == [], calls\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout == "ok\n" and "nltk" not in out.stderr, out.stderr[-2000:]

@@ -34,10 +34,24 @@ import numpy as np
 from pipeline.atman.prompts import leading_special_ids
 
 
+def _import_context_cite():
+    """``context_cite`` without its import-time ``nltk.download("punkt_tab")`` (a network call that prints to stderr
+    and waits on offline machines; the punkt sentence splitter is its own partitioner's, which is not used here)."""
+    import nltk
+
+    download = nltk.download
+    nltk.download = lambda *args, **kwargs: False
+    try:
+        from context_cite import ContextCiter
+        from context_cite.context_partitioner import BaseContextPartitioner
+    finally:
+        nltk.download = download
+    return ContextCiter, BaseContextPartitioner
+
+
 @functools.cache
 def _citer_class():
-    from context_cite import ContextCiter
-    from context_cite.context_partitioner import BaseContextPartitioner
+    ContextCiter, BaseContextPartitioner = _import_context_cite()  # noqa: N806 (classes)
 
     class UnitPartitioner(BaseContextPartitioner):
         """ContextCite sources = the given units (``(start, end)`` character spans of ``context``, in order)."""
