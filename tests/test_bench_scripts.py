@@ -57,10 +57,11 @@ def test_cli_bench_script_and_the_light_entry_points(tmp_path):
 
 def test_eval_plot_has_a_point_per_method_and_model(tmp_path):
     sys.path.insert(0, str(ROOT / "bench"))
-    from plot_eval import points
+    from plot_eval import markdown, points
 
     def result(model, maps):
-        methods = {m: {"mAP": v, "seconds_per_example": s} for m, (v, s) in maps.items()}
+        metrics = dict.fromkeys(("mAR", "mAP_IQ", "mAR_IQ", "aopc", "aopc_removal"), 1.0)
+        methods = {m: {**metrics, "mAP": v, "seconds_per_example": s} for m, (v, s) in maps.items()}
         return {"model": model, "granularity": "word", "n": 2, "methods": methods}
 
     a = result("m1", {"atman": (40.0, 10.0), "random": (3.0, 0.0)})
@@ -72,10 +73,19 @@ def test_eval_plot_has_a_point_per_method_and_model(tmp_path):
     for r in (a, b):
         files.append(tmp_path / f"{r['model']}.json")
         files[-1].write_text(json.dumps(r))
-    out = tmp_path / "plot.png"
-    subprocess.run([sys.executable, str(ROOT / "bench/plot_eval.py"), *map(str, files), "--out", str(out)],
-                   check=True, capture_output=True, timeout=120)  # fmt: skip
+    out, tables = tmp_path / "plot.png", tmp_path / "tables.md"
+    cmd = [sys.executable, str(ROOT / "bench/plot_eval.py"), *map(str, files), "--out", str(out)]
+    subprocess.run([*cmd, "--markdown", str(tables)], check=True, capture_output=True, timeout=120)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 5000
+
+    b["differences"] = {"atman - ixg": {"mAP": 20.0, "ci95": [12.5, 27.25]}}
+    lines = markdown([a, b]).splitlines()
+    assert (
+        lines[0] == "**m1**, word units, n = 2"
+        and tables.read_text().splitlines() == markdown([a, {**b, "differences": {}}]).splitlines()
+    )
+    assert "| atman | 35.0 | 1.0 | 1.0 | 1.0 | 1.00 | 1.00 | 20.00 | reference |" in lines
+    assert "| ixg | 15.0 | 1.0 | 1.0 | 1.0 | 1.00 | 1.00 | 1.50 | +20.0 (+12.5, +27.2) |" in lines
 
 
 def test_peers_bench_script_runs_on_a_tiny_model(tmp_path, tiny_model_dir):
