@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 TORCH_CONSTRAINTS ?= constraints-cpu.txt
 PYTEST_ARGS ?=
 
-.PHONY: install demo test test-models lint format bench bench-scale bench-gpu clean
+.PHONY: install demo test test-models eval lint format bench bench-scale bench-gpu clean
 
 install: $(STAMP)
 
@@ -38,6 +38,24 @@ test: $(STAMP)
 # about a minute, then its checks against the oracle take minutes on 2 cores.
 test-models: $(STAMP)
 	$(BIN)/python -m pytest -m model2 $(PYTEST_ARGS)
+
+# docs/EVAL.md's tables and plot from real runs: both embedded models, word units (every method) and sentence units
+# (ContextCite's), the factor x kappa sweep on Gemma 3. Hours on 2 CPU cores; each run keeps its finished examples in
+# bench/eval/*.records.jsonl, so `make eval` again goes on where it stopped (delete a records file to redo it).
+EVAL_WORD ?= atman,atman:paper,attnlrp,occlusion,ig,ixg,rollout,random
+EVAL_SENTENCE ?= atman,atman:paper,contextcite,occlusion,attnlrp,ixg,random
+EVAL_MODELS ?= smollm2:smollm2-135m-instruct gemma3:gemma3-270m
+eval: $(STAMP)
+	set -e; for pair in $(EVAL_MODELS); do name=$${pair%%:*}; model=$${pair#*:}; \
+	  $(BIN)/atman eval squad --model $$model --methods $(EVAL_WORD) \
+	    --records bench/eval/$$name-word.records.jsonl --out bench/eval/$$name-word.json; \
+	  $(BIN)/atman eval squad --model $$model --granularity sentence --methods $(EVAL_SENTENCE) \
+	    --records bench/eval/$$name-sentence.records.jsonl --out bench/eval/$$name-sentence.json; \
+	done
+	test -f bench/eval/sweep-sample16-gemma3.json || $(BIN)/atman eval sweep --model gemma3-270m --sample 16 \
+	  --out bench/eval/sweep-sample16-gemma3.json
+	for units in word sentence; do $(BIN)/python bench/plot_eval.py bench/eval/smollm2-$$units.json \
+	  bench/eval/gemma3-$$units.json --out docs/eval-$$units-map-vs-time.png --markdown bench/eval/tables-$$units.md; done
 
 lint: $(STAMP)
 	$(BIN)/ruff check pipeline tests bench
