@@ -119,3 +119,28 @@ def mask4d_scores(model, ids: torch.Tensor, mult: torch.Tensor, n_target: int) -
         ce = _target_ce(model(ids[None], attention_mask=mask[None, None]).logits, ids, n_target)
         out.append(float((ce - base).sum()))
     return np.array(out)
+
+
+@torch.inference_mode()
+def oracle_vlm_scores(model, inputs: dict, mult: torch.Tensor, n_target: int, mode: str) -> np.ndarray:
+    """[U] whole-target scores of a vision-language model: its own full forward (vision tower, projector, masks,
+    positions) once per unit, with the suppression active inside its language model only."""
+    decoder = model.get_decoder()
+    ids = inputs["input_ids"][0]
+
+    def run(m):
+        hook = Suppressing(m, mode) if m is not None else None
+        handles = []
+        if hook is not None:  # hooks return None: a value would replace the decoder's inputs / outputs
+            handles.append(decoder.register_forward_pre_hook(lambda *_: (hook.__enter__(), None)[1]))
+            handles.append(decoder.register_forward_hook(lambda *_: (hook.__exit__(None, None, None), None)[1]))
+        try:
+            ce = _target_ce(model(**inputs, use_cache=False).logits, ids, n_target)
+        finally:
+            for h in handles:
+                h.remove()
+        assert hook is None or hook.hits >= 1, "the oracle intercepted no attention"
+        return ce
+
+    base = run(None)
+    return np.array([float((run(m) - base).sum()) for m in mult])

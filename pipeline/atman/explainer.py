@@ -185,7 +185,7 @@ class Explainer:
             if cfg.conceptual_candidates == "prompt_and_target":
                 candidates += list(range(n_prompt, len(ids) - 1))  # the last target token is never an input
         mult = unit_multipliers(len(ids), units, cfg.factor, cosine, cfg.conceptual_threshold, candidates)
-        return replace(planned, sweep_input=SweepInput(ids, n_target, mult), target_units=target_units)
+        return replace(planned, sweep_input=replace(planned.sweep_input, multipliers=mult), target_units=target_units)
 
     def score(self, planned: Planned) -> Explanation:
         """The explanation of a request planned by any explainer of the same model (same tokens and units) under
@@ -198,14 +198,15 @@ class Explainer:
         """[len(unit_sets)] rise of the whole target's CE (nats) with each set of ``planned.units`` (indices)
         suppressed together in one pass, under this config's mode and factor and without conceptual neighbours:
         the deletion curve of a ranking (its top-1, top-2, ... units)."""
-        ids, n_target = planned.sweep_input.input_ids, planned.sweep_input.n_target
+        ids = planned.sweep_input.input_ids
         groups = [
             Unit("", 0, 0, tuple(sorted({p for i in unit_set for p in planned.units[i].positions})))
             for unit_set in unit_sets
         ]
         if not groups:
             return np.zeros(0, dtype=np.float64)
-        out = self.run([SweepInput(ids, n_target, unit_multipliers(len(ids), groups, self.config.factor))])[0]
+        mult = unit_multipliers(len(ids), groups, self.config.factor)
+        out = self.run([replace(planned.sweep_input, multipliers=mult)])[0]
         return (out.ce - out.base_ce[None]).sum(dim=1).double().numpy()
 
     def run(self, inputs: list[SweepInput], batch_size: int | None = None) -> list[SweepOutput]:

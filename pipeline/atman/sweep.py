@@ -9,6 +9,12 @@ What one batch goes through (all exact, checked against ``reference.py`` in the 
 3. Attention of the suffix queries over [prefix keys ; suffix keys] with a mask built from absolute positions
    (causal, sliding window, padding), so prompts of different lengths batch together with either padding side.
 4. The LM head runs only at the positions that predict target tokens.
+
+Vision-language requests (``pipeline/atman/vision.py``) come as the inputs the model's own forward handed its
+language model: merged text and image embeddings, the rotary position ids (Qwen2-VL's M-RoPE: three rows), and
+bidirectional blocks (Gemma 3: the tokens of one image see each other both ways). A block changes step 2: a
+suppressed key k is seen by the rows q < k of its block, so a pass starts at the block's first position. The
+model's own unperturbed target CE travels with such a request and the sweep's unperturbed pass must reproduce it.
 """
 
 from __future__ import annotations
@@ -39,6 +45,23 @@ class SweepInput:
     input_ids: torch.Tensor
     n_target: int
     multipliers: torch.Tensor
+    embeds: torch.Tensor | None = None
+    """[n, d] the input embeddings the model's language model receives (a VLM's text and image embeddings merged);
+    None: the model embeds ``input_ids`` itself."""
+    positions: torch.Tensor | None = None
+    """[n] or [k, n] the position ids of its rotary embedding (Qwen2-VL's M-RoPE: k = 3); None: 0..n-1."""
+    blocks: torch.Tensor | None = None
+    """[n] int: positions sharing an id >= 0 see each other both ways (a bidirectional block); None: none."""
+    base_ce: torch.Tensor | None = None
+    """[T] the model's own unperturbed target CE (its plain forward); the sweep refuses unless it reproduces it."""
+
+    def start(self, position: int) -> int:
+        """The first position whose output can change when the key at ``position`` is suppressed: the position
+        itself (causal), or the first position of its bidirectional block."""
+        if self.blocks is None or int(self.blocks[position]) < 0:
+            return position
+        same = torch.nonzero(self.blocks == self.blocks[position])
+        return int(same[0])
 
 
 @dataclass(frozen=True)
@@ -86,23 +109,49 @@ class SweepAttention:
         self.lengths = lengths
         self.offsets = [length - n if padding_side == "left" else 0 for n in lengths]
 
+        seqs = [inputs[r.seq] for r in rows]
+        with_embeds = {seq.embeds is not None for seq in seqs}
+        if len(with_embeds) > 1:
+            raise ValueError("inputs: a batch mixes requests given as embeddings with requests given as token ids")
+        rope_rows = {seq.positions.shape[0] for seq in seqs if seq.positions is not None and seq.positions.dim() == 2}
+        if len(rope_rows) > 1:
+            raise ValueError("inputs: requests with different numbers of position-id rows in one batch")
+        k_rope = rope_rows.pop() if rope_rows else None
+
         input_ids = torch.zeros(b, length, dtype=torch.long)
         q_pos = torch.full((b, length), -1, dtype=torch.long)
+        q_blk = torch.full((b, length), -1, dtype=torch.long)
+        k_blk = torch.full((b, self.prefix), -1, dtype=torch.long)
+        rope = torch.zeros((k_rope, b, length) if k_rope else (b, length), dtype=torch.long)
+        embeds = None
+        if True in with_embeds:
+            embeds = seqs[0].embeds.new_zeros(b, length, seqs[0].embeds.shape[-1])
         k_mult = torch.ones(b, self.prefix + length, dtype=torch.float32)
-        for i, (row, n, off) in enumerate(zip(rows, lengths, self.offsets, strict=True)):
-            seq = inputs[row.seq]
-            input_ids[i, off : off + n] = seq.input_ids[row.start : row.start + n]
+        for i, (row, seq, n, off) in enumerate(zip(rows, seqs, lengths, self.offsets, strict=True)):
+            sl = slice(row.start, row.start + n)
+            input_ids[i, off : off + n] = seq.input_ids[sl]
             q_pos[i, off : off + n] = torch.arange(row.start, row.start + n)
+            positions = seq.positions if seq.positions is not None else torch.arange(len(seq.input_ids))
+            rope[..., i, off : off + n] = positions[..., sl]
+            if embeds is not None:
+                embeds[i, off : off + n] = seq.embeds[sl]
+            if seq.blocks is not None:
+                q_blk[i, off : off + n] = seq.blocks[sl]
+                k_blk[i, : row.start] = seq.blocks[: row.start]
             if row.unit is not None:
                 mult = seq.multipliers[row.unit]
                 k_mult[i, : row.start] = mult[: row.start]
-                k_mult[i, self.prefix + off : self.prefix + off + n] = mult[row.start : row.start + n]
+                k_mult[i, self.prefix + off : self.prefix + off + n] = mult[sl]
         prefix_pos = torch.arange(self.prefix).expand(b, -1)
         starts = torch.tensor([r.start for r in rows])[:, None]
         k_pos = torch.cat([prefix_pos.masked_fill(prefix_pos >= starts, -1), q_pos], dim=1)
+        k_blk = torch.cat([k_blk, q_blk], dim=1).masked_fill(k_pos < 0, -1)
 
         self.input_ids = input_ids.to(device)
-        self.position_ids = q_pos.clamp_min(0).to(device)
+        self.inputs_embeds = embeds.to(device) if embeds is not None else None
+        self.position_ids = rope.to(device)
+        self.blocks = bool((q_blk >= 0).any())
+        self.q_blk, self.k_blk = q_blk.to(device), k_blk.to(device)
         self.q_pos, self.k_pos = q_pos.to(device), k_pos.to(device)
         self.k_mult = k_mult.to(device)
         self.suppressing = bool((k_mult != 1).any())
@@ -111,26 +160,33 @@ class SweepAttention:
         # one prompt and one start for the whole batch: the prefix is a view, broadcast over rows, and
         # (no padding) visibility is plain lower-right causal, which fused/flash kernels take without a mask
         self._shared_prefix = len({(r.seq, r.start) for r in rows}) == 1
-        self._causal = causal_lower_right(length, self.prefix + length) if self._shared_prefix else None
+        plain = self._shared_prefix and not self.blocks
+        self._causal = causal_lower_right(length, self.prefix + length) if plain else None
 
     def slot(self, i: int, position: int) -> int:
         """Query slot of absolute ``position`` in row ``i``."""
         return self.offsets[i] + position - self.rows[i].start
 
-    def visible(self, window: int | None) -> torch.Tensor:
-        """bool [B, 1, Lq, P + Lq]: causal (and sliding-window) visibility from absolute positions."""
-        if window not in self._visible:
+    def visible(self, window: int | None, blocks: bool = True) -> torch.Tensor:
+        """bool [B, 1, Lq, P + Lq]: causal (and sliding-window) visibility from absolute positions; with
+        ``blocks``, a bidirectional block's positions also see each other (inside the window: Gemma 3's
+        AND(window, OR(causal, block)))."""
+        if (window, blocks) not in self._visible:
             qp, kp = self.q_pos[:, :, None], self.k_pos[:, None, :]
-            vis = (kp >= 0) & (kp <= qp)
+            vis = kp <= qp
+            if blocks and self.blocks:
+                qb, kb = self.q_blk[:, :, None], self.k_blk[:, None, :]
+                vis |= (qb >= 0) & (qb == kb)
+            vis &= (kp >= 0) & (qp >= 0)
             if window is not None:
-                vis &= qp - kp < window
+                vis &= (qp - kp).abs() < window
             # padded query slots see only themselves, so no row is empty (no NaN leaks through 0 * NaN)
             length = self.q_pos.shape[1]
             own = torch.zeros(length, self.prefix + length, dtype=torch.bool, device=vis.device)
             own[:, self.prefix :] = torch.eye(length, dtype=torch.bool, device=vis.device)
             vis |= (qp < 0) & own
-            self._visible[window] = vis[:, None]
-        return self._visible[window]
+            self._visible[(window, blocks)] = vis[:, None]
+        return self._visible[(window, blocks)]
 
     def _prefix(self, layer: int, which: dict[int, dict[int, torch.Tensor]], like: torch.Tensor) -> torch.Tensor:
         per_seq = which[layer]
@@ -186,8 +242,10 @@ class SweepAttention:
 
     def _check_mask(self, layer: int, mask: torch.Tensor, window: int | None) -> None:
         """The unperturbed pass: the model's own mask must agree with the visibility the sweep computes from
-        positions (causal, sliding window) on every real token, or prefix reuse and batching would be wrong."""
-        ours = self.visible(window)  # [B, 1, Lq, Lq]: the unperturbed pass has no prefix
+        positions (causal, sliding window) on every real token, or prefix reuse and batching would be wrong.
+        Bidirectional blocks are not in it (given as embeddings, a VLM builds its causal mask); they are checked
+        through the model's own unperturbed CE (``SweepInput.base_ce``)."""
+        ours = self.visible(window, blocks=False)  # [B, 1, Lq, Lq]: the unperturbed pass has no prefix
         theirs = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
         real = self.q_pos >= 0  # padding slots are the sweep's own business
         both = (real[:, :, None] & real[:, None, :])[:, None]
@@ -209,10 +267,13 @@ def _target_ce(model, ctx: SweepAttention, inputs: list[SweepInput]) -> list[tor
     keep = sorted({s for w in wanted for s in w})
     index = {s: j for j, s in enumerate(keep)}
     kwargs = {"position_ids": ctx.position_ids} if _takes(type(model), "position_ids") else {}  # ALiBi models do not
+    if ctx.inputs_embeds is not None:
+        kwargs["inputs_embeds"] = ctx.inputs_embeds
+    else:
+        kwargs["input_ids"] = ctx.input_ids
     out = attention.forward(
         model,
         ctx,
-        input_ids=ctx.input_ids,
         logits_to_keep=torch.tensor(keep, device=ctx.input_ids.device),
         use_cache=False,
         **kwargs,
@@ -225,6 +286,20 @@ def _target_ce(model, ctx: SweepAttention, inputs: list[SweepInput]) -> list[tor
         cols = torch.tensor([index[s] for s in wanted[i]], device=logprobs.device)
         result.append(-logprobs[i, cols].gather(-1, targets[:, None])[:, 0].cpu())
     return result
+
+
+def _check_base(model, expected: torch.Tensor, got: torch.Tensor) -> None:
+    """The sweep's unperturbed pass must give the target CE of the model's own forward (a VLM's, vision tower and
+    masks its own): else positions, blocks or embeddings were not what the model uses."""
+    dtype = next(model.parameters()).dtype
+    tol = 1e-3 if dtype == torch.float32 else 0.1  # half precision: kernels differ by more than float32's noise
+    worst = float((expected.float().cpu() - got.float()).abs().max())
+    if worst > tol:
+        raise UnsupportedModelError(
+            f"model: {type(model).__name__}: the unperturbed target CE through AtMan's attention differs from the "
+            f"model's own forward by {worst:.2g} nats (tolerance {tol:g}); its masks or positions are not ones "
+            "AtMan reproduces"
+        )
 
 
 @functools.cache
@@ -278,6 +353,9 @@ def sweep(
         ctx = SweepAttention(batch, inputs, store, mode, padding_side, device)
         for row, ce in zip(batch, _target_ce(model, ctx, inputs), strict=True):
             base[row.seq] = ce
+    for i, seq in enumerate(inputs):
+        if seq.base_ce is not None:
+            _check_base(model, seq.base_ce, base[i])
 
     rows = []
     for i, seq in enumerate(inputs):
@@ -285,7 +363,7 @@ def sweep(
         for u, mult in enumerate(seq.multipliers):
             changed = torch.nonzero(mult != 1)
             if len(changed):
-                start = min(int(changed[0]), last_prompt) if prefix_reuse else 0
+                start = min(seq.start(int(changed[0])), last_prompt) if prefix_reuse else 0
                 rows.append(_Row(i, start, u))
     ce = {(i, u): base[i] for i, seq in enumerate(inputs) for u in range(len(seq.multipliers))}
     for batch in _batches(rows, inputs, batch_size, max_batch_tokens):

@@ -1,0 +1,132 @@
+"""Tiny random vision-language models (2 text layers, d=64; a 1-layer vision tower) of every family we claim, built
+offline from transformers configs, with inputs as each family's processor lays them out (image tokens inside the
+text, the family's extra inputs).
+
+``VLMS``: family -> builder returning (model, inputs for one request of prompt + target, the image token id).
+"""
+
+from __future__ import annotations
+
+import torch
+import transformers as tf
+
+INIT = 0.25  # as tiny_models: peaked attention, so suppression moves the CE measurably
+VOCAB = 300
+IMAGE, START, END = 299, 297, 298  # image token, begin / end of image
+_TEXT = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=VOCAB,
+    max_position_embeddings=512,
+    initializer_range=INIT,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32)
+
+
+def _ids(*parts) -> torch.Tensor:
+    out = []
+    for part in parts:
+        out += part if isinstance(part, list) else [part]
+    return torch.tensor([out])
+
+
+def llava(seed: int = 0):
+    config = tf.LlavaConfig(
+        vision_config=tf.CLIPVisionConfig(**_VISION, patch_size=8),
+        text_config=tf.LlamaConfig(**_TEXT),
+        image_token_id=IMAGE,
+        vision_feature_layer=-1,
+    )
+    torch.manual_seed(seed)
+    model = tf.LlavaForConditionalGeneration(config).eval()
+    ids = _ids(1, 11, 12, [IMAGE] * 16, 13, 14, 15, 16, 17, 18)  # 4 x 4 patches of 8 px, then text + target
+    return model, {"input_ids": ids, "pixel_values": torch.randn(1, 3, 32, 32)}
+
+
+def idefics3(seed: int = 0):
+    config = tf.Idefics3Config(
+        vision_config=dict(_VISION, patch_size=8),
+        text_config=tf.LlamaConfig(**_TEXT),
+        scale_factor=2,
+        image_token_id=IMAGE,
+    )
+    torch.manual_seed(seed)
+    model = tf.Idefics3ForConditionalGeneration(config).eval()
+    ids = _ids(1, 11, START, [IMAGE] * 4, END, 12, 13, 14, 15, 16, 17)  # 16 patches, pixel shuffle 2 -> 4 tokens
+    return model, {"input_ids": ids, "pixel_values": torch.randn(1, 1, 3, 32, 32)}
+
+
+def _qwen(config_cls, model_cls, vision: dict, seed: int):
+    text = dict(_TEXT, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]})
+    config = config_cls(
+        text_config=text,
+        vision_config=dict(vision, patch_size=4, spatial_merge_size=2, temporal_patch_size=2, in_chans=3),
+        image_token_id=IMAGE,
+        vision_start_token_id=START,
+        vision_end_token_id=END,
+    )
+    torch.manual_seed(seed)
+    model = model_cls(config).eval()
+    # one 16 x 16 px image: 4 x 4 patches of 4 px (two frames each), merged 2 x 2 -> 4 tokens
+    grid = torch.tensor([[1, 4, 4]])
+    ids = _ids(1, 11, START, [IMAGE] * 4, END, 12, 13, 14, 15, 16, 17)
+    pixels = torch.randn(16, 3 * 2 * 4 * 4)
+    return model, {
+        "input_ids": ids,
+        "pixel_values": pixels,
+        "image_grid_thw": grid,
+        "mm_token_type_ids": (ids == IMAGE).int(),
+    }
+
+
+def qwen2_vl(seed: int = 0):
+    vision = dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2)
+    return _qwen(tf.Qwen2VLConfig, tf.Qwen2VLForConditionalGeneration, vision, seed)
+
+
+def qwen2_5_vl(seed: int = 0):
+    vision = dict(
+        depth=1, hidden_size=32, out_hidden_size=64, intermediate_size=64, num_heads=2, window_size=8,
+        fullatt_block_indexes=[0],
+    )  # fmt: skip
+    return _qwen(tf.Qwen2_5_VLConfig, tf.Qwen2_5_VLForConditionalGeneration, vision, seed)
+
+
+def gemma3(seed: int = 0):
+    text = dict(
+        _TEXT,
+        num_key_value_heads=1,
+        head_dim=16,
+        sliding_window=5,
+        query_pre_attn_scalar=16,
+        layer_types=["sliding_attention", "full_attention"],
+    )
+    config = tf.Gemma3Config(
+        text_config=text,
+        vision_config=dict(_VISION, patch_size=8),
+        mm_tokens_per_image=4,
+        image_token_index=IMAGE,
+        boi_token_index=START,
+        eoi_token_index=END,
+    )
+    torch.manual_seed(seed)
+    model = tf.Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():  # Gemma 3 initialises its projector to zeros: every image token would embed as 0
+        torch.nn.init.normal_(model.model.multi_modal_projector.mm_input_projection_weight, std=INIT)
+    ids = _ids(1, 11, START, [IMAGE] * 4, END, 12, 13, 14, 15, 16, 17)  # 4 x 4 patches pooled to 2 x 2 tokens
+    return model, {"input_ids": ids, "pixel_values": torch.randn(1, 3, 32, 32), "token_type_ids": (ids == IMAGE).long()}
+
+
+VLMS = {
+    "llava": llava,
+    "idefics3": idefics3,
+    "qwen2_vl": qwen2_vl,
+    "qwen2_5_vl": qwen2_5_vl,
+    "gemma3": gemma3,
+}
