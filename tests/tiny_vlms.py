@@ -36,15 +36,36 @@ def _ids(*parts) -> torch.Tensor:
     return torch.tensor([out])
 
 
-def llava(seed: int = 0):
+def llava_model(seed: int = 0, vocab_size: int = VOCAB, image_token_id: int = IMAGE):
     config = tf.LlavaConfig(
         vision_config=tf.CLIPVisionConfig(**_VISION, patch_size=8),
-        text_config=tf.LlamaConfig(**_TEXT),
-        image_token_id=IMAGE,
+        text_config=tf.LlamaConfig(**dict(_TEXT, vocab_size=vocab_size)),
+        image_token_id=image_token_id,
         vision_feature_layer=-1,
     )
     torch.manual_seed(seed)
-    model = tf.LlavaForConditionalGeneration(config).eval()
+    return tf.LlavaForConditionalGeneration(config).eval()
+
+
+def llava_processor(tokenizer):
+    """A real LlavaProcessor over ``tokenizer`` (given an ``<image>`` token here) and a CLIP image processor sized
+    for the tiny vision tower (32 px, 8 px patches: 16 image tokens)."""
+    import copy
+
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    image_processor = tf.CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return tf.LlavaProcessor(  # CLIP adds a class token (num_additional_image_tokens), the default strategy drops it
+        image_processor,
+        tokenizer,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+
+
+def llava(seed: int = 0):
+    model = llava_model(seed)
     ids = _ids(1, 11, 12, [IMAGE] * 16, 13, 14, 15, 16, 17, 18)  # 4 x 4 patches of 8 px, then text + target
     return model, {"input_ids": ids, "pixel_values": torch.randn(1, 3, 32, 32)}
 

@@ -12,6 +12,7 @@ import torch
 from pipeline.atman import attention
 from pipeline.atman.config import AtManConfig
 from pipeline.atman.explanation import Explanation
+from pipeline.atman.images import ImageUnit, image_units, token_patches
 from pipeline.atman.plan import embedding_cosine, unit_multipliers
 from pipeline.atman.prompts import (
     PreparedPrompt,
@@ -41,6 +42,8 @@ class Planned:
     units: list[Unit]
     sweep_input: SweepInput
     target_units: list[Unit] = field(default_factory=list)
+    image_units: list[ImageUnit] = field(default_factory=list)  # after the target units in the multipliers
+    image_sizes: list[tuple[int, int]] = field(default_factory=list)
 
 
 class Explainer:
@@ -61,6 +64,11 @@ class Explainer:
         if config is not None and not isinstance(config, AtManConfig):
             raise TypeError(f"config: expected an AtManConfig, got {type(config).__name__}; e.g. AtManConfig()")
         self.lm = None
+        self.processor = None
+        from pipeline.atman.multimodal import is_processor
+
+        if is_processor(tokenizer):  # a vision-language model's processor: its tokenizer does the text
+            self.processor, tokenizer = tokenizer, tokenizer.tokenizer
         if not isinstance(model, torch.nn.Module) and hasattr(model, "model") and hasattr(model, "tokenizer"):
             if tokenizer is not None:
                 raise TypeError(
@@ -68,6 +76,8 @@ class Explainer:
                     "Explainer(lm.model, tokenizer)"
                 )
             self.lm, model, tokenizer = model, model.model, model.tokenizer
+            if is_processor(tokenizer):
+                self.processor, tokenizer = tokenizer, tokenizer.tokenizer
         _check_model(model)
         _check_tokenizer(tokenizer, model)
         self.model, self.tokenizer = model, tokenizer
@@ -92,6 +102,8 @@ class Explainer:
         generate: int | Mapping[str, Any] | GenerationConfig | None = None,
         explain_span: Span | list[Span] | list[int] | None = None,
         chat: bool | None = None,
+        images: list | None = None,
+        image_grid: tuple[int, int] | str | None = None,
     ) -> Explanation:
         """Explain ``target`` given ``prompt``; without a target, explain what the model generates.
 
@@ -111,9 +123,22 @@ class Explainer:
             True / False decide explicitly. The decision and why are in ``Explanation.chat`` / ``chat_reason``
             and ``to_dict()["chat"]``; only the user's text is ever explained, never the template's tokens.
 
+        images: for a vision-language model (the explainer built with its processor): PIL images, paths or bytes,
+            shown before the prompt (through the processor's chat template when the chat rule applies). Every image
+            token is a unit too (``Explanation.image_units``: boxes in the original image's pixels, with
+            ``image_scores``), suppressed in the language model's attention like text. A target is required.
+        image_grid: group the image tokens into ROWS x COLS cells per image (``(8, 8)`` or ``"8x8"``): one pass per
+            cell instead of one per token (hundreds per image).
+
         Raises ValueError naming the parameter for empty prompt/target, over-long input, spans outside the prompt,
-        generation arguments ``model.generate`` refuses.
+        generation arguments ``model.generate`` refuses, unreadable images.
         """
+        if images is not None:
+            planned = self.plan(prompt, target, generate=generate, explain_span=explain_span, chat=chat,
+                                images=images, image_grid=image_grid)  # fmt: skip
+            return self.explanation(planned, self.run([planned.sweep_input])[0])
+        if image_grid is not None:
+            raise ValueError("image_grid: given without images")
         return self.explain_batch([prompt], [target], generate=generate, explain_spans=[explain_span], chat=chat)[0]
 
     def explain_batch(
@@ -146,9 +171,14 @@ class Explainer:
         generate: int | Mapping[str, Any] | GenerationConfig | None = None,
         explain_span: Span | list[Span] | list[int] | None = None,
         chat: bool | None = None,
+        images: list | None = None,
+        image_grid: tuple[int, int] | None = None,
     ) -> Planned:
-        """Validate and tokenize one request and decide every suppression pass (no forward pass but generation)."""
+        """Validate and tokenize one request and decide every suppression pass (no forward pass but generation;
+        with images, one unperturbed forward of the whole model)."""
         cfg = self.config
+        if images is not None:
+            return self._plan_images(prompt, target, images, image_grid, generate, explain_span, chat)
         prepared = prepare_prompt(self.tokenizer, prompt, chat)
         spans = normalize_spans(prompt, explain_span)
         if target is not None and generate is not None:
@@ -166,18 +196,60 @@ class Explainer:
         units = build_units(prompt, prepared.token_spans, spans, cfg.granularity, cfg.delimiter)
         return self.passes(Planned(prepared, target_ids, units, SweepInput(ids, len(target_ids), torch.ones(0))))
 
+    def _plan_images(self, prompt, target, images, image_grid, generate, explain_span, chat) -> Planned:
+        from pipeline.atman.multimodal import load_images, model_inputs, prepare_with_images
+        from pipeline.atman.vision import lift
+
+        cfg = self.config
+        if self.processor is None:
+            raise ValueError(
+                "images: this explainer has a tokenizer, not the model's processor; pass it: "
+                "Explainer(model, AutoProcessor.from_pretrained(name))"
+            )
+        if cfg.conceptual_threshold is not None:
+            raise ValueError("conceptual_threshold: conceptual suppression is not defined for image tokens; use None")
+        if target is None or generate is not None:
+            raise ValueError("target: with images, give the target to explain (generating one is not supported yet)")
+        grid = _image_grid(image_grid)
+        pil = load_images(images)
+        request = prepare_with_images(self.processor, self.model, prompt, pil, chat)
+        target_ids = tokenize_target(self.tokenizer, target)
+        self._check_length(len(request.prepared.prompt_ids) + len(target_ids))
+        patches = token_patches(self.model, self.processor.image_processor, request.sizes, request.extras)
+        units = build_units(
+            prompt, request.prepared.token_spans, normalize_spans(prompt, explain_span), cfg.granularity, cfg.delimiter
+        )
+        device, dtype = self._embeddings.device, self._embeddings.dtype
+        lifted = lift(self.model, model_inputs(request, target_ids, device, dtype), len(target_ids))
+        ids = torch.cat([request.prepared.prompt_ids, target_ids])
+        sweep_input = SweepInput(
+            ids, len(target_ids), torch.ones(0), lifted.embeds, lifted.positions, lifted.blocks, lifted.base_ce
+        )
+        planned = Planned(
+            request.prepared,
+            target_ids,
+            units,
+            sweep_input,
+            image_units=image_units(patches, request.image_positions, grid, request.sizes),
+            image_sizes=request.sizes,
+        )
+        return self.passes(planned)
+
     def passes(self, planned: Planned) -> Planned:
         """``planned`` with its suppression passes decided under this explainer's config (same tokens and prompt
         units): the target units the config asks for and every pass's key multipliers (paper Eq. 4 and 6)."""
         cfg = self.config
         ids, n_target = planned.sweep_input.input_ids, planned.sweep_input.n_target
         n_prompt = len(ids) - n_target
+        if planned.image_units and cfg.conceptual_threshold is not None:
+            raise ValueError("conceptual_threshold: conceptual suppression is not defined for image tokens; use None")
         target_units = []
         if cfg.target_units:
             texts = [self.tokenizer.decode([t]) for t in planned.target_ids.tolist()]
             starts = np.cumsum([0, *map(len, texts)])  # character spans in the decoded target
             target_units = [Unit(texts[j], int(starts[j]), len(texts[j]), (n_prompt + j,)) for j in range(n_target - 1)]
-        units = planned.units + target_units
+        image_rows = [Unit("", 0, 0, u.positions) for u in planned.image_units]
+        units = planned.units + target_units + image_rows
         cosine = candidates = None
         if cfg.conceptual_threshold is not None:
             cosine = embedding_cosine(self._embeddings.detach(), ids.to(self._embeddings.device)).cpu()
@@ -253,6 +325,8 @@ class Explainer:
         if cfg.normalize:  # prompt and target units share one scale
             scores, per_target = _unit_max(scores), _unit_max(per_target)
         scores, per_target = scores.astype(np.float32), per_target.astype(np.float32)
+        n_text = n + len(planned.target_units)
+        images = planned.image_sizes or None
         tok = self.tokenizer
         return Explanation(
             prompt=planned.prepared.prompt,
@@ -274,8 +348,11 @@ class Explainer:
             target_units=[UnitSpan(u.text, u.start, u.length) for u in planned.target_units]
             if cfg.target_units
             else None,
-            target_scores=scores[n:] if cfg.target_units else None,
-            target_per_target=per_target[n:] if cfg.target_units and cfg.keep_per_target else None,
+            target_scores=scores[n:n_text] if cfg.target_units else None,
+            target_per_target=per_target[n:n_text] if cfg.target_units and cfg.keep_per_target else None,
+            images=images,
+            image_units=[u.patch for u in planned.image_units] if images else None,
+            image_scores=scores[n_text:] if images else None,
         )
 
 
@@ -310,6 +387,19 @@ def _check_tokenizer(tokenizer, model) -> None:
             f"tokenizer: {type(tokenizer).__name__} is a slow tokenizer; units are located through character "
             "offsets, which only fast tokenizers give: AutoTokenizer.from_pretrained(name, use_fast=True)"
         )
+
+
+def _image_grid(grid) -> tuple[int, int] | None:
+    """``image_grid``: None (every image token its own unit), (rows, cols), or "ROWSxCOLS"."""
+    if grid is None:
+        return None
+    try:
+        rows, cols = (int(x) for x in grid.lower().split("x")) if isinstance(grid, str) else (int(x) for x in grid)
+    except (ValueError, TypeError, AttributeError):
+        raise ValueError(f"image_grid: {grid!r} is not ROWSxCOLS (e.g. 8x8) or a (rows, cols) pair") from None
+    if rows < 1 or cols < 1:
+        raise ValueError(f"image_grid: {grid!r} needs at least one row and one column")
+    return rows, cols
 
 
 def _unit_max(x: np.ndarray) -> np.ndarray:

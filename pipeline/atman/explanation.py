@@ -9,12 +9,13 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.atman.images import ImagePatch
 from pipeline.atman.units import ScoredUnit, UnitSpan, top_units
 
 CHAT_AUTO_APPLIED = "auto: prompt ends in '?'"
 """``chat_reason`` when the automatic rule wrapped the prompt in the chat template (the case users must be told)."""
 
-_ARRAYS = ("scores", "per_target", "target_scores", "target_per_target")
+_ARRAYS = ("scores", "per_target", "target_scores", "target_per_target", "image_scores")
 _FLOATS = ("base_target_ce", "base_ce_per_token")  # compared with tolerance by ``allclose``, like the arrays
 
 
@@ -29,7 +30,9 @@ class Explanation:
     in the chat template and ``chat_reason`` why (``"auto: prompt ends in '?'"``, ``"explicit: chat=False"``, ...).
     With ``AtManConfig.target_units``, ``target_units`` are the target tokens but the last (spans in ``target``)
     scored as inputs of the later target tokens: ``target_scores``, ``target_per_target`` (zero for the target
-    tokens at or before the unit).
+    tokens at or before the unit). With images (a vision-language model), ``images`` are their (width, height),
+    ``image_units`` the ``ImagePatch`` boxes each image unit covers (original pixels, x right, y down) and
+    ``image_scores`` their scores, on the same scale as the text's.
 
     ``save`` / ``load`` keep every field (JSON, the ``to_dict`` shape); ``==`` compares every field exactly (arrays
     by value), ``allclose`` with a tolerance on the scores and CEs. In a notebook it shows as the HTML report's
@@ -55,6 +58,9 @@ class Explanation:
     target_scores: np.ndarray | None = None
     target_per_target: np.ndarray | None = None
     chat_reason: str | None = None
+    images: list[tuple[int, int]] | None = None
+    image_units: list[ImagePatch] | None = None
+    image_scores: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.units = [UnitSpan(*u) for u in self.units]  # plain (text, start, length) tuples are accepted
@@ -91,6 +97,13 @@ class Explanation:
             "target_units": None if self.target_units is None else _units_dicts(self.target_units, self.target_scores),
             "target_per_target": _list(self.target_per_target),
             "params": self.params,
+            "images": None if self.images is None else [{"width": w, "height": h} for w, h in self.images],
+            "image_units": None
+            if self.image_units is None
+            else [
+                {"image": p.image, "box": [p.x0, p.y0, p.x1, p.y1], "view": p.view, "score": float(x)}
+                for p, x in zip(self.image_units, np.asarray(self.image_scores).tolist(), strict=True)
+            ],
         }
 
     @classmethod
@@ -109,6 +122,16 @@ class Explanation:
         target_units = target_scores = None
         if d.get("target_units") is not None:
             target_units, target_scores = _units_from(d["target_units"], "target_units")
+        images = image_units = image_scores = None
+        if d.get("image_units") is not None:
+            try:
+                images = [(int(i["width"]), int(i["height"])) for i in d.get("images") or []]
+                image_units = [
+                    ImagePatch(int(u["image"]), *map(float, u["box"]), str(u.get("view", ""))) for u in d["image_units"]
+                ]
+                image_scores = np.asarray([float(u["score"]) for u in d["image_units"]], dtype=np.float32)
+            except (KeyError, TypeError, ValueError) as err:
+                raise ValueError(f"image_units: each needs image, box [x0, y0, x1, y1] and score ({err!r})") from None
         return cls(
             prompt=d["prompt"],
             target=d["target"],
@@ -129,6 +152,9 @@ class Explanation:
             target_units=target_units,
             target_scores=target_scores,
             target_per_target=_array(d.get("target_per_target"), (len(target_units or []), n_target)),
+            images=images,
+            image_units=image_units,
+            image_scores=image_scores,
         )
 
     def save(self, path: str | Path) -> Path:

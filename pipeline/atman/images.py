@@ -24,7 +24,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from pipeline.atman.attention import UnsupportedModelError
+
+def _refuse(message: str) -> Exception:
+    """``UnsupportedModelError`` (imported here: this module stays light, ``Explanation`` imports it)."""
+    from pipeline.atman.attention import UnsupportedModelError
+
+    return UnsupportedModelError(message)
+
 
 FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "gemma3", "idefics3", "smolvlm")
 
@@ -44,6 +50,47 @@ class ImagePatch:
     @property
     def box(self) -> tuple[float, float, float, float]:
         return (self.x0, self.y0, self.x1, self.y1)
+
+
+@dataclass(frozen=True)
+class ImageUnit:
+    """One image unit of a request: the box it covers (the union of its tokens' boxes) and its token positions."""
+
+    patch: ImagePatch
+    positions: tuple[int, ...]
+
+
+def image_units(
+    patches: list[list[ImagePatch]],
+    positions: list[int],
+    grid: tuple[int, int] | None,
+    sizes: list[tuple[int, int]],
+) -> list[ImageUnit]:
+    """Units over the image tokens at ``positions`` (in sequence order, one per patch of ``patches`` flattened):
+    each token alone, or with ``grid = (rows, cols)`` the tokens whose box centre falls in one cell of a rows x cols
+    grid over the whole image (``sizes``: each image's width and height) together, across views (a region is
+    suppressed wherever the image shows it); the unit's box is then its cell. A cell no token's centre falls in
+    (outside a centre crop) has no unit."""
+    flat = [p for per_image in patches for p in per_image]
+    if len(flat) != len(positions):
+        raise ValueError(
+            f"images: the processor made {len(positions)} image tokens, the image geometry {len(flat)} patches"
+        )
+    if grid is None:
+        return [ImageUnit(p, (pos,)) for p, pos in zip(flat, positions, strict=True)]
+    rows, cols = grid
+    cells: dict[tuple[int, int, int], list[tuple[ImagePatch, int]]] = {}
+    for p, pos in zip(flat, positions, strict=True):
+        w, h = sizes[p.image]
+        r = min(int((p.y0 + p.y1) / 2 / h * rows), rows - 1)
+        c = min(int((p.x0 + p.x1) / 2 / w * cols), cols - 1)
+        cells.setdefault((p.image, r, c), []).append((p, pos))
+    units = []
+    for (image, r, c), members in sorted(cells.items()):
+        w, h = sizes[image][0] / cols, sizes[image][1] / rows
+        box = ImagePatch(image, c * w, r * h, (c + 1) * w, (r + 1) * h)
+        units.append(ImageUnit(box, tuple(sorted(pos for _, pos in members))))
+    return units
 
 
 def _grid(image: int, width: float, height: float, rows: int, cols: int, left: float = 0.0, top: float = 0.0,
@@ -76,7 +123,7 @@ def token_patches(
         return [_qwen(i, size, grid, merge) for i, (size, grid) in enumerate(zip(sizes, grids, strict=True))]
     if kind == "gemma3":
         if getattr(image_processor, "do_pan_and_scan", False):
-            raise UnsupportedModelError("image: Gemma 3's pan-and-scan crops are not mapped to boxes yet; disable it")
+            raise _refuse("image: Gemma 3's pan-and-scan crops are not mapped to boxes yet; disable it")
         side = math.isqrt(int(model.config.mm_tokens_per_image))
         return [_grid(i, w, h, side, side) for i, (w, h) in enumerate(sizes)]
     if kind in ("idefics3", "smolvlm"):
@@ -86,7 +133,7 @@ def token_patches(
                      cols[0][i] if isinstance(cols[0], list) else cols[i], model, image_processor)
             for i, size in enumerate(sizes)
         ]  # fmt: skip
-    raise UnsupportedModelError(
+    raise _refuse(
         f"model: {type(model).__name__} ({kind}): its image tokens are not mapped to boxes; supported: "
         f"{', '.join(FAMILIES)}"
     )
@@ -95,7 +142,7 @@ def token_patches(
 def _llava(image: int, size: tuple[int, int], model, ip) -> list[ImagePatch]:
     width, height = size
     if model.config.vision_feature_select_strategy != "default":
-        raise UnsupportedModelError("image: LLaVA's 'full' feature strategy adds a class token without a box")
+        raise _refuse("image: LLaVA's 'full' feature strategy adds a class token without a box")
     new_w, new_h = float(width), float(height)
     if ip.do_resize:
         short = _value(ip.size, "shortest_edge")
@@ -117,7 +164,7 @@ def _llava(image: int, size: tuple[int, int], model, ip) -> list[ImagePatch]:
 def _qwen(image: int, size: tuple[int, int], grid: list[int], merge: int) -> list[ImagePatch]:
     t, gh, gw = grid
     if t != 1:
-        raise UnsupportedModelError("image: a video's frames are not mapped to boxes")
+        raise _refuse("image: a video's frames are not mapped to boxes")
     width, height = size
     return _grid(image, width, height, gh // merge, gw // merge)
 

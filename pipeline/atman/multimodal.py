@@ -1,0 +1,142 @@
+"""Requests with images: the model's processor lays out the images and the prompt, and each token of the
+processor's sequence is traced back to the prompt's characters or to a box of an image.
+
+Layout: the images come first, then the prompt (the usual visual question layout): through the processor's chat
+template when the chat rule applies (a user turn whose content is the images, then the text), else the family's
+image placeholder once per image, a newline, and the prompt. The processor expands each placeholder into the
+image's tokens (hundreds, with tile and separator tokens for some families).
+
+Text units: the templated text is tokenized by the processor's tokenizer with character offsets, without the
+expansion; the expansion happens before the prompt, so the processor's sequence ends with the same tokens. Those
+shared tokens carry the prompt's spans; a prompt token outside them (the processor tokenized differently around
+the prompt) is refused. Image units: the tokens equal to the model's image token id, in order, one per patch of
+``images.token_patches``.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pipeline.atman.prompts import PreparedPrompt, chat_decision
+from pipeline.atman.units import Span
+
+MAX_PIXELS = 50_000_000  # a decompression bomb, not a photograph
+_PLACEHOLDERS = {  # the text a family's processor expands into one image, where it is not its image token
+    "qwen2_vl": "<|vision_start|><|image_pad|><|vision_end|>",
+    "qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>",
+}
+
+
+@dataclass(frozen=True)
+class ImageRequest:
+    """One prompt with its images, as the processor laid it out (target not included)."""
+
+    prepared: PreparedPrompt  # prompt_ids: the processor's ids; token_spans: prompt spans of the text tokens
+    extras: dict  # the processor's other outputs (pixel_values, image_grid_thw, token_type_ids, ...)
+    sizes: list[tuple[int, int]]  # (width, height) of each original image
+    image_positions: list[int]  # positions of the image tokens, in order
+
+
+def is_processor(obj) -> bool:
+    """A multimodal processor (AutoProcessor of a VLM): a tokenizer and an image processor in one object."""
+    return hasattr(obj, "image_processor") and hasattr(obj, "tokenizer") and callable(obj)
+
+
+def load_images(images) -> list:
+    """PIL images (RGB) from PIL images, paths or bytes; ValueError naming ``images`` and the bad item otherwise."""
+    from PIL import Image, UnidentifiedImageError
+
+    if images is None or isinstance(images, (str, bytes, Path)) or not hasattr(images, "__iter__"):
+        images = [images]
+    out = []
+    for i, image in enumerate(images):
+        what = f"images[{i}]"
+        try:
+            if isinstance(image, Image.Image):
+                pil = image
+            elif isinstance(image, (str, Path)):
+                pil = Image.open(image)
+            elif isinstance(image, (bytes, bytearray)):
+                pil = Image.open(io.BytesIO(image))
+            else:
+                raise ValueError(f"{what}: expected a PIL image, a path or bytes, got {type(image).__name__}")
+            if pil.width * pil.height > MAX_PIXELS:
+                raise ValueError(f"{what}: {pil.width}x{pil.height} is over {MAX_PIXELS:,} pixels")
+            out.append(pil.convert("RGB"))
+        except FileNotFoundError:
+            raise ValueError(f"{what}: {image} does not exist") from None
+        except (UnidentifiedImageError, OSError) as err:
+            raise ValueError(f"{what}: not a readable image ({type(err).__name__}: {err})") from None
+    if not out:
+        raise ValueError("images: an empty list; leave images out to explain text only")
+    return out
+
+
+def image_token_id(model) -> int:
+    config = model.config
+    token = getattr(config, "image_token_id", None)
+    token = getattr(config, "image_token_index", None) if token is None else token
+    if token is None:
+        raise ValueError(f"model: {type(model).__name__}'s config names no image token id")
+    return int(token)
+
+
+def prepare_with_images(processor, model, prompt: str, images: list, chat: bool | None) -> ImageRequest:
+    """Lay out ``images`` and ``prompt`` through ``processor`` (see the module docstring)."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError("prompt: must be a non-empty string")
+    chat, reason = chat_decision(processor, prompt, chat)
+    if chat:
+        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
+        text = processor.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+        )
+    else:
+        kind = model.config.model_type
+        placeholder = _PLACEHOLDERS.get(kind) or getattr(processor, "boi_token", None) or processor.image_token
+        text = placeholder * len(images) + "\n" + prompt
+    offset = text.rfind(prompt)
+    if offset < 0:
+        raise ValueError("chat: the chat template rewrites the prompt text, so units cannot be located; use chat=False")
+    enc = processor(text=[text], images=images, return_tensors="pt")
+    ids = enc["input_ids"][0]
+    tok = processor.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    plain = tok["input_ids"]
+    shared = 0
+    while shared < min(len(plain), len(ids)) and plain[-1 - shared] == int(ids[-1 - shared]):
+        shared += 1
+    shift = len(ids) - len(plain)
+    spans: list[Span | None] = [None] * len(ids)
+    for t, (a, b) in enumerate(tok["offset_mapping"]):
+        a, b = max(a, offset) - offset, min(b, offset + len(prompt)) - offset
+        if a >= b:
+            continue
+        if t < len(plain) - shared:
+            raise ValueError(
+                "images: the processor tokenizes the text around the prompt differently from its tokenizer, so "
+                "the prompt's units cannot be located"
+            )
+        spans[t + shift] = (a, b)
+    positions = (ids == image_token_id(model)).nonzero()[:, 0].tolist()
+    extras = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
+    sizes = [image.size for image in images]
+    return ImageRequest(PreparedPrompt(prompt, chat, ids.clone(), spans, reason), extras, sizes, positions)
+
+
+def model_inputs(request: ImageRequest, target_ids: torch.Tensor, device, dtype: torch.dtype) -> dict:
+    """The model's inputs for prompt + target: the processor's outputs, per-token ones (token type ids) extended
+    over the target with 0 (text), pixel values in the model's dtype."""
+    ids = torch.cat([request.prepared.prompt_ids, target_ids])
+    n_prompt = len(request.prepared.prompt_ids)
+    inputs = {"input_ids": ids[None].to(device)}
+    for key, value in request.extras.items():
+        if torch.is_tensor(value):
+            if value.dim() == 2 and value.shape == (1, n_prompt):
+                value = torch.cat([value, value.new_zeros(1, len(target_ids))], dim=1)
+            value = value.to(device, dtype) if value.is_floating_point() else value.to(device)
+        inputs[key] = value
+    return inputs

@@ -1,0 +1,112 @@
+"""`Explainer(model, processor).explain(prompt, target, images=[...])` on a tiny LLaVA with a real LlavaProcessor:
+text and image units, scores equal to the naive full-forward oracle, boxes, grids, round trip and refusals."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from oracle import oracle_vlm_scores
+from PIL import Image
+from tiny_vlms import llava_model, llava_processor
+
+from pipeline import AtManConfig, Explainer
+from pipeline.atman.explanation import Explanation
+
+PROMPT = "What is shown in the picture?"
+TARGET = " a red square"
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def vlm(tokenizer):
+    processor = llava_processor(tokenizer)
+    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    model = llava_model(vocab_size=len(processor.tokenizer), image_token_id=image_id)
+    return model, processor
+
+
+@pytest.fixture(scope="module")
+def picture() -> Image.Image:
+    pixels = np.zeros((48, 64, 3), dtype=np.uint8)  # 64 wide, 48 high: CLIP resizes to 42 x 32, crops 32 x 32
+    pixels[:24, :32] = (255, 0, 0)
+    pixels[24:, 32:] = (0, 0, 255)
+    return Image.fromarray(pixels)
+
+
+def oracle_inputs(model, processor, picture):
+    """The model's inputs built by hand: the processor on '<image>' + newline + prompt, then the target's tokens."""
+    enc = processor(text=["<image>\n" + PROMPT], images=[picture], return_tensors="pt")
+    target = processor.tokenizer(TARGET, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    ids = torch.cat([enc["input_ids"], target], dim=1)
+    return {"input_ids": ids, "pixel_values": enc["pixel_values"]}, target.shape[1]
+
+
+@pytest.mark.parametrize("mode", ["log_additive", "multiplicative"])
+def test_image_and_text_scores_equal_the_oracle(vlm, picture, mode):
+    model, processor = vlm
+    e = Explainer(model, processor, AtManConfig(mode=mode, granularity="token")).explain(
+        PROMPT, TARGET, images=[picture], chat=False
+    )
+    inputs, n_target = oracle_inputs(model, processor, picture)
+    ids = inputs["input_ids"][0]
+    image_pos = (ids == model.config.image_token_id).nonzero()[:, 0].tolist()
+    prompt_ids = processor.tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+    n = len(ids)
+    text_pos = list(range(n - n_target - len(prompt_ids), n - n_target))
+    assert ids[text_pos].tolist() == prompt_ids, "the prompt's tokens end the prompt"
+    groups = [[p] for p in text_pos] + [[p] for p in image_pos]
+    mult = torch.ones(len(groups), n)
+    for u, group in enumerate(groups):
+        mult[u, group] = 0.1
+    expected = oracle_vlm_scores(model, inputs, mult, n_target, mode)
+    assert len(e.units) == len(text_pos) and len(e.image_units) == len(image_pos) == 16
+    np.testing.assert_allclose(e.scores, expected[: len(text_pos)], atol=TOL)
+    np.testing.assert_allclose(e.image_scores, expected[len(text_pos) :], atol=TOL)
+    assert "".join(u.text for u in e.units) == PROMPT and all(PROMPT[u.start : u.end] == u.text for u in e.units)
+    assert e.images == [(64, 48)]
+
+
+def test_boxes_and_grid(vlm, picture):
+    model, processor = vlm
+    e = Explainer(model, processor).explain(PROMPT, TARGET, images=[picture], chat=False)
+    # CLIP: shorter edge 48 -> 32 (y scale 1.5), longer 64 -> int(42.7) = 42 (x scale 64 / 42), centre crop 32 of 42
+    # from x = 5: 4 x 4 patches of 8 px
+    sx = 64 / 42
+    assert e.image_units[0].box == pytest.approx((5 * sx, 0.0, 13 * sx, 12.0))
+    assert e.image_units[-1].box == pytest.approx((29 * sx, 36.0, 37 * sx, 48.0))
+    grid = Explainer(model, processor).explain(PROMPT, TARGET, images=[picture], chat=False, image_grid="2x2")
+    cells = [(0, 0, 32, 24), (32, 0, 64, 24), (0, 24, 32, 48), (32, 24, 64, 48)]  # 2 x 2 over the whole image
+    assert [u.box for u in grid.image_units] == [pytest.approx(c) for c in cells]
+    # patch centres: x = (9, 17, 25, 33) * sx = 13.7, 25.9, 38.1, 50.3; y = 6, 18, 30, 42 -> 2 x 2 patches per cell
+    inputs, n_target = oracle_inputs(model, processor, picture)
+    ids = inputs["input_ids"][0]
+    image_pos = (ids == model.config.image_token_id).nonzero()[:, 0]
+    mult = torch.ones(4, len(ids))
+    for u, (r, c) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):
+        mult[u, image_pos[[4 * (2 * r + i) + 2 * c + j for i in range(2) for j in range(2)]]] = 0.1
+    expected = oracle_vlm_scores(model, inputs, mult, n_target, "log_additive")
+    np.testing.assert_allclose(grid.image_scores, expected, atol=TOL)
+    assert len(grid.image_scores) == 4 and np.isfinite(grid.image_scores).all()
+    assert Explanation.from_dict(e.to_dict()) == e
+    first = e.to_dict()["image_units"][0]
+    assert first == {"image": 0, "box": pytest.approx([5 * sx, 0, 13 * sx, 12]), "view": "",
+                     "score": pytest.approx(float(e.image_scores[0]))}  # fmt: skip
+
+
+def test_refusals(vlm, picture, tmp_path, tokenizer):
+    model, processor = vlm
+    explainer = Explainer(model, processor)
+    with pytest.raises(ValueError, match=r"^images\[0\]: .*missing.png does not exist"):
+        explainer.explain(PROMPT, TARGET, images=[tmp_path / "missing.png"])
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match=r"^images\[0\]: not a readable image"):
+        explainer.explain(PROMPT, TARGET, images=[str(tmp_path / "bad.png")])
+    with pytest.raises(ValueError, match=r"^image_grid: 'eight' is not ROWSxCOLS"):
+        explainer.explain(PROMPT, TARGET, images=[picture], image_grid="eight")
+    with pytest.raises(ValueError, match=r"^target: with images"):
+        explainer.explain(PROMPT, images=[picture])
+    with pytest.raises(ValueError, match=r"^conceptual_threshold: .* image tokens"):
+        Explainer(model, processor, AtManConfig(conceptual_threshold=0.7)).explain(PROMPT, TARGET, images=[picture])
+    with pytest.raises(ValueError, match=r"^images: this explainer has a tokenizer, not the model's processor"):
+        Explainer(model, processor.tokenizer).explain(PROMPT, TARGET, images=[picture])
