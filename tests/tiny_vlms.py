@@ -70,15 +70,28 @@ def llava(seed: int = 0):
     return model, {"input_ids": ids, "pixel_values": torch.randn(1, 3, 32, 32)}
 
 
-def idefics3(seed: int = 0):
+def idefics3_model(seed: int = 0, vocab_size: int = VOCAB, image_token_id: int = IMAGE):
     config = tf.Idefics3Config(
         vision_config=dict(_VISION, patch_size=8),
-        text_config=tf.LlamaConfig(**_TEXT),
+        text_config=tf.LlamaConfig(**dict(_TEXT, vocab_size=vocab_size)),
         scale_factor=2,
-        image_token_id=IMAGE,
+        image_token_id=image_token_id,
     )
     torch.manual_seed(seed)
-    model = tf.Idefics3ForConditionalGeneration(config).eval()
+    return tf.Idefics3ForConditionalGeneration(config).eval()
+
+
+def idefics3_processor(tokenizer):
+    """A real Idefics3Processor (it adds its own special tokens): 32 px tiles of images resized to 64 px on the
+    longer edge, 4 tokens per tile and for the global view."""
+    import copy
+
+    image_processor = tf.Idefics3ImageProcessorPil(size={"longest_edge": 64}, max_image_size={"longest_edge": 32})
+    return tf.Idefics3Processor(image_processor=image_processor, tokenizer=copy.deepcopy(tokenizer), image_seq_len=4)
+
+
+def idefics3(seed: int = 0):
+    model = idefics3_model(seed)
     ids = _ids(1, 11, START, [IMAGE] * 4, END, 12, 13, 14, 15, 16, 17)  # 16 patches, pixel shuffle 2 -> 4 tokens
     return model, {"input_ids": ids, "pixel_values": torch.randn(1, 1, 3, 32, 32)}
 
@@ -119,9 +132,20 @@ def qwen2_5_vl(seed: int = 0):
     return _qwen(tf.Qwen2_5_VLConfig, tf.Qwen2_5_VLForConditionalGeneration, vision, seed)
 
 
-def gemma3(seed: int = 0):
+def gemma3_processor(tokenizer, workdir):
+    """A real Gemma3Processor over ``tokenizer`` given Gemma's image tokens (saved and reloaded with them as its
+    extra special tokens, as Gemma's own tokenizer has them): 32 px images, 4 tokens each."""
+    tokenizer.save_pretrained(workdir)
+    extra = {"boi_token": "<start_of_image>", "image_token": "<image_soft_token>", "eoi_token": "<end_of_image>"}
+    tokenizer = tf.AutoTokenizer.from_pretrained(workdir, extra_special_tokens=extra)
+    image_processor = tf.Gemma3ImageProcessorPil(size={"height": 32, "width": 32})
+    return tf.Gemma3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_length=4)
+
+
+def gemma3(seed: int = 0, vocab_size: int = VOCAB, tokens: tuple[int, int, int] = (IMAGE, START, END)):
     text = dict(
         _TEXT,
+        vocab_size=vocab_size,
         num_key_value_heads=1,
         head_dim=16,
         sliding_window=5,
@@ -132,9 +156,9 @@ def gemma3(seed: int = 0):
         text_config=text,
         vision_config=dict(_VISION, patch_size=8),
         mm_tokens_per_image=4,
-        image_token_index=IMAGE,
-        boi_token_index=START,
-        eoi_token_index=END,
+        image_token_index=tokens[0],
+        boi_token_index=tokens[1],
+        eoi_token_index=tokens[2],
     )
     torch.manual_seed(seed)
     model = tf.Gemma3ForConditionalGeneration(config).eval()

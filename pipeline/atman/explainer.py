@@ -215,7 +215,7 @@ class Explainer:
         request = prepare_with_images(self.processor, self.model, prompt, pil, chat)
         target_ids = tokenize_target(self.tokenizer, target)
         self._check_length(len(request.prepared.prompt_ids) + len(target_ids))
-        patches = token_patches(self.model, self.processor.image_processor, request.sizes, request.extras)
+        patches = token_patches(self.model, self.processor.image_processor, request.sizes, request.geometry)
         units = build_units(
             prompt, request.prepared.token_spans, normalize_spans(prompt, explain_span), cfg.granularity, cfg.delimiter
         )

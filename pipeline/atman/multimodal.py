@@ -39,6 +39,7 @@ class ImageRequest:
     extras: dict  # the processor's other outputs (pixel_values, image_grid_thw, token_type_ids, ...)
     sizes: list[tuple[int, int]]  # (width, height) of each original image
     image_positions: list[int]  # positions of the image tokens, in order
+    geometry: dict  # what images.token_patches reads beyond ``extras`` (Idefics3's tile rows and columns)
 
 
 def is_processor(obj) -> bool:
@@ -102,7 +103,8 @@ def prepare_with_images(processor, model, prompt: str, images: list, chat: bool 
     offset = text.rfind(prompt)
     if offset < 0:
         raise ValueError("chat: the chat template rewrites the prompt text, so units cannot be located; use chat=False")
-    enc = processor(text=[text], images=images, return_tensors="pt")
+    nested = model.config.model_type in ("idefics3", "smolvlm")  # these take one list of images per text
+    enc = processor(text=[text], images=[images] if nested else images, return_tensors="pt")
     ids = enc["input_ids"][0]
     tok = processor.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     plain = tok["input_ids"]
@@ -124,7 +126,12 @@ def prepare_with_images(processor, model, prompt: str, images: list, chat: bool 
     positions = (ids == image_token_id(model)).nonzero()[:, 0].tolist()
     extras = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
     sizes = [image.size for image in images]
-    return ImageRequest(PreparedPrompt(prompt, chat, ids.clone(), spans, reason), extras, sizes, positions)
+    geometry = dict(extras)
+    if model.config.model_type in ("idefics3", "smolvlm"):  # the tile layout the processor used (not an output)
+        layout = processor.image_processor(images=[images], return_row_col_info=True)
+        geometry.update(rows=layout["rows"], cols=layout["cols"])
+    prepared = PreparedPrompt(prompt, chat, ids.clone(), spans, reason)
+    return ImageRequest(prepared, extras, sizes, positions, geometry)
 
 
 def model_inputs(request: ImageRequest, target_ids: torch.Tensor, device, dtype: torch.dtype) -> dict:
