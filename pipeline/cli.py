@@ -39,7 +39,9 @@ def _root() -> None:
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
-    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, markup=True)
+    err.print(
+        f"[bold red]error:[/] {escape(message)}", highlight=False, markup=True, soft_wrap=True
+    )  # one line: paths stay whole
     raise typer.Exit(code)
 
 
@@ -122,6 +124,17 @@ def explain(
     dtype: Annotated[DType, typer.Option(help="Weights' dtype: auto = bfloat16 on GPU, float32 on CPU.")] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    image: Annotated[
+        list[str] | None,
+        typer.Option(help="An image shown before the prompt (vision-language models; repeat for several)."),
+    ] = None,
+    image_grid: Annotated[
+        str | None, typer.Option(help="Group image tokens into ROWSxCOLS cells per image (e.g. 8x8).")
+    ] = None,
+    overlay: Annotated[
+        str | None,
+        typer.Option(help="PNG to write the image heatmap to (default with --image: atman-overlay.png)."),
+    ] = None,
 ) -> None:
     """Explain one prediction: score every unit of the prompt by how much suppressing it hurts the target."""
     _quiet_libraries()
@@ -145,11 +158,23 @@ def explain(
 
     from pipeline import Explainer, UnsupportedModelError, load_model
 
+    if (image_grid is not None or overlay is not None) and not image:
+        fail(f"{'--image-grid' if image_grid is not None else '--overlay'}: needs --image")
     try:
         lm = load_model(model, dtype=dtype, device=device)
-        explanation = Explainer(lm, config).explain(
-            prompt, target, generate=generate, explain_span=_span(explain_span), chat=chat
-        )
+        explainer = Explainer(lm, config)
+        if image:
+            from pipeline.atman.multimodal import load_images
+
+            pictures = load_images(image)
+            explanation = explainer.explain(
+                prompt, target, generate=generate, explain_span=_span(explain_span), chat=chat, images=pictures,
+                image_grid=image_grid,
+            )  # fmt: skip
+        else:
+            explanation = explainer.explain(
+                prompt, target, generate=generate, explain_span=_span(explain_span), chat=chat
+            )
     except ValidationError as error:
         fail(describe(error))
     except UnsupportedModelError as error:
@@ -171,6 +196,11 @@ def explain(
             err.print(note, highlight=False, markup=False, soft_wrap=True)
     else:
         render_explanation(explanation, Console(), raw_text_hint="--no-chat")
+    if image:
+        from pipeline.overlay import write_overlay
+
+        path = write_overlay(explanation, pictures, overlay or "atman-overlay.png")
+        (err if as_json else Console()).print(f"wrote {path}", highlight=False, soft_wrap=True)
 
 
 @app.command()

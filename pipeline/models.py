@@ -77,6 +77,8 @@ class LoadedModel:
     tokenizer: object
     model_id: str
     revision: str
+    processor: object | None = None
+    """A vision-language model's processor (AutoProcessor: tokenizer and image processor); None for text models."""
 
     @property
     def device(self) -> torch.device:
@@ -228,7 +230,8 @@ def load_model(
     revision: str | None = None,
     trust_remote_code: bool = False,
 ) -> LoadedModel:
-    """Load a causal LM by embedded alias, Hugging Face id or local directory.
+    """Load a causal LM by embedded alias, Hugging Face id or local directory; a vision-language model (its config
+    has a ``vision_config``) loads as ``AutoModelForImageTextToText`` with its ``AutoProcessor``.
 
     Only safetensors weights are accepted (no pickle); remote code runs only when asked for. ``device`` is auto
     (CUDA when there is one), cpu, cuda, cuda:N, ...; one this machine lacks is a ValueError naming ``device``.
@@ -250,16 +253,37 @@ def load_model(
     kwargs = {"trust_remote_code": trust_remote_code}
     if not Path(source).is_dir() and revision:
         kwargs["revision"] = revision
+    processor = None
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, use_safetensors=True, **kwargs)
+        if _is_vision_language(source, kwargs):
+            from transformers import AutoModelForImageTextToText, AutoProcessor
+
+            processor = AutoProcessor.from_pretrained(source, **kwargs)
+            tokenizer = processor.tokenizer
+            model = AutoModelForImageTextToText.from_pretrained(
+                source, dtype=torch_dtype, use_safetensors=True, **kwargs
+            )
+        else:
+            tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, use_safetensors=True, **kwargs)
     except OSError as err:
         raise ValueError(
             f"model: cannot load {name!r} ({err}). Use an alias ({', '.join(EMBEDDED_MODELS)}), "
             "a local directory with safetensors weights, or a Hugging Face id reachable from here."
         ) from err
     model.to(dev).eval()
-    return LoadedModel(model=model, tokenizer=tokenizer, model_id=model_id, revision=rev)
+    return LoadedModel(model=model, tokenizer=tokenizer, model_id=model_id, revision=rev, processor=processor)
+
+
+def _is_vision_language(source: str, kwargs: dict) -> bool:
+    """Whether ``source``'s config is a vision-language model's (it carries a vision encoder's config)."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(source, **kwargs)
+    except (OSError, ValueError):
+        return False  # the loaders below say what is wrong
+    return getattr(config, "vision_config", None) is not None
 
 
 def check_model(name: str, revision: str | None = None, trust_remote_code: bool = False) -> None:

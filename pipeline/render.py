@@ -60,6 +60,16 @@ def render_explanation(
     for rank, (text, start, _, score) in enumerate(e.top(top_k), 1):
         table.add_row(str(rank), repr(text), str(start), f"{score:+.4f}")
     console.print(table)
+    if e.image_units:
+        import numpy as np
+
+        order = sorted(range(len(e.image_units)), key=lambda i: (-np.nan_to_num(e.image_scores[i], nan=-np.inf), i))
+        images = Table("rank", "image", "box (x0, y0, x1, y1)", "view", "score", title="image units")
+        for rank, i in enumerate(order[:top_k], 1):
+            u = e.image_units[i]
+            box = ", ".join(f"{v:.0f}" for v in u.box)
+            images.add_row(str(rank), str(u.image), box, u.view or "-", f"{e.image_scores[i]:+.4f}")
+        console.print(images)
 
 
 def render_summary(summary, console: Console | None = None) -> None:

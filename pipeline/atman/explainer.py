@@ -76,6 +76,7 @@ class Explainer:
                     "Explainer(lm.model, tokenizer)"
                 )
             self.lm, model, tokenizer = model, model.model, model.tokenizer
+            self.processor = getattr(self.lm, "processor", None)
             if is_processor(tokenizer):
                 self.processor, tokenizer = tokenizer, tokenizer.tokenizer
         _check_model(model)

@@ -35,7 +35,8 @@ class PreparedPrompt:
 
 def context_length(model: torch.nn.Module, tokenizer) -> int | None:
     """The model's context in tokens, or None where neither config nor tokenizer states one."""
-    n = getattr(model.config, "max_position_embeddings", None)
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    n = getattr(config, "max_position_embeddings", None)
     if n is None:
         n = getattr(tokenizer, "model_max_length", None)
         n = n if n is not None and n < 10**8 else None  # the tokenizer's "unlimited" sentinel
