@@ -102,3 +102,12 @@ def test_peers_bench_script_runs_on_a_tiny_model(tmp_path, tiny_model_dir):
     assert result["examples"] == 1 and result["passes_per_example"] == row["units"] + 1 > 2
     assert row["atman_s"] > 0 and row["occlusion_s"] > 0 and result["occlusion_over_atman"] > 0
     assert result["occlusion"]["perturbations_per_eval"] == 4
+
+
+def test_images_bench_script_runs(tmp_path):
+    out = tmp_path / "images.json"
+    cmd = [sys.executable, str(ROOT / "bench/bench_images.py"), "--image-size", "28", "--grids", "1x1"]
+    subprocess.run([*cmd, "--repeats", "1", "--out", str(out)], check=True, capture_output=True, timeout=300)
+    results = json.loads(out.read_text())["results"]
+    assert results["every token"]["image_units"] == 4 and results["1x1"]["image_units"] == 1
+    assert results["1x1"]["passes"] == results["every token"]["passes"] - 3
