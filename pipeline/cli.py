@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from pipeline.atman.config import MODES, Aggregate, AtManConfig, Granularity, Mode, Postprocess
-from pipeline.data import SQUAD_DEV
+from pipeline.data import BOXES, SQUAD_DEV
 from pipeline.eval_methods import DEFAULT_METHODS, GRAMMAR
 from pipeline.jobspec import AuditSpec
 from pipeline.messages import describe, first_line
@@ -669,6 +669,67 @@ def eval_squad(
     for pair, d in result["differences"].items():
         lo, hi = d["ci95"]
         Console().print(f"mAP {pair}: {d['mAP']:+.1f} (95 % bootstrap CI {lo:+.1f} to {hi:+.1f})", highlight=False)
+
+
+@eval_app.command("boxes")
+def eval_boxes(
+    model: Annotated[str, typer.Option(help="A vision-language model: Hugging Face id or local directory.")],
+    data: Annotated[
+        str,
+        typer.Option(
+            help="Box JSONL (id, image path relative to the file, question, target, boxes [[x0, y0, x1, y1]]); "
+            "default: the bundled synthetic squares."
+        ),
+    ] = str(BOXES),
+    limit: Annotated[int | None, typer.Option(help="Only the first N examples.")] = None,
+    methods: Annotated[str, typer.Option(help="Comma-separated: atman, atman:<mode>[+squares], ixg, ig, random.")] = (
+        "atman,ixg,ig,random"
+    ),
+    image_grid: Annotated[
+        str | None, typer.Option(help="Group image tokens into ROWSxCOLS cells (default: one unit per token).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the JSON result.")] = False,
+    out: Annotated[str | None, typer.Option(help="Also write the JSON result to this file.")] = None,
+) -> None:
+    """The paper's image protocol: the share of relevance inside ground-truth boxes (mAP / mAR) per method."""
+    from pipeline.eval_boxes import evaluate_boxes, load_boxes
+    from pipeline.eval_methods import parse_methods
+
+    _quiet_libraries()
+    try:
+        names = parse_methods(methods)
+        bad = [n for n in names if not (n.startswith("atman") or n in ("ixg", "ig", "random"))]
+        if bad:
+            raise ValueError(f"methods: {', '.join(bad)} not available for images (atman, ixg, ig, random)")
+        examples = load_boxes(data, limit)
+    except (ValueError, FileNotFoundError) as error:
+        fail(str(error))
+    lm = _eval_model(model)
+    if getattr(lm, "processor", None) is None:
+        fail(f"model: {model!r} is not a vision-language model (its config has no vision_config)")
+    try:
+        result = _with_progress(
+            len(examples), lambda tick: evaluate_boxes(lm, examples, names, image_grid, on_example=tick)
+        )
+    except ValueError as error:
+        fail(str(error))
+    text = json.dumps(result, ensure_ascii=False)
+    if out:
+        with open(out, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+    if as_json:
+        sys.stdout.write(text + "\n")
+        return
+    from rich.table import Table
+
+    table = Table("method", "mAP", "mAR", "mAP IQ", "mAR IQ", "s / example",
+                  title=f"boxes, {result['n']} examples, {result['model']}")  # fmt: skip
+    for name, m in result["methods"].items():
+        table.add_row(
+            name, *(f"{m[k]:.1f}" for k in ("mAP", "mAR", "mAP_IQ", "mAR_IQ")), f"{m['seconds_per_example']:.2f}"
+        )
+    Console().print(table)
+    Console().print(f"box pixels are {100 * result['box_share']:.1f} % of the units' area (random's expected mAP)")
 
 
 @eval_app.command("sweep")

@@ -5,6 +5,8 @@ is checked in test_vision_engine.py.)"""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -132,5 +134,9 @@ def test_refusals(vlm, picture, tmp_path, tokenizer):
         explainer.explain(PROMPT, images=[picture])
     with pytest.raises(ValueError, match=r"^conceptual_threshold: .* image tokens"):
         Explainer(model, processor, AtManConfig(conceptual_threshold=0.7)).explain(PROMPT, TARGET, images=[picture])
+    text_only = copy.copy(processor)
+    text_only.chat_template = tokenizer.chat_template  # SmolLM2's: it joins string contents, not image parts
+    with pytest.raises(ValueError, match=r"^chat: the processor's chat template cannot lay out images"):
+        Explainer(model, text_only).explain(PROMPT, TARGET, images=[picture], chat=True)
     with pytest.raises(ValueError, match=r"^images: this explainer has a tokenizer, not the model's processor"):
         Explainer(model, processor.tokenizer).explain(PROMPT, TARGET, images=[picture])

@@ -54,6 +54,7 @@ def llava_processor(tokenizer):
 
     tokenizer = copy.deepcopy(tokenizer)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    tokenizer.chat_template = None  # SmolLM2's template is text-only; a base VLM without one
     image_processor = tf.CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
     return tf.LlavaProcessor(  # CLIP adds a class token (num_additional_image_tokens), the default strategy drops it
         image_processor,

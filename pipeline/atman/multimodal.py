@@ -93,9 +93,15 @@ def prepare_with_images(processor, model, prompt: str, images: list, chat: bool 
     chat, reason = chat_decision(processor, prompt, chat)
     if chat:
         content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
-        text = processor.apply_chat_template(
-            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
-        )
+        try:
+            text = processor.apply_chat_template(
+                [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+            )
+        except Exception as err:  # a text-only template (e.g. the tokenizer's) fails on image content
+            raise ValueError(
+                f"chat: the processor's chat template cannot lay out images ({type(err).__name__}: {err}); "
+                "use chat=False (--no-chat)"
+            ) from err
     else:
         kind = model.config.model_type
         placeholder = _PLACEHOLDERS.get(kind) or getattr(processor, "boi_token", None) or processor.image_token
