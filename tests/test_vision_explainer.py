@@ -1,7 +1,6 @@
 """`Explainer(model, processor).explain(prompt, target, images=[...])` on tiny VLMs with their real processors
-(LLaVA, Gemma 3, Idefics3): text and image units, scores equal to the naive full-forward oracle, boxes, grids,
-round trip and refusals. (Qwen2-VL's processor needs torchvision for its video half, absent here: its engine path
-is checked in test_vision_engine.py.)"""
+(LLaVA, Gemma 3, Idefics3, Qwen2-VL / Qwen2.5-VL): text and image units, scores equal to the naive full-forward
+oracle, boxes, grids, round trip and refusals."""
 
 from __future__ import annotations
 
@@ -12,7 +11,17 @@ import pytest
 import torch
 from oracle import oracle_vlm_scores
 from PIL import Image
-from tiny_vlms import gemma3, gemma3_processor, idefics3_model, idefics3_processor, llava_model, llava_processor
+from tiny_vlms import (
+    gemma3,
+    gemma3_processor,
+    idefics3_model,
+    idefics3_processor,
+    llava_model,
+    llava_processor,
+    qwen2_5_vl,
+    qwen2_vl,
+    qwen_processor,
+)
 
 from pipeline import AtManConfig, Explainer
 from pipeline.atman.explanation import Explanation
@@ -46,8 +55,9 @@ def oracle_inputs(model, processor, picture, placeholder="<image>"):
     target = processor.tokenizer(TARGET, add_special_tokens=False, return_tensors="pt")["input_ids"]
     inputs = {k: v for k, v in enc.items() if k != "attention_mask"}
     inputs["input_ids"] = torch.cat([enc["input_ids"], target], dim=1)
-    if "token_type_ids" in inputs:
-        inputs["token_type_ids"] = torch.cat([enc["token_type_ids"], torch.zeros_like(target)], dim=1)
+    for key in ("token_type_ids", "mm_token_type_ids"):  # per token: the target's are text
+        if key in inputs:
+            inputs[key] = torch.cat([enc[key], torch.zeros_like(target).to(enc[key].dtype)], dim=1)
     return inputs, target.shape[1]
 
 
@@ -62,12 +72,18 @@ def family(name, tokenizer, workdir):
         tok = processor.tokenizer
         tokens = (tok.image_token_id, tok.boi_token_id, tok.eoi_token_id)
         return gemma3(vocab_size=len(tok), tokens=tokens)[0], processor, "<start_of_image>"
+    if name.startswith("qwen"):
+        processor = qwen_processor(tokenizer, workdir)
+        tok = processor.tokenizer
+        ids = tuple(tok.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|vision_start|>", "<|vision_end|>"))
+        build = qwen2_vl if name == "qwen2_vl" else qwen2_5_vl
+        return build(vocab_size=len(tok), tokens=ids)[0], processor, "<|vision_start|><|image_pad|><|vision_end|>"
     processor = idefics3_processor(tokenizer)
     image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
     return idefics3_model(vocab_size=len(processor.tokenizer), image_token_id=image_id), processor, "<image>"
 
 
-@pytest.mark.parametrize("name", ["llava", "gemma3", "idefics3"])
+@pytest.mark.parametrize("name", ["llava", "gemma3", "idefics3", "qwen2_vl", "qwen2_5_vl"])
 @pytest.mark.parametrize("mode", ["log_additive", "multiplicative"])
 def test_image_and_text_scores_equal_the_oracle(name, mode, tokenizer, picture, tmp_path):
     model, processor, placeholder = family(name, tokenizer, tmp_path)

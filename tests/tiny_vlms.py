@@ -97,14 +97,37 @@ def idefics3(seed: int = 0):
     return model, {"input_ids": ids, "pixel_values": torch.randn(1, 1, 3, 32, 32)}
 
 
-def _qwen(config_cls, model_cls, vision: dict, seed: int):
-    text = dict(_TEXT, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]})
+def qwen_processor(tokenizer, workdir):
+    """Qwen2-VL's real processor (its own text expansion and mm_token_type_ids) over ``tokenizer`` given Qwen's
+    vision tokens, with images resized to at most 32 x 32 px (4 px patches, 2 x 2 merged). Only its constructor is
+    bypassed: the stock one also builds the video half, which needs torchvision (absent from this CPU install)."""
+    tokenizer.save_pretrained(workdir)
+    extra = {"image_token": "<|image_pad|>", "video_token": "<|video_pad|>",
+             "vision_start_token": "<|vision_start|>", "vision_end_token": "<|vision_end|>"}  # fmt: skip
+    tokenizer = tf.AutoTokenizer.from_pretrained(workdir, extra_special_tokens=extra)
+    tokenizer.chat_template = None
+
+    class ImageOnlyQwen2VLProcessor(tf.Qwen2VLProcessor):
+        def __init__(self, image_processor, tokenizer):
+            tf.ProcessorMixin.__init__(self, image_processor, tokenizer)
+            self.image_token, self.video_token = tokenizer.image_token, tokenizer.video_token
+            self.image_token_id, self.video_token_id = tokenizer.image_token_id, tokenizer.video_token_id
+
+    image_processor = tf.Qwen2VLImageProcessorPil(
+        patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=16 * 16, max_pixels=32 * 32
+    )
+    return ImageOnlyQwen2VLProcessor(image_processor, tokenizer)
+
+
+def _qwen(config_cls, model_cls, vision: dict, seed: int, vocab_size: int = VOCAB,
+          tokens: tuple[int, int, int] = (IMAGE, START, END)):  # fmt: skip
+    text = dict(_TEXT, vocab_size=vocab_size, rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]})
     config = config_cls(
         text_config=text,
         vision_config=dict(vision, patch_size=4, spatial_merge_size=2, temporal_patch_size=2, in_chans=3),
-        image_token_id=IMAGE,
-        vision_start_token_id=START,
-        vision_end_token_id=END,
+        image_token_id=tokens[0],
+        vision_start_token_id=tokens[1],
+        vision_end_token_id=tokens[2],
     )
     torch.manual_seed(seed)
     model = model_cls(config).eval()
@@ -120,17 +143,17 @@ def _qwen(config_cls, model_cls, vision: dict, seed: int):
     }
 
 
-def qwen2_vl(seed: int = 0):
+def qwen2_vl(seed: int = 0, **kwargs):
     vision = dict(depth=1, embed_dim=32, hidden_size=64, num_heads=2)
-    return _qwen(tf.Qwen2VLConfig, tf.Qwen2VLForConditionalGeneration, vision, seed)
+    return _qwen(tf.Qwen2VLConfig, tf.Qwen2VLForConditionalGeneration, vision, seed, **kwargs)
 
 
-def qwen2_5_vl(seed: int = 0):
+def qwen2_5_vl(seed: int = 0, **kwargs):
     vision = dict(
         depth=1, hidden_size=32, out_hidden_size=64, intermediate_size=64, num_heads=2, window_size=8,
         fullatt_block_indexes=[0],
     )  # fmt: skip
-    return _qwen(tf.Qwen2_5_VLConfig, tf.Qwen2_5_VLForConditionalGeneration, vision, seed)
+    return _qwen(tf.Qwen2_5_VLConfig, tf.Qwen2_5_VLForConditionalGeneration, vision, seed, **kwargs)
 
 
 def gemma3_processor(tokenizer, workdir):
