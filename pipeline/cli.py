@@ -588,6 +588,18 @@ def _eval_model(model: str):
         fail(str(error))
 
 
+def _emit(result: dict, out: str | None, as_json: bool) -> bool:
+    """Write an evaluation's JSON result to ``out`` (if given) and print it under ``--json``; True when printed
+    (stdout then holds only the JSON, so no table follows)."""
+    text = json.dumps(result, ensure_ascii=False)
+    if out:
+        with open(out, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+    if as_json:
+        sys.stdout.write(text + "\n")
+    return as_json
+
+
 def _with_progress(total: int, run):
     """Run ``run(tick)`` under a progress bar on stderr; ``tick(done, total)`` advances it."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -653,12 +665,7 @@ def eval_squad(
         if not str(error).startswith("records:"):
             raise
         fail(str(error))
-    text = json.dumps(result, ensure_ascii=False)
-    if out:
-        with open(out, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
-    if as_json:
-        sys.stdout.write(text + "\n")
+    if _emit(result, out, as_json):
         return
     _print_metrics(
         f"SQuAD, {result['n']} examples, {result['model']}, {granularity} units",
@@ -713,12 +720,7 @@ def eval_boxes(
         )
     except ValueError as error:
         fail(str(error))
-    text = json.dumps(result, ensure_ascii=False)
-    if out:
-        with open(out, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
-    if as_json:
-        sys.stdout.write(text + "\n")
+    if _emit(result, out, as_json):
         return
     from rich.table import Table
 

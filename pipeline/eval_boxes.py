@@ -18,7 +18,6 @@ features included: the same tokens AtMan suppresses; a unit's score sums its tok
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,7 +29,7 @@ import torch
 from pipeline.atman.config import AtManConfig
 from pipeline.atman.explainer import Explainer, Planned
 from pipeline.eval_methods import method_config
-from pipeline.evaluate import MethodResult, average_precision, average_recall
+from pipeline.evaluate import MethodResult, average_precision, average_recall, read_examples
 
 METHODS = ("atman", "ixg", "ig", "random")
 
@@ -47,26 +46,14 @@ class BoxExample:
 def load_boxes(path: str | Path, limit: int | None = None) -> list[BoxExample]:
     """The examples of a box JSONL file (ValueError naming ``data`` and the line for a malformed one)."""
     path = Path(path)
-    examples = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                boxes = [tuple(float(v) for v in box) for box in row["boxes"]]
-                if not boxes or any(len(b) != 4 or b[0] >= b[2] or b[1] >= b[3] for b in boxes):
-                    raise ValueError(f"boxes must be non-empty [x0, y0, x1, y1] with x0 < x1, y0 < y1: {row['boxes']}")
-                examples.append(
-                    BoxExample(str(row["id"]), path.parent / row["image"], row["question"], row["target"], boxes)
-                )
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
-                raise ValueError(f"data: {path}:{number} is not a box example ({err})") from None
-            if limit is not None and len(examples) >= limit:
-                break
-    if not examples:
-        raise ValueError(f"data: {path} holds no examples")
-    return examples
+
+    def parse(row: dict) -> BoxExample:
+        boxes = [tuple(float(v) for v in box) for box in row["boxes"]]
+        if not boxes or any(len(b) != 4 or b[0] >= b[2] or b[1] >= b[3] for b in boxes):
+            raise ValueError(f"boxes must be non-empty [x0, y0, x1, y1] with x0 < x1, y0 < y1: {row['boxes']}")
+        return BoxExample(str(row["id"]), path.parent / row["image"], row["question"], row["target"], boxes)
+
+    return read_examples(path, parse, "a box", limit)
 
 
 def unit_truth(planned: Planned, boxes: list[tuple[float, float, float, float]]) -> np.ndarray:

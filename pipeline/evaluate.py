@@ -100,23 +100,34 @@ def load_squad(path: str, limit: int | None = None, sample: int | None = None) -
     for name, value in (("limit", limit), ("sample", sample)):
         if value is not None and value < 1:
             raise ValueError(f"{name}: must be at least 1, got {value}")
+    examples = read_examples(
+        path,
+        lambda row: Example(str(row["id"]), row["context"], row["question"], list(row["answers"])),
+        "a SQuAD",
+        limit,
+    )
+    if sample is not None and sample < len(examples):
+        picks = np.unique(np.round(np.linspace(0, len(examples) - 1, sample)).astype(int))
+        examples = [examples[i] for i in picks]
+    return examples
+
+
+def read_examples(path, parse: Callable[[dict], object], kind: str, limit: int | None = None) -> list:
+    """``parse`` applied to each JSON line of ``path`` (the first ``limit``); ValueError naming ``data``, the file and
+    the line for a line ``parse`` cannot read (``KeyError``, ``TypeError``, ``ValueError``), or for no examples."""
     examples = []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
-                examples.append(Example(str(row["id"]), row["context"], row["question"], list(row["answers"])))
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
-                raise ValueError(f"data: {path}:{number} is not a SQuAD example ({err})") from None
+                examples.append(parse(json.loads(line)))
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+                raise ValueError(f"data: {path}:{number} is not {kind} example ({err})") from None
             if limit is not None and len(examples) >= limit:
                 break
     if not examples:
         raise ValueError(f"data: {path} holds no examples")
-    if sample is not None and sample < len(examples):
-        picks = np.unique(np.round(np.linspace(0, len(examples) - 1, sample)).astype(int))
-        examples = [examples[i] for i in picks]
     return examples
 
 
