@@ -146,8 +146,8 @@ def test_refusals(vlm, picture, tmp_path, tokenizer):
         explainer.explain(PROMPT, TARGET, images=[str(tmp_path / "bad.png")])
     with pytest.raises(ValueError, match=r"^image_grid: 'eight' is not ROWSxCOLS"):
         explainer.explain(PROMPT, TARGET, images=[picture], image_grid="eight")
-    with pytest.raises(ValueError, match=r"^target: with images"):
-        explainer.explain(PROMPT, images=[picture])
+    with pytest.raises(ValueError, match=r"^generate: give either a target or generate=N"):
+        explainer.explain(PROMPT, TARGET, images=[picture], generate=3)
     with pytest.raises(ValueError, match=r"^conceptual_threshold: .* image tokens"):
         Explainer(model, processor, AtManConfig(conceptual_threshold=0.7)).explain(PROMPT, TARGET, images=[picture])
     text_only = copy.copy(processor)
@@ -156,3 +156,28 @@ def test_refusals(vlm, picture, tmp_path, tokenizer):
         Explainer(model, text_only).explain(PROMPT, TARGET, images=[picture], chat=True)
     with pytest.raises(ValueError, match=r"^images: this explainer has a tokenizer, not the model's processor"):
         Explainer(model, processor.tokenizer).explain(PROMPT, TARGET, images=[picture])
+
+
+@pytest.mark.parametrize("name", ["llava", "gemma3", "qwen2_vl"])
+def test_a_generated_target_is_the_models_own_greedy_answer(name, tokenizer, picture, tmp_path):
+    """Without a target the model answers from the prompt and the image (greedy), and that answer is explained:
+    the same tokens as the model's own generate on the processor's inputs, the same scores as explaining it given."""
+    model, processor, placeholder = family(name, tokenizer, tmp_path)
+    model.generation_config.eos_token_id = None  # random weights: never stop early, so 4 tokens are generated
+    explainer = Explainer(model, processor)
+    e = explainer.explain(PROMPT, images=[picture], generate=4, chat=False)
+    images = [[picture]] if model.config.model_type == "idefics3" else [picture]
+    enc = processor(text=[placeholder + "\n" + PROMPT], images=images, return_tensors="pt")
+    out = model.generate(**enc, max_new_tokens=4, do_sample=False)[0, enc["input_ids"].shape[1] :]
+    assert e.target_tokens == [processor.tokenizer.decode([t]) for t in out.tolist()] and len(out) == 4
+    # the explained target's unperturbed CE is that of these tokens after the prompt, by a plain forward
+    inputs = {k: v for k, v in enc.items() if k != "attention_mask"}
+    inputs["input_ids"] = torch.cat([enc["input_ids"], out[None]], dim=1)
+    for key in ("token_type_ids", "mm_token_type_ids"):
+        if key in inputs:
+            inputs[key] = torch.cat([inputs[key], torch.zeros_like(out)[None].to(inputs[key].dtype)], dim=1)
+    with torch.no_grad():
+        logits = model(**inputs).logits[0, -len(out) - 1 : -1]
+    ce = torch.nn.functional.cross_entropy(logits.float(), out, reduction="sum")
+    assert e.base_target_ce == pytest.approx(float(ce), abs=1e-4)
+    assert len(e.image_scores) == len(e.image_units) > 0 and np.isfinite(e.image_scores).all()

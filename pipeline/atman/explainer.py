@@ -127,7 +127,8 @@ class Explainer:
         images: for a vision-language model (the explainer built with its processor): PIL images, paths or bytes,
             shown before the prompt (through the processor's chat template when the chat rule applies). Every image
             token is a unit too (``Explanation.image_units``: boxes in the original image's pixels, with
-            ``image_scores``), suppressed in the language model's attention like text. A target is required.
+            ``image_scores``), suppressed in the language model's attention like text. Without a target, the
+            model generates one from the prompt and the images (``generate`` as for text).
         image_grid: group the image tokens into ROWS x COLS cells per image (``(8, 8)`` or ``"8x8"``): one pass per
             cell instead of one per token (hundreds per image).
 
@@ -209,18 +210,28 @@ class Explainer:
             )
         if cfg.conceptual_threshold is not None:
             raise ValueError("conceptual_threshold: conceptual suppression is not defined for image tokens; use None")
-        if target is None or generate is not None:
-            raise ValueError("target: with images, give the target to explain (generating one is not supported yet)")
+        if target is not None and generate is not None:
+            raise ValueError("generate: give either a target or generate=N, not both")
         grid = _image_grid(image_grid)
         pil = load_images(images)
         request = prepare_with_images(self.processor, self.model, prompt, pil, chat)
-        target_ids = tokenize_target(self.tokenizer, target)
+        device, dtype = self._embeddings.device, self._embeddings.dtype
+        if target is None:  # what the model says about the images: generated with them, then explained
+            kwargs = generation_kwargs(generate, cfg.generate_max_tokens)
+            n_prompt = len(request.prepared.prompt_ids)
+            self._check_length(n_prompt + 1)
+            if self._context is not None:
+                kwargs["max_new_tokens"] = min(kwargs["max_new_tokens"], self._context - n_prompt)
+            extras = model_inputs(request, torch.zeros(0, dtype=torch.long), device, dtype)
+            extras.pop("input_ids")
+            target_ids = generate_target(self.model, self.tokenizer, request.prepared.prompt_ids, kwargs, extras)
+        else:
+            target_ids = tokenize_target(self.tokenizer, target)
         self._check_length(len(request.prepared.prompt_ids) + len(target_ids))
         patches = token_patches(self.model, self.processor.image_processor, request.sizes, request.geometry)
         units = build_units(
             prompt, request.prepared.token_spans, normalize_spans(prompt, explain_span), cfg.granularity, cfg.delimiter
         )
-        device, dtype = self._embeddings.device, self._embeddings.dtype
         lifted = lift(self.model, model_inputs(request, target_ids, device, dtype), len(target_ids))
         ids = torch.cat([request.prepared.prompt_ids, target_ids])
         sweep_input = SweepInput(

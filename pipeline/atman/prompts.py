@@ -206,11 +206,13 @@ def generation_kwargs(generate: Any, default_max_new_tokens: int) -> dict:
 
 
 @torch.inference_mode()
-def generate_target(model, tokenizer, prompt_ids: torch.Tensor, generate: int | dict) -> torch.Tensor:
+def generate_target(model, tokenizer, prompt_ids: torch.Tensor, generate: int | dict, inputs: dict | None = None
+                    ) -> torch.Tensor:  # fmt: skip
     """A continuation of ``prompt_ids`` (greedy unless ``generate``'s arguments sample), cut before the first EOS
     token: the target that is then explained. ``generate`` is a number of new tokens or ``generation_kwargs``'s
     result. EOS is the model's and tokenizer's unless the arguments (or their GenerationConfig) name their own
-    ``eos_token_id``; a ``stop_strings`` argument gets the tokenizer it needs."""
+    ``eos_token_id``; a ``stop_strings`` argument gets the tokenizer it needs. ``inputs``: the model's other inputs
+    for the prompt (a vision-language model's pixel values, token types, ...), on the model's device."""
     kwargs = generation_kwargs(generate, 1) if not isinstance(generate, dict) else dict(generate)
     if kwargs["max_new_tokens"] < 1:
         raise ValueError(f"generate: must be >= 1 new tokens (got {kwargs['max_new_tokens']})")
@@ -227,7 +229,7 @@ def generate_target(model, tokenizer, prompt_ids: torch.Tensor, generate: int | 
         kwargs.setdefault("tokenizer", tokenizer)
     ids = prompt_ids[None].to(device)
     try:
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), **(inputs or {}), **kwargs)
     except (ValueError, TypeError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise ValueError(f"generate: model.generate refused the arguments: {first}") from err
