@@ -64,6 +64,10 @@ class InputSpec(_Strict):
     """Optional boolean column: wrap this row in the chat template (true), raw text (false), auto (null)."""
     metadata_columns: list[str] = Field(default_factory=list)
     """Input columns passed through, as JSON, into the output's `metadata` column."""
+    image_column: str | None = None
+    """Optional column with one image per row, shown before the prompt (vision-language models): a path (absolute,
+    or relative to the input file's folder), an s3:// URI, or the image's bytes (a Parquet binary column). A null
+    value makes a text-only row."""
 
 
 METHOD_FIELDS = (
@@ -75,8 +79,11 @@ or only matter in Python (`target_units`: jobs store the prompt's units)."""
 
 
 class _Method(_Strict):
+    image_grid: str | None = Field(default=None, pattern=r"^[1-9][0-9]*x[1-9][0-9]*$")
+    """Image rows: group the image tokens into ROWSxCOLS cells per image (e.g. 8x8); null = one unit per token."""
+
     def atman_config(self, **engine: Any) -> AtManConfig:
-        return AtManConfig(**self.model_dump(), **engine)
+        return AtManConfig(**self.model_dump(exclude={"image_grid"}), **engine)
 
 
 MethodSpec = create_model(
@@ -154,7 +161,9 @@ class JobSpec(_Strict):
 
     def config_hash(self) -> str:
         """Hash of what determines the results (model, method), for lineage and audits."""
-        key = json.dumps({"model": self.model.model_dump(), "method": self.method.model_dump()}, sort_keys=True)
+        unset = {"image_grid"} if self.method.image_grid is None else set()  # text jobs keep their earlier hash
+        method = self.method.model_dump(exclude=unset)
+        key = json.dumps({"model": self.model.model_dump(), "method": method}, sort_keys=True)
         return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 

@@ -1,5 +1,6 @@
-"""SQL over a root of job outputs (DuckDB): views ``explanations`` (one row per prompt and run) and ``units`` (one
-row per prompt, run and unit, with its rank), for local roots and s3:// roots alike.
+"""SQL over a root of job outputs (DuckDB): views ``explanations`` (one row per prompt and run), ``units`` (one
+row per prompt, run and unit, with its rank) and ``image_units`` (one row per image unit of a row with an image:
+its box [x0, y0, x1, y1] in the image's pixels, view, score and rank), for local roots and s3:// roots alike.
 
     con = pipeline.query.connect("out/")
     con.execute("SELECT unit_text, avg(score) FROM units WHERE rank <= 3 GROUP BY 1 ORDER BY 2 DESC").fetchall()
@@ -143,7 +144,7 @@ def connect(
     run_id: str | None = None,
     runs: list[Run] | None = None,
 ) -> duckdb.DuckDBPyConnection:
-    """A DuckDB connection with the views ``explanations``, ``units`` and ``runs`` over ``root``, or only over the
+    """A DuckDB connection with the views ``explanations``, ``units``, ``image_units`` and ``runs`` over ``root``, or only over the
     runs named by ``run_id`` or given as ``runs`` (``show``, ``report`` and ``diff`` open just what they are asked
     about). The connection can read nothing but ``root`` (see ``_confine``)."""
     fs, base = filesystem(root)
@@ -186,6 +187,22 @@ def connect(
                    unnest(unit_length) AS unit_length, unnest(scores) AS score
             FROM explanations WHERE status = 'ok'
         )"""
+    )
+    columns = {row[0] for row in con.execute("DESCRIBE explanations").fetchall()}
+    image_rows = (
+        "SELECT model, run_date, run_id, prompt_id, status, image, image_width, image_height, "
+        "unnest(range(len(image_scores))) AS unit_index, unnest(image_box) AS box, unnest(image_view) AS view, "
+        "unnest(image_scores) AS score FROM explanations WHERE status = 'ok' AND image_scores IS NOT NULL"
+        if "image_scores" in columns  # v1 parts only: no image columns, an empty view of the same shape
+        else "SELECT NULL::VARCHAR AS model, NULL::VARCHAR AS run_date, NULL::VARCHAR AS run_id, "
+        "NULL::VARCHAR AS prompt_id, NULL::VARCHAR AS status, NULL::VARCHAR AS image, NULL::INTEGER AS image_width, "
+        "NULL::INTEGER AS image_height, NULL::BIGINT AS unit_index, NULL::FLOAT[] AS box, NULL::VARCHAR AS view, "
+        "NULL::FLOAT AS score WHERE false"
+    )
+    con.execute(
+        f"""CREATE VIEW image_units AS
+        SELECT *, rank() OVER (PARTITION BY model, run_id, prompt_id ORDER BY score DESC) AS rank
+        FROM ({image_rows})"""
     )
     run_rows = [
         {"model": r.model, "run_date": r.run_date, "run_id": r.run_id, "location": r.url, "complete": r.complete}
@@ -233,7 +250,7 @@ def run_query(con: duckdb.DuckDBPyConnection, sql: str) -> pa.Table:
     except duckdb.PermissionException as err:  # connect() confined the connection to the root
         raise QueryError(
             f"sql: reads outside the output root are not allowed ({_refused(err)}); "
-            "query the views explanations, units and runs"
+            "query the views explanations, units, image_units and runs"
         ) from None
     except duckdb.Error as err:
         raise QueryError(f"sql: {str(err).strip()}") from None

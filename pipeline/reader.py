@@ -17,6 +17,7 @@ import csv
 import hashlib
 import io
 import json
+import posixpath
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -25,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.jobspec import InputSpec, JobSpecError
-from pipeline.layout import filesystem, storage_error
+from pipeline.layout import filesystem, storage_error, url
 from pipeline.schema import INPUT_SCHEMA
 
 EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet"}
@@ -210,9 +211,10 @@ def iter_requests(spec: InputSpec, file: InputFile, index: int) -> Iterator[dict
     id (``resolve_ids`` chooses one); repeats of an id are not marked here (they may be in another file)."""
     fs, _ = filesystem(spec.path)
     reader = {"jsonl": _jsonl_records, "csv": _csv_records, "parquet": _parquet_records, "hf": _hf_records}
+    folder = url(fs, posixpath.dirname(file.path) if file.kind != "hf" else file.path)  # relative image paths' base
     try:
         for row, source, record, problem in reader[file.kind](fs, file, spec):
-            request = _request(source, record, problem, spec)
+            request = _request(source, record, problem, spec, folder)
             request["ordinal"] = (index << ROW_BITS) | row
             yield request
     except JobSpecError:
@@ -369,6 +371,7 @@ def _check_columns(name: str, columns: Iterable[str], spec: InputSpec) -> None:
     columns = list(columns)
     wanted = {"prompt_column": spec.prompt_column}
     wanted.update({"explain_span_column": spec.explain_span_column, "chat_column": spec.chat_column})
+    wanted["image_column"] = spec.image_column
     for key, column in wanted.items():
         if column is not None and column not in columns:
             raise JobSpecError(
@@ -473,7 +476,7 @@ def apply_fixups(staged: pa.Table, fixups: pa.Table) -> pa.Table:
     return staged.set_column(at("input_error"), field_of("input_error"), pa.array(errors, pa.string()))
 
 
-def _request(source: str, record: dict | None, problem: str | None, spec: InputSpec) -> dict:
+def _request(source: str, record: dict | None, problem: str | None, spec: InputSpec, folder: str = "") -> dict:
     row: dict[str, Any] = dict.fromkeys(INPUT_SCHEMA.names)
     row["source"] = source.encode("utf-8", "backslashreplace").decode("utf-8")  # a file name may hold any bytes
     if record is None:  # its id is chosen by resolve_ids
@@ -519,6 +522,10 @@ def _request(source: str, record: dict | None, problem: str | None, spec: InputS
             problems.append(f"metadata: {bad}")
         else:
             row["metadata"] = metadata
+    if spec.image_column:
+        row["image_ref"], row["image_bytes"], bad = _image(record.get(spec.image_column), folder)
+        if bad:
+            problems.append(f"image: {bad}")
     raw_id = record.get(spec.id_column) if spec.id_column else None
     if raw_id is None or (isinstance(raw_id, str) and not raw_id.strip()):
         row["prompt_id"] = stable_id(prompt, target) if row["prompt"] is not None else None
@@ -564,6 +571,28 @@ def _span(value: Any) -> tuple[str | None, str | None]:
     ):
         return None, f"{_short(value)} is not [start, end] or a list of them"
     return json.dumps(spans), None
+
+
+def _image(value: Any, folder: str) -> tuple[str | None, bytes | None, str | None]:
+    """(path or URI, bytes, problem) of an image cell: a string is a path or URI (relative to ``folder``), bytes are
+    the image itself; null is no image. The image is read and checked by the worker."""
+    if value is None:
+        return None, None, None
+    if isinstance(value, (bytes, bytearray)):
+        return None, bytes(value), None if value else "empty bytes"
+    if isinstance(value, dict) and isinstance(value.get("bytes"), (bytes, bytearray)):  # a datasets Image cell
+        return None, bytes(value["bytes"]), None
+    if isinstance(value, dict) and isinstance(value.get("path"), str):
+        value = value["path"]
+    if isinstance(value, str):
+        if not value.strip():
+            return None, None, "an empty path"
+        if (bad := _not_unicode(value)) is not None:
+            return None, None, bad
+        if "://" in value or posixpath.isabs(value) or not folder:
+            return value, None, None
+        return posixpath.join(folder, value), None, None
+    return None, None, f"must be a path, an s3:// URI or bytes, got {type(value).__name__} {_short(value)}"
 
 
 def _flag(value: Any) -> tuple[bool | None, str | None]:

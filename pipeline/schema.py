@@ -1,10 +1,13 @@
-"""The output schema (v1; README "Output schema"): one row per (prompt, target), plain Arrow types only."""
+"""The output schema (README "Output schema"): one row per (prompt, target), plain Arrow types only.
+
+v2 adds the image columns (null on text rows), nothing else: a v1 reader reads v2 parts, and ``atman query`` reads
+v1 and v2 parts together (missing columns are null)."""
 
 from __future__ import annotations
 
 import pyarrow as pa
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 STATUSES = ("ok", "skipped", "error")
 
 SCHEMA = pa.schema(
@@ -33,6 +36,13 @@ SCHEMA = pa.schema(
         pa.field("source", pa.string()),
         pa.field("chat", pa.bool_()),
         pa.field("metadata", pa.string()),  # JSON object of the job's metadata_columns
+        # v2: the row's image (input.image_column), its size and image units: box [x0, y0, x1, y1] in its pixels
+        pa.field("image", pa.string()),  # the path or URI as the input gave it; "<bytes>" for inline bytes
+        pa.field("image_width", pa.int32()),
+        pa.field("image_height", pa.int32()),
+        pa.field("image_box", pa.list_(pa.list_(pa.float32()))),
+        pa.field("image_view", pa.list_(pa.string())),
+        pa.field("image_scores", pa.list_(pa.float32())),
     ]
 )
 
@@ -47,5 +57,7 @@ INPUT_SCHEMA = pa.schema(
         pa.field("metadata", pa.string()),
         pa.field("source", pa.string()),
         pa.field("input_error", pa.string()),  # set: the row is written as 'skipped' with this reason
+        pa.field("image_ref", pa.string()),  # input.image_column as a path / URI (relative ones resolved)
+        pa.field("image_bytes", pa.binary()),  # input.image_column as the image's bytes
     ]
 )

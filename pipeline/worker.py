@@ -30,6 +30,7 @@ from pipeline.schema import SCHEMA
 from pipeline.shards import marker, read_shard, write_marker
 
 log = logging.getLogger(__name__)
+MAX_IMAGE_BYTES = 64 << 20  # an image file larger than this is refused before it is read
 
 
 @dataclass
@@ -86,7 +87,11 @@ class ExplainWorker:
         table = pa.Table.from_pylist(out, schema=SCHEMA)
         data = parquet_bytes(table, self.spec.output.compression)
         publish(self.fs, self.run.part(part_name(shard)), data)
-        passes = sum(len(r["unit_text"] or []) + 1 for r in explained.values() if r["status"] == "ok")
+        passes = sum(
+            len(r["unit_text"] or []) + len(r["image_scores"] or []) + 1
+            for r in explained.values()
+            if r["status"] == "ok"
+        )
         record = marker(
             shard, table, data, explained=len(todo), unit_passes=passes, seconds=time.perf_counter() - started
         )
@@ -122,11 +127,13 @@ class ExplainWorker:
                 continue
             try:
                 spans = json.loads(req["explain_span"]) if req.get("explain_span") else None
+                image = self._image(req)
                 row.planned = self.explainer.plan(
                     req["prompt"],
                     req.get("target"),
                     explain_span=None if spans is None else [tuple(s) for s in spans],
                     chat=req.get("chat"),
+                    **({"images": [image], "image_grid": self.spec.method.image_grid} if image is not None else {}),
                 )
             except ValueError as err:  # the request itself is unexplainable: named by the engine
                 row.result = self._row(req, "skipped", str(err))
@@ -136,8 +143,41 @@ class ExplainWorker:
                 continue
             row.plan_s = time.perf_counter() - started
             todo.append(row)
-        self._explain(todo, self.config.batch_size)
+        # rows given as embeddings (with an image) and as token ids do not share a forward batch
+        self._explain([r for r in todo if r.planned.sweep_input.embeds is None], self.config.batch_size)
+        self._explain([r for r in todo if r.planned.sweep_input.embeds is not None], self.config.batch_size)
         return [r.result for r in rows]
+
+    def _image(self, req: dict):
+        """The row's image (PIL), or None for a text row. A missing, unreadable, oversized or non-image file is a
+        ValueError naming ``image`` and the path, so the row is skipped with that reason."""
+        from pipeline.atman.multimodal import load_images
+        from pipeline.layout import filesystem
+
+        ref, data = req.get("image_ref"), req.get("image_bytes")
+        if ref is None and data is None:
+            return None
+        if data is None:
+            try:
+                fs, path = filesystem(ref)
+                size = fs.size(path)
+                if size is not None and size > MAX_IMAGE_BYTES:
+                    raise ValueError(f"image: {ref} is {size:,} bytes, over {MAX_IMAGE_BYTES:,}")
+                with fs.open(path, "rb") as f:
+                    data = f.read()
+            except FileNotFoundError:
+                raise ValueError(f"image: {ref} does not exist") from None
+            except ValueError:
+                raise
+            except Exception as err:  # noqa: BLE001 - storage errors of any backend name the path
+                raise ValueError(f"image: cannot read {ref} ({type(err).__name__}: {err})") from None
+        elif len(data) > MAX_IMAGE_BYTES:
+            raise ValueError(f"image: the inline image is {len(data):,} bytes, over {MAX_IMAGE_BYTES:,}")
+        try:
+            return load_images([data])[0]
+        except ValueError as err:
+            where = ref or "the inline image"
+            raise ValueError(f"image: {where}: {str(err).removeprefix('images[0]: ')}") from None
 
     def _explain(self, group: list[_Row], batch_size: int) -> None:
         import torch
@@ -203,6 +243,12 @@ class ExplainWorker:
             "source": req.get("source"),
             "chat": req.get("chat"),
             "metadata": req.get("metadata"),
+            "image": req.get("image_ref") or ("<bytes>" if req.get("image_bytes") is not None else None),
+            "image_width": None,
+            "image_height": None,
+            "image_box": None,
+            "image_view": None,
+            "image_scores": None,
         }
         if explanation is not None:
             e = explanation
@@ -219,6 +265,15 @@ class ExplainWorker:
                 chat=e.chat,
                 latency_ms=1000.0 * latency_s,
             )
+            if e.image_units is not None:
+                ((width, height),) = e.images
+                row.update(
+                    image_width=width,
+                    image_height=height,
+                    image_box=[list(u.box) for u in e.image_units],
+                    image_view=[u.view for u in e.image_units],
+                    image_scores=e.image_scores.tolist(),
+                )
         return row
 
 

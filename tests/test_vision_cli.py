@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from tiny_vlms import llava_model, llava_processor
+from tiny_vlms import save_tiny_llava
 
 from pipeline import AtManConfig, Explainer, load_model
 
@@ -22,12 +22,7 @@ TARGET = " a red square"
 
 @pytest.fixture(scope="module")
 def vlm_dir(tmp_path_factory, tokenizer) -> Path:
-    path = tmp_path_factory.mktemp("tiny-llava")
-    processor = llava_processor(tokenizer)
-    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
-    llava_model(vocab_size=len(processor.tokenizer), image_token_id=image_id).save_pretrained(path)
-    processor.save_pretrained(path)
-    return path
+    return save_tiny_llava(tmp_path_factory.mktemp("tiny-llava"), tokenizer)
 
 
 @pytest.fixture(scope="module")

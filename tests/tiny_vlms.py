@@ -199,3 +199,12 @@ VLMS = {
     "qwen2_5_vl": qwen2_5_vl,
     "gemma3": gemma3,
 }
+
+
+def save_tiny_llava(path, tokenizer):
+    """A tiny LLaVA and its processor saved as a model directory (what a job's model.id or --model names)."""
+    processor = llava_processor(tokenizer)
+    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    llava_model(vocab_size=len(processor.tokenizer), image_token_id=image_id).save_pretrained(path)
+    processor.save_pretrained(path)
+    return path

@@ -1,0 +1,153 @@
+"""Jobs with images (issue 16): an image column (relative and absolute paths, inline Parquet bytes, null for a text
+row) explained by a vision-language model on a local Ray, bad images as skipped rows naming the problem, schema v2's
+image columns, the image_units view."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from seaweed import s3_bucket, s3_server  # noqa: F401 - fixtures
+from tiny_vlms import save_tiny_llava
+
+from pipeline import AtManConfig, Explainer, load_model
+from pipeline.job import run_job
+from pipeline.jobspec import JobSpec
+from pipeline.query import connect
+from pipeline.schema import SCHEMA_VERSION
+
+PROMPT = "What is shown in the picture?"
+
+
+def picture(colour) -> Image.Image:
+    pixels = np.full((48, 64, 3), 128, dtype=np.uint8)
+    pixels[:24, :32] = colour
+    return Image.fromarray(pixels)
+
+
+@pytest.fixture(scope="module")
+def image_run(tmp_path_factory, tokenizer, ray_cluster):
+    tmp = tmp_path_factory.mktemp("image-job")
+    model_dir = save_tiny_llava(tmp / "model", tokenizer)
+    data = tmp / "in"
+    data.mkdir()
+    picture((255, 0, 0)).save(data / "red.png")
+    picture((0, 0, 255)).save(tmp / "blue.png")
+    (data / "bad.png").write_text("not an image")
+    rows = [
+        {"id": "rel", "prompt": PROMPT, "target": " red", "image": "red.png"},
+        {"id": "abs", "prompt": PROMPT, "target": " blue", "image": str(tmp / "blue.png")},
+        {"id": "text", "prompt": "The capital of France is", "target": " Paris", "image": None},
+        {"id": "gen", "prompt": PROMPT, "image": "red.png"},
+        {"id": "missing", "prompt": PROMPT, "target": " red", "image": "nope.png"},
+        {"id": "notimage", "prompt": PROMPT, "target": " red", "image": "bad.png"},
+        {"id": "number", "prompt": PROMPT, "target": " red", "image": 42},
+    ]
+    (data / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    png = io.BytesIO()
+    picture((0, 255, 0)).save(png, format="PNG")
+    table = pa.table({"id": ["bytes", "junk"], "prompt": [PROMPT, PROMPT], "target": [" green", " green"],
+                      "image": pa.array([png.getvalue(), b"\x89PNG broken"], pa.binary())})  # fmt: skip
+    pq.write_table(table, data / "b.parquet")
+    spec = JobSpec.model_validate(
+        {
+            "name": "images",
+            "model": {"id": str(model_dir)},
+            "input": {"path": str(data), "image_column": "image"},
+            "method": {"image_grid": "2x2", "generate_max_tokens": 2},
+            "output": {"root": str(tmp / "out")},
+            "resources": {"actors": 1, "batch_rows": 3},
+        }
+    )
+    summary = run_job(spec, "r1")
+    rows = {r["prompt_id"]: r for r in ds.dataset(summary.location, format="parquet").to_table().to_pylist()}
+    return spec, summary, rows, model_dir, data, tmp
+
+
+def test_rows_and_statuses(image_run):
+    _, summary, rows, _, data, tmp = image_run
+    assert set(rows) == {"rel", "abs", "text", "gen", "missing", "notimage", "number", "bytes", "junk"}
+    status = {k: (r["status"], r["error"]) for k, r in rows.items()}
+    for ok in ("rel", "abs", "text", "gen", "bytes"):
+        assert status[ok] == ("ok", None), (ok, status[ok])
+    assert status["missing"][0] == "skipped" and f"image: {data}/nope.png does not exist" in status["missing"][1]
+    assert (
+        status["notimage"][0] == "skipped" and f"image: {data}/bad.png: not a readable image" in status["notimage"][1]
+    )
+    assert status["number"] == ("skipped", "image: must be a path, an s3:// URI or bytes, got int 42")
+    assert status["junk"][0] == "skipped" and "image: the inline image: not a readable image" in status["junk"][1]
+    assert rows["rel"]["image"] == f"{data}/red.png" and rows["abs"]["image"] == str(tmp / "blue.png")
+    assert rows["bytes"]["image"] == "<bytes>" and rows["text"]["image"] is None
+    for key in ("rel", "abs", "gen", "bytes"):
+        r = rows[key]
+        assert (r["image_width"], r["image_height"]) == (64, 48) and len(r["image_scores"]) == 4, key
+        assert r["image_box"] == [[0, 0, 32, 24], [32, 0, 64, 24], [0, 24, 32, 48], [32, 24, 64, 48]], key
+    assert rows["text"]["image_scores"] is None and rows["text"]["unit_text"]
+    assert len(rows["gen"]["target_tokens"]) <= 2
+    manifest = json.loads(open(f"{summary.location}/_manifest.json").read())
+    assert manifest["schema_version"] == SCHEMA_VERSION == 2
+
+
+def test_scores_equal_the_python_api(image_run):
+    _, _, rows, model_dir, data, _ = image_run
+    lm = load_model(str(model_dir), device="cpu")
+    e = Explainer(lm, AtManConfig()).explain(PROMPT, " red", images=[data / "red.png"], image_grid="2x2")
+    np.testing.assert_allclose(
+        rows["rel"]["image_scores"], e.image_scores, rtol=1e-4, atol=1e-5
+    )  # other batch mates: float noise
+    np.testing.assert_allclose(rows["rel"]["scores"], e.scores, rtol=1e-4, atol=1e-5)  # other batch mates: float noise
+
+
+def test_image_units_view(image_run):
+    spec, *_ = image_run
+    con = connect(spec.output.root)
+    got = con.execute(
+        "SELECT prompt_id, count(*), min(rank), max(rank) FROM image_units GROUP BY 1 ORDER BY 1"
+    ).fetchall()
+    assert got == [(k, 4, 1, 4) for k in ("abs", "bytes", "gen", "rel")]
+    box = con.execute("SELECT box FROM image_units WHERE prompt_id = 'rel' AND unit_index = 3").fetchone()[0]
+    assert box == [32, 24, 64, 48]
+
+
+def test_images_on_s3(tmp_path, s3_server, s3_bucket, tokenizer):  # noqa: F811
+    """Input and images in a bucket (a real SeaweedFS on 127.0.0.1): a relative path resolves next to the input
+    file, an s3:// URI is read as it is, a missing object is a skipped row naming it."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    fs = s3_server.filesystem()
+    png = io.BytesIO()
+    picture((255, 0, 0)).save(png, format="PNG")
+    fs.pipe_file(f"{s3_bucket}/in/red.png", png.getvalue())
+    fs.pipe_file(f"{s3_bucket}/pictures/also-red.png", png.getvalue())
+    rows = [
+        {"id": "rel", "prompt": PROMPT, "target": " red", "image": "red.png"},
+        {"id": "uri", "prompt": PROMPT, "target": " red", "image": f"s3://{s3_bucket}/pictures/also-red.png"},
+        {"id": "missing", "prompt": PROMPT, "target": " red", "image": f"s3://{s3_bucket}/in/nope.png"},
+    ]
+    fs.pipe_file(f"{s3_bucket}/in/a.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())
+    model_dir = save_tiny_llava(tmp_path / "model", tokenizer)
+    (tmp_path / "job.yaml").write_text(
+        f"name: s3images\nmodel: {{id: {model_dir}}}\n"
+        f"input: {{path: 's3://{s3_bucket}/in/a.jsonl', image_column: image}}\n"
+        f"output: {{root: 's3://{s3_bucket}/out'}}\nmethod: {{image_grid: 2x2}}\n"
+    )
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", **s3_server.env()}
+    atman = str(Path(sys.executable).parent / "atman")
+    out = subprocess.run([atman, "run", "job.yaml", "--run-id", "s1"], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=600)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    (run_dir,) = fs.glob(f"{s3_bucket}/out/model=*/run_date=*/run_id=s1")
+    got = {r["prompt_id"]: r for r in ds.dataset(run_dir, filesystem=fs, format="parquet").to_table().to_pylist()}
+    assert got["rel"]["status"] == "ok" and got["rel"]["image"] == f"s3://{s3_bucket}/in/red.png"
+    assert got["uri"]["status"] == "ok" and got["uri"]["image_scores"] == pytest.approx(got["rel"]["image_scores"])
+    assert got["missing"]["status"] == "skipped"
+    assert got["missing"]["error"] == f"image: s3://{s3_bucket}/in/nope.png does not exist"
