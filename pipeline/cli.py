@@ -319,6 +319,9 @@ def show(
     prompt_id: Annotated[str, typer.Argument(help="The prompt's id.")],
     run_id: Annotated[str | None, typer.Option(help="Which run (default: the latest that has the prompt).")] = None,
     top: Annotated[int, typer.Option(help="How many top units to list.")] = 5,
+    overlay: Annotated[
+        str | None, typer.Option(help="For a row with an image: write its map (PNG) to this file.")
+    ] = None,
 ) -> None:
     """One prompt of a run in the terminal: units coloured by score, target, base CE, status, top units."""
     from pipeline.query import connect
@@ -334,7 +337,16 @@ def show(
         scope = f"run {run_id!r}" if run_id else "any complete run"
         fail(f"prompt_id: {prompt_id!r} is not in {scope} under {root}")
     names = [d[0] for d in con.description]
-    render_row(dict(zip(names, rows[0], strict=True)), Console(), top_k=top)
+    row = dict(zip(names, rows[0], strict=True))
+    render_row(row, Console(), top_k=top)
+    if overlay:
+        if row.get("image_scores") is None:
+            fail(f"--overlay: {prompt_id!r} has no image units")
+        from pipeline.overlay import row_overlay
+
+        picture, why = row_overlay(row)
+        picture.save(overlay)
+        Console().print(f"wrote {overlay}" + (f" (boxes only: {why})" if why else ""), highlight=False, soft_wrap=True)
 
 
 @app.command()

@@ -18,30 +18,74 @@ GAP = 8  # pixels between images
 
 def overlay(explanation, images: list) -> object:
     """A PIL image: ``images`` (PIL, in the explanation's order) side by side, each unit's box tinted by its score."""
-    from PIL import Image
-
     if not explanation.image_units:
         raise ValueError("explanation: it has no image units (explain with images=[...] first)")
     if len(images) != len(explanation.images or []):
         raise ValueError(f"images: the explanation has {len(explanation.images)} images, got {len(images)}")
     scores = np.asarray(explanation.image_scores, dtype=np.float64)
+    boxes = [(u.image, u.box) for u in explanation.image_units]
+    return side_by_side(tint(images, boxes, scores))
+
+
+def tint(images: list, boxes: list[tuple[int, tuple[float, float, float, float]]], scores) -> list:
+    """Each image (PIL) with the summed scores of the boxes over it laid on; ``boxes``: (image index, box)."""
+    from PIL import Image
+
+    scores = np.asarray(scores, dtype=np.float64)
     heat = [np.zeros((im.height, im.width)) for im in images]
-    for unit, score in zip(explanation.image_units, scores, strict=True):
+    for (index, (x0, y0, x1, y1)), score in zip(boxes, scores, strict=True):
         if np.isfinite(score):
-            x0, y0 = max(int(round(unit.x0)), 0), max(int(round(unit.y0)), 0)
-            heat[unit.image][y0 : int(round(unit.y1)), x0 : int(round(unit.x1))] += score
+            left, top = max(int(round(x0)), 0), max(int(round(y0)), 0)
+            heat[index][top : int(round(y1)), left : int(round(x1))] += score
     peak = max(float(np.abs(h).max()) for h in heat) or 1.0
-    width = sum(im.width for im in images) + GAP * (len(images) - 1)
-    canvas = Image.new("RGB", (width, max(im.height for im in images)), "white")
-    left = 0
+    out = []
     for image, h in zip(images, heat, strict=True):
         base = np.asarray(image.convert("RGB"), dtype=np.float64)
         colour = np.where(h[..., None] > 0, np.array([220.0, 30, 30]), np.array([30.0, 80, 220]))
         alpha = (MAX_ALPHA * np.abs(h) / peak)[..., None]
-        tinted = (base * (1 - alpha) + colour * alpha).round().astype(np.uint8)
-        canvas.paste(Image.fromarray(tinted), (left, 0))
+        out.append(Image.fromarray((base * (1 - alpha) + colour * alpha).round().astype(np.uint8)))
+    return out
+
+
+def side_by_side(images: list) -> object:
+    from PIL import Image
+
+    width = sum(im.width for im in images) + GAP * (len(images) - 1)
+    canvas = Image.new("RGB", (width, max(im.height for im in images)), "white")
+    left = 0
+    for image in images:
+        canvas.paste(image, (left, 0))
         left += image.width + GAP
     return canvas
+
+
+def row_overlay(row: dict) -> tuple[object, str | None]:
+    """The image map of an output row (schema v2): its image read from the row's ``image`` path or URI, tinted;
+    where the image cannot be read (inline bytes are not stored in the output, or the file moved), a grey canvas
+    of its size with the boxes tinted, and the reason as the second value."""
+    from PIL import Image
+
+    from pipeline.atman.multimodal import load_images
+    from pipeline.layout import filesystem
+
+    size = (int(row["image_width"]), int(row["image_height"]))
+    image, why = None, None
+    ref = row.get("image")
+    if ref and ref != "<bytes>":
+        try:
+            fs, path = filesystem(ref)
+            with fs.open(path, "rb") as f:
+                image = load_images([f.read()])[0]
+            if image.size != size:
+                image, why = None, f"{ref} is {image.width}x{image.height} now, not {size[0]}x{size[1]}"
+        except Exception as err:  # noqa: BLE001 - any storage or image error: draw the boxes alone
+            why = f"{ref} cannot be read ({type(err).__name__})"
+    elif ref == "<bytes>":
+        why = "the image was inline bytes, which the output does not keep"
+    if image is None:
+        image = Image.new("RGB", size, (235, 235, 235))
+    boxes = [(0, tuple(b)) for b in row["image_box"]]
+    return tint([image], boxes, row["image_scores"])[0], why
 
 
 def write_overlay(explanation, images: list, path: str | Path) -> Path:

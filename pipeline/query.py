@@ -144,9 +144,9 @@ def connect(
     run_id: str | None = None,
     runs: list[Run] | None = None,
 ) -> duckdb.DuckDBPyConnection:
-    """A DuckDB connection with the views ``explanations``, ``units``, ``image_units`` and ``runs`` over ``root``, or only over the
-    runs named by ``run_id`` or given as ``runs`` (``show``, ``report`` and ``diff`` open just what they are asked
-    about). The connection can read nothing but ``root`` (see ``_confine``)."""
+    """A DuckDB connection with the views ``explanations``, ``units``, ``image_units`` and ``runs`` over ``root``, or
+    only over the runs named by ``run_id`` or given as ``runs`` (``show``, ``report`` and ``diff`` open just what
+    they are asked about). The connection can read nothing but ``root`` (see ``_confine``)."""
     fs, base = filesystem(root)
     con = duckdb.connect(":memory:", config=_CONFIG | {"temp_directory": _private_temp_dir()})
     if runs is None:

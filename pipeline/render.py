@@ -61,15 +61,21 @@ def render_explanation(
         table.add_row(str(rank), repr(text), str(start), f"{score:+.4f}")
     console.print(table)
     if e.image_units:
-        import numpy as np
+        rows = [(u.image, u.box, u.view) for u in e.image_units]
+        console.print(image_table(rows, e.image_scores, top_k))
 
-        order = sorted(range(len(e.image_units)), key=lambda i: (-np.nan_to_num(e.image_scores[i], nan=-np.inf), i))
-        images = Table("rank", "image", "box (x0, y0, x1, y1)", "view", "score", title="image units")
-        for rank, i in enumerate(order[:top_k], 1):
-            u = e.image_units[i]
-            box = ", ".join(f"{v:.0f}" for v in u.box)
-            images.add_row(str(rank), str(u.image), box, u.view or "-", f"{e.image_scores[i]:+.4f}")
-        console.print(images)
+
+def image_table(units: list[tuple[int, tuple, str]], scores, top_k: int = 5) -> Table:
+    """The ``top_k`` image units, highest score first (ties in order): (image, box, view) with their scores."""
+    import numpy as np
+
+    values = [float(x) for x in scores]
+    order = sorted(range(len(units)), key=lambda i: (-np.nan_to_num(values[i], nan=-np.inf), i))
+    table = Table("rank", "image", "box (x0, y0, x1, y1)", "view", "score", title="image units")
+    for rank, i in enumerate(order[:top_k], 1):
+        image, box, view = units[i]
+        table.add_row(str(rank), str(image), ", ".join(f"{v:.0f}" for v in box), view or "-", f"{values[i]:+.4f}")
+    return table
 
 
 def render_summary(summary, console: Console | None = None) -> None:
@@ -106,7 +112,8 @@ def render_preview(run_url: str, n: int, console: Console | None = None, top_k: 
 
 
 def render_row(row: dict, console: Console | None = None, top_k: int = 5, header: bool = True) -> None:
-    """One output row (schema v1) in the terminal: heatmap of the prompt, target, base CE, status, top units."""
+    """One output row in the terminal: heatmap of the prompt, target, base CE, status, top units; with an image
+    (schema v2), the top image units."""
     console = console or Console()
     if header:
         head = f"[bold]{row['prompt_id']}[/]  run {row['run_id']}  model {row['model_id']}"
@@ -125,6 +132,10 @@ def render_row(row: dict, console: Console | None = None, top_k: int = 5, header
         )
     top = top_units(units, row["scores"], top_k)
     console.print("top units: " + ", ".join(f"{u.text!r} {u.score:+.3f}" for u in top), highlight=False)
+    if row.get("image_scores") is not None:
+        console.print(f"image: {row['image']} ({row['image_width']}x{row['image_height']})", highlight=False)
+        units = [(0, tuple(b), v) for b, v in zip(row["image_box"], row["image_view"], strict=True)]
+        console.print(image_table(units, row["image_scores"], top_k))
 
 
 def print_table(table, fmt: str, console: Console | None = None) -> None:

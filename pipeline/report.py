@@ -24,6 +24,7 @@ td,th{border:1px solid #ddd;padding:3px 8px;text-align:left;vertical-align:top}t
 .prompt h3{font-size:14px;margin:0 0 6px}.text{white-space:pre-wrap;font-family:ui-monospace,monospace;line-height:1.9}
 .u{border-radius:3px;padding:1px 0}.meta{color:#555;font-size:13px}.note{background:#fff8dc;padding:6px 10px}
 .status-error{color:#b00}.status-skipped{color:#a60}.pager button{margin:0 4px}.drift{background:#fde8e8}
+.image-map{max-width:480px;height:auto;image-rendering:pixelated;border:1px solid #ddd}
 """
 
 # first in <head>: counts uncaught errors and console.error calls (the page exposes the count as data-errors)
@@ -114,7 +115,34 @@ def _prompt_html(row: dict, top_k: int = 5) -> str:
         f"<p class='meta'>target <b>{_e(repr(row['target']))}</b> · base CE {row['base_target_ce']:.3f} nats over "
         f"{len(row['target_tokens'])} tokens · {len(units)} {_e(row['granularity'])} units · "
         f"{row['latency_ms']:.0f} ms</p>"
-        f"<p class='meta'>top units: {top_html(units, row['scores'], top_k)}</p></section>"
+        f"<p class='meta'>top units: {top_html(units, row['scores'], top_k)}</p>{_image_html(row, top_k)}</section>"
+    )
+
+
+def _image_html(row: dict, top_k: int) -> str:
+    """A row's image map (an inline PNG: the page stays self-contained) and its top image units; '' for text rows."""
+    if row.get("image_scores") is None:
+        return ""
+    import base64
+    import io
+
+    from pipeline.overlay import row_overlay
+
+    picture, why = row_overlay(row)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    data = base64.b64encode(buffer.getvalue()).decode("ascii")
+    scores = row["image_scores"]
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])[:top_k]
+    top = ", ".join(f"<b>[{', '.join(f'{v:.0f}' for v in row['image_box'][i])}]</b> {scores[i]:+.3f}" for i in order)
+    note = f"<p class='meta'>boxes only: {_e(why)}</p>" if why else ""
+    width = max(int(row["image_width"]), 320)  # small images drawn larger (pixelated), large ones capped by CSS
+    height = round(int(row["image_height"]) * width / int(row["image_width"]))
+    return (
+        f"<p class='meta'>image {_e(row['image'])} ({row['image_width']}x{row['image_height']})</p>{note}"
+        f"<img class='image-map' alt='image units of {_e(row['prompt_id'])}' src='data:image/png;base64,{data}'"
+        f" width='{width}' height='{height}'>"
+        f"<p class='meta'>top image units: {top}</p>"
     )
 
 

@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
+from browser import browser  # noqa: F401 - fixture
 from PIL import Image
 from seaweed import s3_bucket, s3_server  # noqa: F401 - fixtures
 from tiny_vlms import save_tiny_llava
@@ -151,3 +152,60 @@ def test_images_on_s3(tmp_path, s3_server, s3_bucket, tokenizer):  # noqa: F811
     assert got["uri"]["status"] == "ok" and got["uri"]["image_scores"] == pytest.approx(got["rel"]["image_scores"])
     assert got["missing"]["status"] == "skipped"
     assert got["missing"]["error"] == f"image: s3://{s3_bucket}/in/nope.png does not exist"
+
+
+def test_report_draws_the_image_maps_in_a_browser(image_run, browser, tmp_path):  # noqa: F811
+    """`atman report` on the image run: each image row shows its map as an inline PNG (tinted by score, the
+    strongest box most), the page loads in headless Chromium without errors; a screenshot is kept."""
+    import base64
+    import re
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from browser import console_errors
+
+    spec, _, rows, *_ = image_run
+    page = tmp_path / "report.html"
+    atman = str(Path(sys.executable).parent / "atman")
+    out = subprocess.run([atman, "report", spec.output.root, "--out", str(page)], capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    text = page.read_text()
+    maps = re.findall(r"<img class='image-map' alt='image units of ([^']+)' src='data:image/png;base64,([^']+)'", text)
+    assert sorted(k for k, _ in maps) == ["abs", "bytes", "gen", "rel"]
+    assert "boxes only: the image was inline bytes" in text
+    drawn = Image.open(io.BytesIO(base64.b64decode(dict(maps)["rel"]))).convert("RGB")
+    scores = rows["rel"]["image_scores"]
+    strongest = int(np.argmax(np.abs(scores)))
+    x0, y0, x1, y1 = (int(v) for v in rows["rel"]["image_box"][strongest])
+    original = np.asarray(picture((255, 0, 0)), dtype=float)[y0:y1, x0:x1]
+    change = np.abs(np.asarray(drawn, dtype=float)[y0:y1, x0:x1] - original).max()
+    assert drawn.size == (64, 48) and change > 20, "the strongest box is tinted"
+    dom, log = browser.load(page, tmp_path)
+    body = re.search(r"<body[^>]*>", dom).group(0)
+    assert 'data-ready="1"' in body and 'data-errors="0"' in body and console_errors(log) == []
+    png = browser.screenshot(page, tmp_path / "report-images.png", tmp_path)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    artifacts = Path(__file__).parent.parent / "test-artifacts"
+    artifacts.mkdir(exist_ok=True)
+    shutil.copy(png, artifacts / "report-images.png")
+
+
+def test_show_prints_the_image_units_and_writes_the_map(image_run, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    spec, *_ = image_run
+    atman = str(Path(sys.executable).parent / "atman")
+    png = tmp_path / "rel.png"
+    out = subprocess.run([atman, "show", spec.output.root, "rel", "--overlay", str(png)], capture_output=True,
+                         text=True, timeout=300, env={**__import__("os").environ, "COLUMNS": "160"})  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "image units" in out.stdout and "box (x0, y0, x1, y1)" in out.stdout and f"wrote {png}" in out.stdout
+    assert Image.open(png).size == (64, 48)
+    text = subprocess.run([atman, "show", spec.output.root, "text", "--overlay", str(png)], capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert text.returncode == 2 and "--overlay: 'text' has no image units" in text.stderr
