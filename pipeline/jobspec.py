@@ -71,7 +71,7 @@ class InputSpec(_Strict):
 
 
 METHOD_FIELDS = (
-    "mode", "factor", "conceptual_threshold", "conceptual_candidates", "granularity", "delimiter",
+    "mode", "factor", "conceptual_threshold", "conceptual_candidates", "granularity", "delimiter", "image_grid",
     "aggregate", "postprocess", "normalize", "keep_per_target", "generate_max_tokens",
 )  # fmt: skip
 """The AtManConfig fields a job spec's `method:` sets. The others tune the engine (batching, padding, prefix reuse)
@@ -79,11 +79,8 @@ or only matter in Python (`target_units`: jobs store the prompt's units)."""
 
 
 class _Method(_Strict):
-    image_grid: str | None = Field(default=None, pattern=r"^[1-9][0-9]*x[1-9][0-9]*$")
-    """Image rows: group the image tokens into ROWSxCOLS cells per image (e.g. 8x8); null = one unit per token."""
-
     def atman_config(self, **engine: Any) -> AtManConfig:
-        return AtManConfig(**self.model_dump(exclude={"image_grid"}), **engine)
+        return AtManConfig(**self.model_dump(), **engine)
 
 
 MethodSpec = create_model(

@@ -133,7 +133,7 @@ class ExplainWorker:
                     req.get("target"),
                     explain_span=None if spans is None else [tuple(s) for s in spans],
                     chat=req.get("chat"),
-                    **({"images": [image], "image_grid": self.spec.method.image_grid} if image is not None else {}),
+                    **({"images": [image]} if image is not None else {}),  # image units: the config's image_grid
                 )
             except ValueError as err:  # the request itself is unexplainable: named by the engine
                 row.result = self._row(req, "skipped", str(err))

@@ -48,6 +48,9 @@ class AtManConfig(BaseModel):
     on SQuAD it ties `token` on mAP and beats it on mAR and deletion AOPC, with fewer passes (docs/EVAL.md)."""
     delimiter: str | None = None
     """Separator for granularity `custom`, e.g. '|' or ';'. The delimiter itself belongs to no unit."""
+    image_grid: str | None = Field(default=None, pattern=r"^[1-9][0-9]*x[1-9][0-9]*$")
+    """Image units (vision-language models): ROWSxCOLS cells per image (e.g. 8x8), the image tokens whose box centre
+    falls in a cell suppressed together; null = every image token its own unit (hundreds per image)."""
     aggregate: Aggregate = "sum"
     """How a unit's per-target-token rises in CE combine into its score: `sum` (the whole target's ΔCE, signed) or
     `sum_of_squares` (each token's ΔCE squared, then summed: the paper's evaluation). ``per_target`` holds the

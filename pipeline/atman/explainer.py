@@ -130,7 +130,7 @@ class Explainer:
             ``image_scores``), suppressed in the language model's attention like text. Without a target, the
             model generates one from the prompt and the images (``generate`` as for text).
         image_grid: group the image tokens into ROWS x COLS cells per image (``(8, 8)`` or ``"8x8"``): one pass per
-            cell instead of one per token (hundreds per image).
+            cell instead of one per token (hundreds per image). Default: ``config.image_grid``.
 
         Raises ValueError naming the parameter for empty prompt/target, over-long input, spans outside the prompt,
         generation arguments ``model.generate`` refuses, unreadable images.
@@ -212,7 +212,7 @@ class Explainer:
             raise ValueError("conceptual_threshold: conceptual suppression is not defined for image tokens; use None")
         if target is not None and generate is not None:
             raise ValueError("generate: give either a target or generate=N, not both")
-        grid = _image_grid(image_grid)
+        grid = _image_grid(image_grid if image_grid is not None else cfg.image_grid)
         pil = load_images(images)
         request = prepare_with_images(self.processor, self.model, prompt, pil, chat)
         device, dtype = self._embeddings.device, self._embeddings.dtype
