@@ -67,12 +67,11 @@ def render_explanation(
 
 def image_table(units: list[tuple[int, tuple, str]], scores, top_k: int = 5) -> Table:
     """The ``top_k`` image units, highest score first (ties in order): (image, box, view) with their scores."""
-    import numpy as np
+    from pipeline.atman.units import top_order
 
     values = [float(x) for x in scores]
-    order = sorted(range(len(units)), key=lambda i: (-np.nan_to_num(values[i], nan=-np.inf), i))
     table = Table("rank", "image", "box (x0, y0, x1, y1)", "view", "score", title="image units")
-    for rank, i in enumerate(order[:top_k], 1):
+    for rank, i in enumerate(top_order(values, top_k), 1):
         image, box, view = units[i]
         table.add_row(str(rank), str(image), ", ".join(f"{v:.0f}" for v in box), view or "-", f"{values[i]:+.4f}")
     return table

@@ -7,7 +7,7 @@ import json
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from pipeline.atman.units import top_units
+from pipeline.atman.units import top_order, top_units
 
 if TYPE_CHECKING:
     from pipeline.atman.explanation import Explanation
@@ -133,7 +133,7 @@ def _image_html(row: dict, top_k: int) -> str:
     picture.save(buffer, format="PNG")
     data = base64.b64encode(buffer.getvalue()).decode("ascii")
     scores = row["image_scores"]
-    order = sorted(range(len(scores)), key=lambda i: -scores[i])[:top_k]
+    order = top_order(scores, top_k)
     top = ", ".join(f"<b>[{', '.join(f'{v:.0f}' for v in row['image_box'][i])}]</b> {scores[i]:+.3f}" for i in order)
     note = f"<p class='meta'>boxes only: {_e(why)}</p>" if why else ""
     width = max(int(row["image_width"]), 320)  # small images drawn larger (pixelated), large ones capped by CSS

@@ -67,8 +67,6 @@ class Explainer:
         self.processor = None
         from pipeline.atman.multimodal import is_processor
 
-        if is_processor(tokenizer):  # a vision-language model's processor: its tokenizer does the text
-            self.processor, tokenizer = tokenizer, tokenizer.tokenizer
         if not isinstance(model, torch.nn.Module) and hasattr(model, "model") and hasattr(model, "tokenizer"):
             if tokenizer is not None:
                 raise TypeError(
@@ -77,8 +75,8 @@ class Explainer:
                 )
             self.lm, model, tokenizer = model, model.model, model.tokenizer
             self.processor = getattr(self.lm, "processor", None)
-            if is_processor(tokenizer):
-                self.processor, tokenizer = tokenizer, tokenizer.tokenizer
+        if is_processor(tokenizer):  # a vision-language model's processor: its tokenizer does the text
+            self.processor, tokenizer = tokenizer, tokenizer.tokenizer
         _check_model(model)
         _check_tokenizer(tokenizer, model)
         self.model, self.tokenizer = model, tokenizer
@@ -183,20 +181,26 @@ class Explainer:
             return self._plan_images(prompt, target, images, image_grid, generate, explain_span, chat)
         prepared = prepare_prompt(self.tokenizer, prompt, chat)
         spans = normalize_spans(prompt, explain_span)
-        if target is not None and generate is not None:
-            raise ValueError("generate: give either a target or generate=N, not both")
-        if target is None:
-            kwargs = generation_kwargs(generate, cfg.generate_max_tokens)
-            self._check_length(len(prepared.prompt_ids) + 1)
-            if self._context is not None:
-                kwargs["max_new_tokens"] = min(kwargs["max_new_tokens"], self._context - len(prepared.prompt_ids))
-            target_ids = generate_target(self.model, self.tokenizer, prepared.prompt_ids, kwargs)
-        else:
-            target_ids = tokenize_target(self.tokenizer, target)
-        self._check_length(len(prepared.prompt_ids) + len(target_ids))
+        target_ids = self._target_ids(prepared.prompt_ids, target, generate)
         ids = torch.cat([prepared.prompt_ids, target_ids])
         units = build_units(prompt, prepared.token_spans, spans, cfg.granularity, cfg.delimiter)
         return self.passes(Planned(prepared, target_ids, units, SweepInput(ids, len(target_ids), torch.ones(0))))
+
+    def _target_ids(self, prompt_ids: torch.Tensor, target, generate, inputs: dict | None = None) -> torch.Tensor:
+        """The target's ids: ``target`` tokenized, or generated after ``prompt_ids`` (``inputs``: the model's other
+        inputs, e.g. a VLM's pixel values) within the context; prompt + target must fit the context."""
+        if target is not None and generate is not None:
+            raise ValueError("generate: give either a target or generate=N, not both")
+        if target is None:
+            kwargs = generation_kwargs(generate, self.config.generate_max_tokens)
+            self._check_length(len(prompt_ids) + 1)
+            if self._context is not None:
+                kwargs["max_new_tokens"] = min(kwargs["max_new_tokens"], self._context - len(prompt_ids))
+            target_ids = generate_target(self.model, self.tokenizer, prompt_ids, kwargs, inputs)
+        else:
+            target_ids = tokenize_target(self.tokenizer, target)
+        self._check_length(len(prompt_ids) + len(target_ids))
+        return target_ids
 
     def _plan_images(self, prompt, target, images, image_grid, generate, explain_span, chat) -> Planned:
         from pipeline.atman.multimodal import load_images, model_inputs, prepare_with_images
@@ -208,26 +212,16 @@ class Explainer:
                 "images: this explainer has a tokenizer, not the model's processor; pass it: "
                 "Explainer(model, AutoProcessor.from_pretrained(name))"
             )
-        if cfg.conceptual_threshold is not None:
-            raise ValueError("conceptual_threshold: conceptual suppression is not defined for image tokens; use None")
-        if target is not None and generate is not None:
-            raise ValueError("generate: give either a target or generate=N, not both")
+        _check_image_config(cfg)
         grid = _image_grid(image_grid if image_grid is not None else cfg.image_grid)
         pil = load_images(images)
         request = prepare_with_images(self.processor, self.model, prompt, pil, chat)
         device, dtype = self._embeddings.device, self._embeddings.dtype
+        extras = None
         if target is None:  # what the model says about the images: generated with them, then explained
-            kwargs = generation_kwargs(generate, cfg.generate_max_tokens)
-            n_prompt = len(request.prepared.prompt_ids)
-            self._check_length(n_prompt + 1)
-            if self._context is not None:
-                kwargs["max_new_tokens"] = min(kwargs["max_new_tokens"], self._context - n_prompt)
             extras = model_inputs(request, torch.zeros(0, dtype=torch.long), device, dtype)
             extras.pop("input_ids")
-            target_ids = generate_target(self.model, self.tokenizer, request.prepared.prompt_ids, kwargs, extras)
-        else:
-            target_ids = tokenize_target(self.tokenizer, target)
-        self._check_length(len(request.prepared.prompt_ids) + len(target_ids))
+        target_ids = self._target_ids(request.prepared.prompt_ids, target, generate, extras)
         patches = token_patches(self.model, self.processor.image_processor, request.sizes, request.geometry)
         units = build_units(
             prompt, request.prepared.token_spans, normalize_spans(prompt, explain_span), cfg.granularity, cfg.delimiter
@@ -253,8 +247,8 @@ class Explainer:
         cfg = self.config
         ids, n_target = planned.sweep_input.input_ids, planned.sweep_input.n_target
         n_prompt = len(ids) - n_target
-        if planned.image_units and cfg.conceptual_threshold is not None:
-            raise ValueError("conceptual_threshold: conceptual suppression is not defined for image tokens; use None")
+        if planned.image_units:
+            _check_image_config(cfg)
         target_units = []
         if cfg.target_units:
             texts = [self.tokenizer.decode([t]) for t in planned.target_ids.tolist()]
@@ -399,6 +393,11 @@ def _check_tokenizer(tokenizer, model) -> None:
             f"tokenizer: {type(tokenizer).__name__} is a slow tokenizer; units are located through character "
             "offsets, which only fast tokenizers give: AutoTokenizer.from_pretrained(name, use_fast=True)"
         )
+
+
+def _check_image_config(cfg: AtManConfig) -> None:
+    if cfg.conceptual_threshold is not None:  # every image token has one id: all would be each other's neighbours
+        raise ValueError("conceptual_threshold: conceptual suppression is not defined for image tokens; use None")
 
 
 def _image_grid(grid) -> tuple[int, int] | None:

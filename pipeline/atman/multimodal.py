@@ -90,6 +90,8 @@ def prepare_with_images(processor, model, prompt: str, images: list, chat: bool 
     """Lay out ``images`` and ``prompt`` through ``processor`` (see the module docstring)."""
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError("prompt: must be a non-empty string")
+    kind = model.config.model_type
+    tiles = kind in ("idefics3", "smolvlm")  # one list of images per text; a tile layout the geometry reads
     chat, reason = chat_decision(processor, prompt, chat)
     if chat:
         content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
@@ -103,14 +105,12 @@ def prepare_with_images(processor, model, prompt: str, images: list, chat: bool 
                 "use chat=False (--no-chat)"
             ) from err
     else:
-        kind = model.config.model_type
         placeholder = _PLACEHOLDERS.get(kind) or getattr(processor, "boi_token", None) or processor.image_token
         text = placeholder * len(images) + "\n" + prompt
     offset = text.rfind(prompt)
     if offset < 0:
         raise ValueError("chat: the chat template rewrites the prompt text, so units cannot be located; use chat=False")
-    nested = model.config.model_type in ("idefics3", "smolvlm")  # these take one list of images per text
-    enc = processor(text=[text], images=[images] if nested else images, return_tensors="pt")
+    enc = processor(text=[text], images=[images] if tiles else images, return_tensors="pt")
     ids = enc["input_ids"][0]
     tok = processor.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     plain = tok["input_ids"]
@@ -133,7 +133,7 @@ def prepare_with_images(processor, model, prompt: str, images: list, chat: bool 
     extras = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
     sizes = [image.size for image in images]
     geometry = dict(extras)
-    if model.config.model_type in ("idefics3", "smolvlm"):  # the tile layout the processor used (not an output)
+    if tiles:  # the tile layout the processor used (not one of its outputs)
         layout = processor.image_processor(images=[images], return_row_col_info=True)
         geometry.update(rows=layout["rows"], cols=layout["cols"])
     prepared = PreparedPrompt(prompt, chat, ids.clone(), spans, reason)

@@ -68,9 +68,15 @@ def top_units(units: Sequence[Sequence], scores: Sequence[float], k: int | None 
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 0):
         raise ValueError(f"k: {k!r} is not a number of units >= 0 (or None for all of them)")
     values = [float(x) for x in scores]
+    return [ScoredUnit(str(units[i][0]), int(units[i][1]), int(units[i][2]), values[i]) for i in top_order(values, k)]
+
+
+def top_order(scores: Sequence[float], k: int | None = None) -> list[int]:
+    """Indices of the ``k`` highest scores (all with ``k=None``), highest first, ties in order, NaN last: the rule
+    of ``top_units``, for units without text (image units)."""
+    values = [float(x) for x in scores]
     nan = [math.isnan(x) for x in values]
-    order = sorted(range(len(values)), key=lambda i: (nan[i], 0.0 if nan[i] else -values[i]))
-    return [ScoredUnit(str(units[i][0]), int(units[i][1]), int(units[i][2]), values[i]) for i in order[:k]]
+    return sorted(range(len(values)), key=lambda i: (nan[i], 0.0 if nan[i] else -values[i]))[:k]
 
 
 def _split(text: str, span: Span, breaks: re.Pattern[str]) -> list[Span]:
