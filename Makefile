@@ -52,7 +52,7 @@ eval: $(STAMP)
 	  $(BIN)/atman eval squad --model $$model --granularity sentence --methods $(EVAL_SENTENCE) \
 	    --records bench/eval/$$name-sentence.records.jsonl --out bench/eval/$$name-sentence.json; \
 	done
-	test -f bench/eval/sweep-sample16-gemma3.json || $(BIN)/atman eval sweep --model gemma3-270m --sample 16 \
+	$(BIN)/atman eval sweep --model gemma3-270m --sample 16 --records bench/eval/sweep-sample16-gemma3.records.jsonl \
 	  --out bench/eval/sweep-sample16-gemma3.json
 	for units in word sentence; do $(BIN)/python bench/plot_eval.py bench/eval/smollm2-$$units.json \
 	  bench/eval/gemma3-$$units.json --out docs/eval-$$units-map-vs-time.png --markdown bench/eval/tables-$$units.md; done

@@ -621,7 +621,12 @@ def _with_progress(total: int, run):
     )
     task = progress.add_task("eval", total=total)
     with progress:
-        return run(lambda done, _total: progress.update(task, completed=done))
+        try:
+            return run(lambda done, _total: progress.update(task, completed=done))
+        except ValueError as error:  # a records file of another run: exit 2 naming records
+            if not str(error).startswith("records:"):
+                raise
+            fail(str(error))
 
 
 def _print_metrics(title: str, keys: list[str], rows: list[tuple[list[str], dict]]) -> None:
@@ -639,6 +644,11 @@ def _print_metrics(title: str, keys: list[str], rows: list[tuple[list[str], dict
     Console().print(table)
 
 
+_RECORDS = typer.Option(
+    help="JSONL file keeping each finished example; rerun with the same file to go on where a run stopped."
+)
+
+
 @eval_app.command("squad")
 def eval_squad(
     data: Annotated[str, _DATA] = str(SQUAD_DEV),
@@ -651,12 +661,7 @@ def eval_squad(
     granularity: Annotated[EvalGranularity, _method_option("granularity")] = ENGINE.granularity,
     as_json: Annotated[bool, typer.Option("--json", help="Print the JSON result (DESIGN.md shape).")] = False,
     out: Annotated[str | None, typer.Option(help="Also write the JSON result to this file.")] = None,
-    records: Annotated[
-        str | None,
-        typer.Option(
-            help="JSONL file keeping each finished example; rerun with the same file to go on where a run stopped."
-        ),
-    ] = None,
+    records: Annotated[str | None, _RECORDS] = None,
 ) -> None:
     """SQuAD plausibility (mAP / mAR, means and interquartile means, 0-100) and deletion AOPC per method."""
     from pipeline.eval_methods import parse_methods
@@ -669,14 +674,9 @@ def eval_squad(
     except (ValueError, FileNotFoundError) as error:
         fail(str(error))
     lm = _eval_model(model)
-    try:
-        result = _with_progress(
-            len(examples), lambda tick: evaluate(lm, examples, names, granularity, on_example=tick, records=records)
-        )
-    except ValueError as error:
-        if not str(error).startswith("records:"):
-            raise
-        fail(str(error))
+    result = _with_progress(
+        len(examples), lambda tick: evaluate(lm, examples, names, granularity, on_example=tick, records=records)
+    )
     if _emit(result, out, as_json):
         return
     _print_metrics(
@@ -759,6 +759,7 @@ def eval_sweep(
     model: Annotated[str, typer.Option(help="Embedded alias, Hugging Face id or local directory.")] = DEFAULT_MODEL,
     granularity: Annotated[EvalGranularity, _method_option("granularity")] = ENGINE.granularity,
     out: Annotated[str | None, typer.Option(help="Also write the JSON result to this file.")] = None,
+    records: Annotated[str | None, _RECORDS] = None,
 ) -> None:
     """The paper's line sweep: AtMan's mAP / mAR / AOPC over factor x conceptual threshold on SQuAD."""
     from pipeline.evaluate import load_squad, sweep
@@ -774,11 +775,10 @@ def eval_sweep(
         fail(f"data: {error}")
     lm = _eval_model(model)
     result = _with_progress(
-        len(examples), lambda tick: sweep(lm, examples, mode, grid_f, grid_k, granularity, on_example=tick)
+        len(examples),
+        lambda tick: sweep(lm, examples, mode, grid_f, grid_k, granularity, on_example=tick, records=records),
     )
-    if out:
-        with open(out, "w", encoding="utf-8") as f:
-            f.write(json.dumps(result) + "\n")
+    _emit(result, out, as_json=False)
     _print_metrics(
         f"AtMan {mode} sweep, SQuAD, {result['n']} examples, {result['model']}",
         ["factor", "kappa"],

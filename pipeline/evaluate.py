@@ -279,28 +279,9 @@ def evaluate(lm, examples: list[Example], methods: list[str], granularity: str =
     recomputed, only the methods it lacks run (a later line for the same id replaces an earlier one). A file from
     another model or other units is refused (``ValueError`` naming ``records``)."""
     ev = SquadEval(lm, granularity, seed)
-    results = {m: MethodResult() for m in methods}
-    kept = load_records(records, lm.model_id, granularity) if records else {}
-    per_example = []
-    for i, ex in enumerate(examples):
-        record = kept.get(ex.id) or {"id": ex.id, "model": lm.model_id, "granularity": granularity, "methods": {}}
-        missing = [name for name in methods if name not in record["methods"]]
-        if missing:
-            planned, truth = ev.prepare(ex)
-            record.update(n_units=len(planned.units), n_answer_units=int(truth.sum()))
-            rng = np.random.default_rng([seed, i])
-            for name in missing:
-                start = time.perf_counter()
-                scores = ev.scores(name, planned, rng)
-                record["methods"][name] = MethodResult.measure(ev, planned, truth, scores, time.perf_counter() - start)
-            if records:
-                with open(records, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        for name in methods:
-            results[name].keep(record["methods"][name])
-        per_example.append({**record, "methods": {name: record["methods"][name] for name in methods}})
-        if on_example:
-            on_example(i + 1, len(examples))
+    per_example = _run(ev, examples, methods, lambda name, planned, rng: ev.scores(name, planned, rng), records,
+                       {"model": lm.model_id, "granularity": granularity}, seed, on_example)  # fmt: skip
+    results = _results(per_example, methods)
     return {
         "n": len(examples),
         "model": lm.model_id,
@@ -312,31 +293,70 @@ def evaluate(lm, examples: list[Example], methods: list[str], granularity: str =
     }
 
 
-def load_records(path: str, model: str, granularity: str) -> dict[str, dict]:
-    """The examples a records file holds ({id: record}, the last line per id), checked to be this model's and units';
-    a missing file holds none."""
+def _run(ev: SquadEval, examples: list[Example], names: list[str], score: Callable, records: str | None,
+         header: dict, seed: int = 0, on_example: Callable[[int, int], None] | None = None) -> list[dict]:  # fmt: skip
+    """Every example's record ({**header, id, n_units, n_answer_units, methods {name: numbers}}), each name scored by
+    ``score(name, planned, rng)``; with ``records``, what the file holds for this header is taken as done and each
+    example computed here is appended to it as soon as it finishes."""
+    kept = load_records(records, header) if records else {}
+    per_example = []
+    for i, ex in enumerate(examples):
+        record = kept.get(ex.id) or {"id": ex.id, **header, "methods": {}}
+        missing = [name for name in names if name not in record["methods"]]
+        if missing:
+            planned, truth = ev.prepare(ex)
+            record.update(n_units=len(planned.units), n_answer_units=int(truth.sum()))
+            rng = np.random.default_rng([seed, i])
+            for name in missing:
+                start = time.perf_counter()
+                scores = score(name, planned, rng)
+                record["methods"][name] = MethodResult.measure(ev, planned, truth, scores, time.perf_counter() - start)
+            if records:
+                with open(records, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        per_example.append({**record, "methods": {name: record["methods"][name] for name in names}})
+        if on_example:
+            on_example(i + 1, len(examples))
+    return per_example
+
+
+def _results(per_example: list[dict], names: list[str]) -> dict[str, MethodResult]:
+    results = {name: MethodResult() for name in names}
+    for record in per_example:
+        for name in names:
+            results[name].keep(record["methods"][name])
+    return results
+
+
+def load_records(path: str, header: dict) -> dict[str, dict]:
+    """The examples a records file holds ({id: record}, the last line per id), checked to be from a run with this
+    ``header`` (model and units; for a sweep also its mode); a missing file holds none."""
     kept: dict[str, dict] = {}
     try:
         f = open(path, encoding="utf-8")
     except FileNotFoundError:
         return kept
+    keys = ("model", "granularity", "sweep")
+    want = tuple(header.get(k) for k in keys)
     with f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
-                seen = (record["model"], record["granularity"])
+                seen = (record["model"], record["granularity"], record.get("sweep"))
                 record["methods"]
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
+            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
                 raise ValueError(f"records: {path}:{number} is not an evaluation record ({err})") from None
-            if seen != (model, granularity):
-                raise ValueError(
-                    f"records: {path} holds {seen[0]} with {seen[1]} units, not {model} with {granularity} units; "
-                    "give another file"
-                )
+            if seen != want:
+                raise ValueError(f"records: {path} holds {_run_name(seen)}, not {_run_name(want)}; give another file")
             kept[record["id"]] = record
     return kept
+
+
+def _run_name(header: tuple) -> str:
+    model, granularity, mode = header
+    return f"{model} with {granularity} units" + (f" ({mode} sweep)" if mode else "")
 
 
 def map_differences(results: dict[str, MethodResult], seed: int = 0, resamples: int = 10_000) -> dict:
@@ -364,24 +384,33 @@ def map_differences(results: dict[str, MethodResult], seed: int = 0, resamples: 
 
 
 def sweep(lm, examples: list[Example], mode: str, factors: list[float], kappas: list[float | None],
-          granularity: str = UNITS, on_example: Callable[[int, int], None] | None = None) -> dict:  # fmt: skip
-    """The paper's line sweep: mAP / mAR / AOPC of AtMan for every (factor, kappa) on the same examples."""
+          granularity: str = UNITS, on_example: Callable[[int, int], None] | None = None,
+          records: str | None = None) -> dict:  # fmt: skip
+    """The paper's line sweep: mAP / mAR / AOPC of AtMan for every (factor, kappa) on the same examples.
+    ``records`` as for ``evaluate``: each example's settings are kept as they finish, and a rerun computes only the
+    settings an example lacks (a grid extended later reuses what was done)."""
     ev = SquadEval(lm, granularity)
-    grid = [(f, k) for f in factors for k in kappas]
-    results = {g: MethodResult() for g in grid}
-    for i, ex in enumerate(examples):
-        planned, truth = ev.prepare(ex)
-        for factor, kappa in grid:
-            cfg = AtManConfig(mode=mode, factor=factor, conceptual_threshold=kappa, granularity=granularity)
-            start = time.perf_counter()
-            scores = ev.atman_scores(planned, cfg)
-            results[(factor, kappa)].add(ev, planned, truth, scores, time.perf_counter() - start)
-        if on_example:
-            on_example(i + 1, len(examples))
+    configs = {
+        setting_name(f, k): AtManConfig(mode=mode, factor=f, conceptual_threshold=k, granularity=granularity)
+        for f in factors
+        for k in kappas
+    }
+    per_example = _run(ev, examples, list(configs), lambda name, planned, rng: ev.atman_scores(planned, configs[name]),
+                       records, {"model": lm.model_id, "granularity": granularity, "sweep": mode},
+                       on_example=on_example)  # fmt: skip
+    results = _results(per_example, list(configs))
     return {
         "n": len(examples),
         "model": lm.model_id,
         "mode": mode,
         "granularity": granularity,
-        "grid": [{"factor": f, "conceptual_threshold": k, **results[(f, k)].summary()} for f, k in grid],
+        "grid": [
+            {"factor": cfg.factor, "conceptual_threshold": cfg.conceptual_threshold, **results[name].summary()}
+            for name, cfg in configs.items()
+        ],
     }
+
+
+def setting_name(factor: float, kappa: float | None) -> str:
+    """A sweep setting's key in its records: ``factor=0.1 kappa=off``."""
+    return f"factor={factor:g} kappa={'off' if kappa is None else f'{kappa:g}'}"

@@ -268,3 +268,36 @@ def test_records_let_a_stopped_run_go_on(tiny_lms, squad_file, tmp_path, monkeyp
     records.write_text("not json\n")
     with pytest.raises(ValueError, match=r"^records: .*:1 is not an evaluation record"):
         evaluate(lm, examples, ["atman"], records=str(records))
+
+
+def test_sweep_records_go_on_and_extend_the_grid(tiny_lms, squad_file, tmp_path, monkeypatch):
+    """A sweep with records keeps each example's settings; a rerun with a larger grid scores only the new settings
+    and reports what a sweep without records reports. A squad run's records (or another mode's) are refused."""
+    from pipeline.evaluate import sweep
+
+    lm, examples, records = tiny_lms["llama"], load_squad(str(squad_file)), tmp_path / "sweep.jsonl"
+    fresh = sweep(lm, examples, "log_additive", [0.0, 0.1], [0.7])
+    sweep(lm, examples[:1], "log_additive", [0.1], [0.7], records=str(records))
+    assert [json.loads(line)["id"] for line in records.read_text().splitlines()] == ["e1"]
+
+    calls = []
+    original = SquadEval.atman_scores
+    monkeypatch.setattr(
+        SquadEval, "atman_scores", lambda self, p, cfg: calls.append((cfg.factor, cfg.conceptual_threshold)) or
+        original(self, p, cfg)
+    )  # fmt: skip
+    resumed = sweep(lm, examples, "log_additive", [0.0, 0.1], [0.7], records=str(records))
+    assert calls == [(0.0, 0.7)] + [(0.0, 0.7), (0.1, 0.7)], "e1 only lacked factor 0; e2 was not there"
+    for got, want in zip(resumed["grid"], fresh["grid"], strict=True):
+        assert (got["factor"], got["conceptual_threshold"]) == (want["factor"], want["conceptual_threshold"])
+        for key in ("mAP", "mAR", "aopc", "aopc_removal"):
+            assert got[key] == pytest.approx(want[key], abs=1e-6), (got["factor"], key)
+
+    with pytest.raises(ValueError, match=r"^records: .* holds .* \(log_additive sweep\), not .* word units; give"):
+        evaluate(lm, examples, ["atman"], records=str(records))
+    with pytest.raises(ValueError, match=r"^records: .* holds .*, not .* \(scale sweep\)"):
+        sweep(lm, examples, "scale", [0.1], [None], records=str(records))
+    squad_records = tmp_path / "squad-records.jsonl"
+    evaluate(lm, examples[:1], ["random"], records=str(squad_records))
+    with pytest.raises(ValueError, match=r"^records: .* holds .* word units, not .* \(log_additive sweep\)"):
+        sweep(lm, examples, "log_additive", [0.1], [None], records=str(squad_records))
