@@ -73,6 +73,24 @@ def filesystem(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return url_to_fs(url)
 
 
+def read_ref(ref: str, limit: int | None = None, what: str = "image") -> bytes:
+    """The bytes of a local path or URL, at most ``limit`` of them (checked before reading where the storage says
+    the size); a missing, oversized or unreadable file is a ValueError that starts with ``what`` and names ``ref``."""
+    try:
+        fs, path = filesystem(ref)
+        size = fs.size(path) if limit is not None else None
+        if size is not None and size > limit:
+            raise ValueError(f"{what}: {ref} is {size:,} bytes, over {limit:,}")
+        with fs.open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise ValueError(f"{what}: {ref} does not exist") from None
+    except ValueError:
+        raise
+    except Exception as err:  # noqa: BLE001 - storage errors of any backend name the path
+        raise ValueError(f"{what}: cannot read {ref} ({type(err).__name__}: {err})") from None
+
+
 def protocol(fs) -> str:
     """The filesystem's main protocol ('file', 's3', ...): fsspec gives a name or a tuple of aliases."""
     return fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol

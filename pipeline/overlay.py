@@ -66,20 +66,19 @@ def row_overlay(row: dict) -> tuple[object, str | None]:
     from PIL import Image
 
     from pipeline.atman.multimodal import load_images
-    from pipeline.layout import filesystem
+    from pipeline.layout import read_ref
 
     size = (int(row["image_width"]), int(row["image_height"]))
     image, why = None, None
     ref = row.get("image")
     if ref and ref != "<bytes>":
-        try:
-            fs, path = filesystem(ref)
-            with fs.open(path, "rb") as f:
-                image = load_images([f.read()])[0]
+        try:  # a storage or image error: draw the boxes alone, and say why
+            image = load_images([read_ref(ref)])[0]
             if image.size != size:
                 image, why = None, f"{ref} is {image.width}x{image.height} now, not {size[0]}x{size[1]}"
-        except Exception as err:  # noqa: BLE001 - any storage or image error: draw the boxes alone
-            why = f"{ref} cannot be read ({type(err).__name__})"
+        except ValueError as err:
+            message = str(err)
+            why = message.removeprefix("image: ") if message.startswith("image: ") else f"{ref}: {message}"
     elif ref == "<bytes>":
         why = "the image was inline bytes, which the output does not keep"
     if image is None:

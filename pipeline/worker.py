@@ -152,25 +152,13 @@ class ExplainWorker:
         """The row's image (PIL), or None for a text row. A missing, unreadable, oversized or non-image file is a
         ValueError naming ``image`` and the path, so the row is skipped with that reason."""
         from pipeline.atman.multimodal import load_images
-        from pipeline.layout import filesystem
+        from pipeline.layout import read_ref
 
         ref, data = req.get("image_ref"), req.get("image_bytes")
         if ref is None and data is None:
             return None
         if data is None:
-            try:
-                fs, path = filesystem(ref)
-                size = fs.size(path)
-                if size is not None and size > MAX_IMAGE_BYTES:
-                    raise ValueError(f"image: {ref} is {size:,} bytes, over {MAX_IMAGE_BYTES:,}")
-                with fs.open(path, "rb") as f:
-                    data = f.read()
-            except FileNotFoundError:
-                raise ValueError(f"image: {ref} does not exist") from None
-            except ValueError:
-                raise
-            except Exception as err:  # noqa: BLE001 - storage errors of any backend name the path
-                raise ValueError(f"image: cannot read {ref} ({type(err).__name__}: {err})") from None
+            data = read_ref(ref, MAX_IMAGE_BYTES)
         elif len(data) > MAX_IMAGE_BYTES:
             raise ValueError(f"image: the inline image is {len(data):,} bytes, over {MAX_IMAGE_BYTES:,}")
         try:

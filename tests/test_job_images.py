@@ -209,3 +209,32 @@ def test_show_prints_the_image_units_and_writes_the_map(image_run, tmp_path):
     text = subprocess.run([atman, "show", spec.output.root, "text", "--overlay", str(png)], capture_output=True,
                           text=True, timeout=300)  # fmt: skip
     assert text.returncode == 2 and "--overlay: 'text' has no image units" in text.stderr
+
+
+def test_the_map_falls_back_to_the_boxes_and_says_why(image_run, tmp_path):
+    """show and report draw a row's map over its image; where the image cannot be read any more, over a grey canvas
+    of the recorded size, with the reason naming the file (gone, not an image, another size, or inline bytes)."""
+    from pipeline.overlay import row_overlay, tint
+
+    _, _, rows, _, data, _ = image_run
+    row = rows["rel"]
+    boxes = [(0, tuple(b)) for b in row["image_box"]]
+    drawn, why = row_overlay(row)
+    assert why is None
+    assert np.array_equal(
+        np.asarray(drawn), np.asarray(tint([Image.open(data / "red.png")], boxes, row["image_scores"])[0])
+    )
+    grey = np.asarray(tint([Image.new("RGB", (64, 48), (235, 235, 235))], boxes, row["image_scores"])[0])
+
+    small = tmp_path / "small.png"
+    picture((255, 0, 0)).resize((32, 24)).save(small)
+    cases = {
+        str(tmp_path / "gone.png"): f"{tmp_path / 'gone.png'} does not exist",
+        str(data / "bad.png"): f"{data / 'bad.png'}: ",
+        str(small): f"{small} is 32x24 now, not 64x48",
+        "<bytes>": "the image was inline bytes, which the output does not keep",
+    }
+    for ref, reason in cases.items():
+        canvas, why = row_overlay({**row, "image": ref})
+        assert why is not None and why.startswith(reason), (ref, why)
+        assert np.array_equal(np.asarray(canvas), grey), ref
