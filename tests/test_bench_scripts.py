@@ -88,6 +88,30 @@ def test_eval_plot_has_a_point_per_method_and_model(tmp_path):
     assert "| ixg | 15.0 | 1.0 | 1.0 | 1.0 | 1.00 | 1.00 | 1.50 | +20.0 (+12.5, +27.2) |" in lines
 
 
+def test_pooled_sweeps_weigh_each_model_the_same(tmp_path):
+    """bench/pool_sweeps.py: the first sweep's records ("cells") and `atman eval sweep --records` lines read alike;
+    a setting's pooled mAP is the mean of the models' mAPs, its gain over the defaults the mean of the models'
+    paired gains; settings one model lacks are left out."""
+    old = tmp_path / "old.jsonl"
+    old.write_text("".join(json.dumps({"id": i, "cells": {
+        "log_additive,0.1,None": {"AP": ap}, "log_additive,0.3,None": {"AP": ap + 10},
+        "log_additive,0.3,0.7": {"AP": 1},
+    }}) + "\n" for i, ap in (("a", 20.0), ("b", 40.0))))  # fmt: skip
+    new = tmp_path / "new.jsonl"
+    rows = [("x", 50.0, 45.0), ("y", 70.0, 55.0), ("z", 60.0, 50.0), ("x", 30.0, 20.0)]  # the last x replaces the first
+    new.write_text("".join(json.dumps({"id": i, "model": "g", "granularity": "word", "sweep": "log_additive",
+        "methods": {"factor=0.1 kappa=off": {"AP": d}, "factor=0.3 kappa=off": {"AP": f}}}) + "\n"
+        for i, d, f in rows))  # fmt: skip
+    out = subprocess.run([sys.executable, str(ROOT / "bench/pool_sweeps.py"), f"s={old}", str(new)],
+                         check=True, capture_output=True, text=True, timeout=120).stdout.splitlines()  # fmt: skip
+    assert out[0] == "| factor | κ | mAP s (n=2) | mAP g (n=3) | pooled mAP | pooled − defaults (95 % CI) |"
+    assert out[2] == "| 0.1 | off | 30.0 | 53.3 | 41.7 | defaults |"
+    # s gains +10 on each example, g -10, -15, -10 (mean -11.7): pooled -0.8. The interval: s's resamples are all
+    # +10, g's means lie in [-15, -10] and all three -15 is 1 in 27 (> 2.5 %): pooled from -2.5 to 0
+    assert out[3] == "| 0.3 | off | 40.0 | 41.7 | 40.8 | -0.8 (-2.5, +0.0) |"
+    assert len(out) == 4, "κ 0.7 is in one sweep only"
+
+
 def test_peers_bench_script_runs_on_a_tiny_model(tmp_path, tiny_model_dir):
     data = tmp_path / "squad.jsonl"  # short enough for the tiny model's 96-token context
     example = {"id": "e1", "context": "The Eiffel Tower is in Paris. It was finished in 1889 and is made of iron.",
