@@ -29,7 +29,14 @@ import torch
 from pipeline.atman.config import AtManConfig
 from pipeline.atman.explainer import Explainer, Planned
 from pipeline.eval_methods import method_config
-from pipeline.evaluate import MethodResult, average_precision, average_recall, read_examples
+from pipeline.evaluate import (
+    MethodResult,
+    average_precision,
+    average_recall,
+    gradient_scores,
+    read_examples,
+    target_logprob,
+)
 
 METHODS = ("atman", "ixg", "ig", "random")
 
@@ -96,15 +103,12 @@ class BoxEval:
             return np.array([tokens[list(u.positions)].sum() for u in planned.image_units], dtype=np.float64)
         raise ValueError(f"methods: {name!r} is not one of atman, atman:<mode>[+conceptual][+squares], ixg, ig, random")
 
-    def _gradient(self, planned: Planned, integrated: bool, steps: int = 20) -> np.ndarray:
-        """Input x Gradient (or Integrated Gradients from zeroed prompt embeddings) per position, summed over the
-        hidden dimension, of the target's log-probability, through the model's own forward (masks, positions):
-        the embeddings its language model receives are swapped for the attributed ones by a hook."""
-        from captum.attr import InputXGradient, IntegratedGradients
-
+    def _gradient(self, planned: Planned, integrated: bool) -> np.ndarray:
+        """Input x Gradient or Integrated Gradients per position (``gradient_scores``) of the target's
+        log-probability, attributed to the merged embeddings the model's language model receives (image features in
+        place), with the positions and image blocks the model's own forward gave it."""
         si = planned.sweep_input
         device = self.lm.device
-        embeds = si.embeds[None].to(device)
         ids = si.input_ids.to(device)
         n_prompt = len(ids) - si.n_target
 
@@ -116,18 +120,9 @@ class BoxEval:
                 kwargs["position_ids"] = positions.unsqueeze(-2).expand(*positions.shape[:-1], batch, -1)
             if si.blocks is not None:  # Gemma 3 builds its bidirectional image blocks from the token types
                 kwargs["token_type_ids"] = (si.blocks >= 0).long().to(device)[None].expand(batch, -1)
-            logits = self.lm.model(**kwargs).logits[:, n_prompt - 1 : -1].float()
-            target = ids[None, n_prompt:].expand(batch, -1)
-            return torch.log_softmax(logits, -1).gather(-1, target[..., None]).squeeze(-1).sum(-1)
+            return target_logprob(self.lm.model(**kwargs).logits, ids, n_prompt)
 
-        if integrated:
-            baseline = embeds.clone()
-            baseline[:, :n_prompt] = 0.0
-            ig = IntegratedGradients(forward)
-            attr = ig.attribute(embeds, baselines=baseline, n_steps=steps, internal_batch_size=4)
-        else:
-            attr = InputXGradient(forward).attribute(embeds.clone().requires_grad_())
-        return attr.sum(-1)[0].detach().float().cpu().numpy()
+        return gradient_scores(forward, si.embeds[None].to(device), n_prompt, integrated)
 
 
 def evaluate_boxes(lm, examples: list[BoxExample], methods: list[str], image_grid=None, seed: int = 0,

@@ -182,32 +182,17 @@ class SquadEval:
         n_target = planned.sweep_input.n_target
         return ids.to(self.lm.device)[None], len(ids) - n_target, n_target
 
-    def _target_logprob(self, n_prompt: int, ids: torch.Tensor) -> Callable:
-        def forward(inputs_embeds: torch.Tensor) -> torch.Tensor:
-            logits = self.lm.model(inputs_embeds=inputs_embeds).logits[:, n_prompt - 1 : -1].float()
-            target = ids[:, n_prompt:].expand(logits.shape[0], -1)
-            return torch.log_softmax(logits, -1).gather(-1, target[..., None]).squeeze(-1).sum(-1)
-
-        return forward
-
-    def _ixg(self, planned: Planned) -> np.ndarray:
-        from captum.attr import InputXGradient
-
-        ids, n_prompt, _ = self._ids(planned)
-        embeds = self.lm.model.get_input_embeddings()(ids).detach().requires_grad_()
-        attr = InputXGradient(self._target_logprob(n_prompt, ids)).attribute(embeds)
-        return attr.sum(-1)[0].detach().float().cpu().numpy()
-
-    def _ig(self, planned: Planned, steps: int = 20) -> np.ndarray:
-        from captum.attr import IntegratedGradients
-
+    def _gradient(self, planned: Planned, integrated: bool) -> np.ndarray:
         ids, n_prompt, _ = self._ids(planned)
         embeds = self.lm.model.get_input_embeddings()(ids).detach()
-        baseline = embeds.clone()
-        baseline[:, :n_prompt] = 0.0  # the prompt goes from nothing to itself; the target tokens stay
-        ig = IntegratedGradients(self._target_logprob(n_prompt, ids))
-        attr = ig.attribute(embeds, baselines=baseline, n_steps=steps, internal_batch_size=4)
-        return attr.sum(-1)[0].detach().float().cpu().numpy()
+        forward = lambda e: target_logprob(self.lm.model(inputs_embeds=e).logits, ids[0], n_prompt)  # noqa: E731
+        return gradient_scores(forward, embeds, n_prompt, integrated)
+
+    def _ixg(self, planned: Planned) -> np.ndarray:
+        return self._gradient(planned, integrated=False)
+
+    def _ig(self, planned: Planned) -> np.ndarray:
+        return self._gradient(planned, integrated=True)
 
     def _rollout(self, planned: Planned) -> np.ndarray:
         ids, n_prompt, _ = self._ids(planned)
@@ -256,6 +241,30 @@ class SquadEval:
             logits = self.lm.model(input_ids=ids.to(self.lm.device)[None]).logits[0, -n_target - 1 : -1].float()
         target = ids[-n_target:].to(logits.device)
         return float(torch.nn.functional.cross_entropy(logits, target, reduction="sum"))
+
+
+def target_logprob(logits: torch.Tensor, ids: torch.Tensor, n_prompt: int) -> torch.Tensor:
+    """The summed log-probability of the target tokens ``ids[n_prompt:]`` under ``logits`` [B, n, vocab]: [B]."""
+    logits = logits[:, n_prompt - 1 : -1].float()
+    target = ids[None, n_prompt:].expand(logits.shape[0], -1)
+    return torch.log_softmax(logits, -1).gather(-1, target[..., None]).squeeze(-1).sum(-1)
+
+
+def gradient_scores(forward: Callable, embeds: torch.Tensor, n_prompt: int, integrated: bool,
+                    steps: int = 20) -> np.ndarray:  # fmt: skip
+    """Captum's InputXGradient, or IntegratedGradients from zeroed prompt embeddings (the target's stay: the prompt
+    goes from nothing to itself), of ``forward(embeds)`` ([1, n, d] -> [B]), summed over the hidden dimension: one
+    score per position."""
+    from captum.attr import InputXGradient, IntegratedGradients
+
+    if integrated:
+        baseline = embeds.clone()
+        baseline[:, :n_prompt] = 0.0
+        ig = IntegratedGradients(forward)
+        attr = ig.attribute(embeds, baselines=baseline, n_steps=steps, internal_batch_size=4)
+    else:
+        attr = InputXGradient(forward).attribute(embeds.clone().requires_grad_())
+    return attr.sum(-1)[0].detach().float().cpu().numpy()
 
 
 def average_precision(x: np.ndarray, y: np.ndarray) -> float:
