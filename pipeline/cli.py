@@ -629,18 +629,20 @@ def _with_progress(total: int, run):
             fail(str(error))
 
 
+_METRICS = [("mAP", "mAP", ".1f"), ("mAR", "mAR", ".1f"), ("mAP IQ", "mAP_IQ", ".1f"), ("mAR IQ", "mAR_IQ", ".1f"),
+            ("AOPC (nats)", "aopc", ".3f"), ("AOPC removal", "aopc_removal", ".3f"),
+            ("s / example", "seconds_per_example", ".2f")]  # fmt: skip
+
+
 def _print_metrics(title: str, keys: list[str], rows: list[tuple[list[str], dict]]) -> None:
-    """One table layout for `eval squad` and `eval sweep`: key columns, then the metrics of MethodResult.summary."""
+    """One table layout for `eval squad`, `eval sweep` and `eval boxes`: key columns, then the metrics of
+    MethodResult.summary that the rows have (boxes have no deletion curves)."""
     from rich.table import Table
 
-    table = Table(*keys, "mAP", "mAR", "mAP IQ", "mAR IQ", "AOPC (nats)", "AOPC removal", "s / example", title=title)
+    columns = [c for c in _METRICS if any(c[1] in m for _, m in rows)]
+    table = Table(*keys, *(header for header, _, _ in columns), title=title)
     for names, m in rows:
-        table.add_row(
-            *names,
-            *(f"{m[k]:.1f}" for k in ("mAP", "mAR", "mAP_IQ", "mAR_IQ")),
-            *(f"{m[k]:.3f}" for k in ("aopc", "aopc_removal")),
-            f"{m['seconds_per_example']:.2f}",
-        )
+        table.add_row(*names, *(format(m[key], spec) if m.get(key) is not None else "" for _, key, spec in columns))
     Console().print(table)
 
 
@@ -734,15 +736,8 @@ def eval_boxes(
         fail(str(error))
     if _emit(result, out, as_json):
         return
-    from rich.table import Table
-
-    table = Table("method", "mAP", "mAR", "mAP IQ", "mAR IQ", "s / example",
-                  title=f"boxes, {result['n']} examples, {result['model']}")  # fmt: skip
-    for name, m in result["methods"].items():
-        table.add_row(
-            name, *(f"{m[k]:.1f}" for k in ("mAP", "mAR", "mAP_IQ", "mAR_IQ")), f"{m['seconds_per_example']:.2f}"
-        )
-    Console().print(table)
+    rows = [([name], m) for name, m in result["methods"].items()]
+    _print_metrics(f"boxes, {result['n']} examples, {result['model']}", ["method"], rows)
     Console().print(f"box pixels are {100 * result['box_share']:.1f} % of the units' area (random's expected mAP)")
 
 
