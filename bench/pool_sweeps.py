@@ -45,8 +45,14 @@ def read(arg: str) -> tuple[str, dict[str, np.ndarray]]:
     return label or model, {name: np.array([m[name] for m in per_id.values()]) for name in sorted(names, key=_order)}
 
 
-def _order(name: str) -> tuple[float, float]:
+def _parts(name: str) -> tuple[str, str]:
+    """("0.1", "off") of ``setting_name``'s "factor=0.1 kappa=off"."""
     factor, kappa = (part.split("=")[1] for part in name.split())
+    return factor, kappa
+
+
+def _order(name: str) -> tuple[float, float]:
+    factor, kappa = _parts(name)
     return float(factor), -1.0 if kappa == "off" else float(kappa)
 
 
@@ -82,7 +88,7 @@ def markdown(models: dict[str, dict[str, np.ndarray]], rows: list[dict]) -> str:
     head = "| factor | κ | " + " | ".join(f"mAP {m} (n={len(next(iter(a.values())))})" for m, a in models.items())
     lines = [head + " | pooled mAP | pooled − defaults (95 % CI) |", "|---:|---|" + "---:|" * (len(models) + 2)]
     for r in rows:
-        factor, kappa = (part.split("=")[1] for part in r["setting"].split())
+        factor, kappa = _parts(r["setting"])
         lo, hi = r["ci95"]
         diff = "defaults" if r["defaults"] else f"{r['minus_defaults']:+.1f} ({lo:+.1f}, {hi:+.1f})"
         cells = [f"{v:.1f}" for v in r["per_model"].values()] + [f"{r['pooled']:.1f}", diff]

@@ -70,12 +70,6 @@ class MethodResult:
         self.aopc.append(numbers["aopc"]), self.aopc_removal.append(numbers["aopc_removal"])
         self.seconds.append(numbers["seconds"])
 
-    def add(self, ev: SquadEval, planned: Planned, truth: np.ndarray, scores: np.ndarray, seconds: float) -> dict:
-        """Score one example's relevance against its ground truth (AP, AR, deletion AOPC) and keep the numbers."""
-        numbers = self.measure(ev, planned, truth, scores, seconds)
-        self.keep(numbers)
-        return numbers
-
     def summary(self) -> dict:
         def pct(values, iq=False):
             v = np.asarray(values, dtype=np.float64)
@@ -162,7 +156,12 @@ class SquadEval:
             return rng.random(len(planned.units))
         if name in PEERS:
             return peer_scores(name, self.lm, planned)
-        token_scores = {"ixg": self._ixg, "ig": self._ig, "rollout": self._rollout}[name](planned)
+        if name in ("ixg", "ig"):
+            token_scores = self._gradient(planned, integrated=name == "ig")
+        elif name == "rollout":
+            token_scores = self._rollout(planned)
+        else:
+            raise KeyError(name)  # parse_methods admits no other name
         return np.array([token_scores[list(u.positions)].sum() for u in planned.units], dtype=np.float64)
 
     def explainer(self, cfg: AtManConfig) -> Explainer:
@@ -187,12 +186,6 @@ class SquadEval:
         embeds = self.lm.model.get_input_embeddings()(ids).detach()
         forward = lambda e: target_logprob(self.lm.model(inputs_embeds=e).logits, ids[0], n_prompt)  # noqa: E731
         return gradient_scores(forward, embeds, n_prompt, integrated)
-
-    def _ixg(self, planned: Planned) -> np.ndarray:
-        return self._gradient(planned, integrated=False)
-
-    def _ig(self, planned: Planned) -> np.ndarray:
-        return self._gradient(planned, integrated=True)
 
     def _rollout(self, planned: Planned) -> np.ndarray:
         ids, n_prompt, _ = self._ids(planned)
