@@ -314,8 +314,7 @@ def _run(ev: SquadEval, examples: list[Example], names: list[str], score: Callab
                 scores = score(name, planned, rng)
                 record["methods"][name] = MethodResult.measure(ev, planned, truth, scores, time.perf_counter() - start)
             if records:
-                with open(records, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                _append_record(records, record)
         per_example.append({**record, "methods": {name: record["methods"][name] for name in names}})
         if on_example:
             on_example(i + 1, len(examples))
@@ -330,29 +329,51 @@ def _results(per_example: list[dict], names: list[str]) -> dict[str, MethodResul
     return results
 
 
+def _append_record(path: str, record: dict) -> None:
+    """One finished example on a line of its own. A file that does not end in a newline ends in a record that a killed
+    run left half written: that line is cut off first (or, if it does parse, ended with its newline)."""
+    with open(path, "a+b") as f:
+        f.seek(0)
+        data = f.read()
+        if data and not data.endswith(b"\n"):
+            start = data.rfind(b"\n") + 1
+            try:
+                json.loads(data[start:])
+                f.write(b"\n")
+            except ValueError:
+                f.truncate(start)
+        f.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+
+
 def load_records(path: str, header: dict) -> dict[str, dict]:
     """The examples a records file holds ({id: record}, the last line per id), checked to be from a run with this
-    ``header`` (model and units; for a sweep also its mode); a missing file holds none."""
+    ``header`` (model and units; for a sweep also its mode); a missing file holds none. A line that does not parse
+    is refused (``ValueError`` naming the line), except the last one if no newline ends it (a record a killed run
+    left half written; the next record written replaces it)."""
     kept: dict[str, dict] = {}
     try:
-        f = open(path, encoding="utf-8")
+        with open(path, "rb") as f:
+            lines = f.read().split(b"\n")
     except FileNotFoundError:
         return kept
     keys = ("model", "granularity", "sweep")
     want = tuple(header.get(k) for k in keys)
-    with f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            seen = (record["model"], record["granularity"], record.get("sweep"))
+            record["methods"]
+        except ValueError as err:  # JSONDecodeError, or UTF-8 cut inside a character
+            if number == len(lines):  # no newline after it: a record a killed run left half written
                 continue
-            try:
-                record = json.loads(line)
-                seen = (record["model"], record["granularity"], record.get("sweep"))
-                record["methods"]
-            except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as err:
-                raise ValueError(f"records: {path}:{number} is not an evaluation record ({err})") from None
-            if seen != want:
-                raise ValueError(f"records: {path} holds {_run_name(seen)}, not {_run_name(want)}; give another file")
-            kept[record["id"]] = record
+            raise ValueError(f"records: {path}:{number} is not an evaluation record ({err})") from None
+        except (KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"records: {path}:{number} is not an evaluation record ({err})") from None
+        if seen != want:
+            raise ValueError(f"records: {path} holds {_run_name(seen)}, not {_run_name(want)}; give another file")
+        kept[record["id"]] = record
     return kept
 
 

@@ -265,9 +265,25 @@ def test_records_let_a_stopped_run_go_on(tiny_lms, squad_file, tmp_path, monkeyp
     assert calls == [] and set(again["examples"][1]["methods"]) == {"atman", "ixg"}
     with pytest.raises(ValueError, match=r"^records: .* holds .* with word units, not .* with token units"):
         evaluate(lm, examples, ["atman"], granularity="token", records=str(records))
-    records.write_text("not json\n")
-    with pytest.raises(ValueError, match=r"^records: .*:1 is not an evaluation record"):
-        evaluate(lm, examples, ["atman"], records=str(records))
+
+    # a run killed while writing leaves its last record half written (here cut inside a non-ASCII character)
+    kept = records.read_bytes().splitlines(keepends=True)
+    last = json.loads(kept[-1])
+    last["id_note"] = "é" * 8
+    cut = json.dumps(last, ensure_ascii=False).encode()
+    records.write_bytes(b"".join(kept[:-1]) + cut[: cut.index("é".encode()) + 1])
+    calls.clear()
+    after_kill = evaluate(lm, examples, ["atman", "ixg"], records=str(records))
+    assert calls == ["atman", "ixg"], "only the half-written example is computed again"
+    for name in ("atman", "ixg"):
+        for key in ("mAP", "mAR", "aopc", "aopc_removal"):
+            assert after_kill["methods"][name][key] == pytest.approx(again["methods"][name][key], abs=1e-6)
+    lines = records.read_text(encoding="utf-8").splitlines()
+    assert [json.loads(line)["id"] for line in lines] == [json.loads(line)["id"] for line in kept], "cut, not kept"
+    for text in (b"not json\n", b'{"id": "e1"}\n{"id": "e2", "model"'):
+        records.write_bytes(text)  # a line that does not parse, with a newline after it, is refused by number
+        with pytest.raises(ValueError, match=r"^records: .*:1 is not an evaluation record"):
+            evaluate(lm, examples, ["atman"], records=str(records))
 
 
 def test_sweep_records_go_on_and_extend_the_grid(tiny_lms, squad_file, tmp_path, monkeypatch):
