@@ -18,7 +18,6 @@ features included: the same tokens AtMan suppresses; a unit's score sums its tok
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,11 +29,12 @@ from pipeline.atman.config import AtManConfig
 from pipeline.atman.explainer import Explainer, Planned
 from pipeline.eval_methods import method_config
 from pipeline.evaluate import (
-    MethodResult,
     average_precision,
     average_recall,
     gradient_scores,
+    method_results,
     read_examples,
+    run_examples,
     target_logprob,
 )
 
@@ -90,6 +90,18 @@ class BoxEval:
         planned = self.base.plan(ex.question, ex.target, images=[ex.image], image_grid=self.image_grid)
         return planned, unit_truth(planned, ex.boxes)
 
+    def describe(self, planned: Planned, truth: np.ndarray) -> dict:
+        """What an example's record says of its units: how many image units, and the boxes' mean share of them."""
+        return {"n_units": len(planned.image_units), "box_share": float(truth.mean())}
+
+    def measure(self, planned: Planned, truth: np.ndarray, scores: np.ndarray, seconds: float) -> dict:
+        """One example's numbers for one method: AP and AR (0-100) over the image units."""
+        return {
+            "AP": 100 * average_precision(scores, truth),
+            "AR": 100 * average_recall(scores, truth),
+            "seconds": seconds,
+        }
+
     def scores(self, name: str, planned: Planned, rng: np.random.Generator) -> np.ndarray:
         if name.startswith("atman"):
             cfg = method_config(name, AtManConfig().granularity)
@@ -129,36 +141,14 @@ def evaluate_boxes(lm, examples: list[BoxExample], methods: list[str], image_gri
                    on_example: Callable[[int, int], None] | None = None) -> dict:  # fmt: skip
     """The JSON shape of `atman eval squad` (no deletion curves): n, model, methods {name: metrics}, examples."""
     ev = BoxEval(lm, image_grid)
-    results = {m: MethodResult() for m in methods}
-    per_example = []
-    for i, ex in enumerate(examples):
-        planned, truth = ev.prepare(ex)
-        rng = np.random.default_rng([seed, i])
-        record = {"id": ex.id, "n_units": len(planned.image_units), "box_share": float(truth.mean()), "methods": {}}
-        for name in methods:
-            start = time.perf_counter()
-            scores = ev.scores(name, planned, rng)
-            seconds = time.perf_counter() - start
-            numbers = {
-                "AP": 100 * average_precision(scores, truth),
-                "AR": 100 * average_recall(scores, truth),
-                "aopc": float("nan"),
-                "aopc_removal": float("nan"),
-                "seconds": seconds,
-            }
-            results[name].keep(numbers)
-            record["methods"][name] = {k: v for k, v in numbers.items() if not k.startswith("aopc")}
-        per_example.append(record)
-        if on_example:
-            on_example(i + 1, len(examples))
-    summary = {}
-    for name, result in results.items():
-        summary[name] = {k: v for k, v in result.summary().items() if not k.startswith("aopc")}
+    model = getattr(lm, "model_id", type(lm.model).__name__)
+    per_example = run_examples(ev, examples, methods, ev.scores, None, {"model": model}, seed, on_example)
+    summaries = {name: result.summary() for name, result in method_results(per_example, methods).items()}
     return {
         "n": len(examples),
-        "model": getattr(lm, "model_id", type(lm.model).__name__),
+        "model": model,
         "image_grid": image_grid,
         "box_share": float(np.mean([r["box_share"] for r in per_example])),
-        "methods": summary,
+        "methods": {name: {k: v for k, v in m.items() if not k.startswith("aopc")} for name, m in summaries.items()},
         "examples": per_example,
     }

@@ -57,17 +57,11 @@ class MethodResult:
     aopc_removal: list[float] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
 
-    @staticmethod
-    def measure(ev: SquadEval, planned: Planned, truth: np.ndarray, scores: np.ndarray, seconds: float) -> dict:
-        """One example's numbers for one method: AP, AR (0-100), deletion AOPC by suppression and by removal."""
-        ap, ar = average_precision(scores, truth), average_recall(scores, truth)
-        aopc, removal = ev.deletion(planned, scores), ev.removal(planned, scores)
-        return {"AP": 100 * ap, "AR": 100 * ar, "aopc": aopc, "aopc_removal": removal, "seconds": seconds}
-
     def keep(self, numbers: dict) -> None:
-        """Add one example's numbers (``measure``'s dict) to the method's lists."""
+        """Add one example's numbers (an eval's ``measure`` dict; deletion AOPCs where it has them) to the lists."""
         self.ap.append(numbers["AP"] / 100), self.ar.append(numbers["AR"] / 100)
-        self.aopc.append(numbers["aopc"]), self.aopc_removal.append(numbers["aopc_removal"])
+        if "aopc" in numbers:
+            self.aopc.append(numbers["aopc"]), self.aopc_removal.append(numbers["aopc_removal"])
         self.seconds.append(numbers["seconds"])
 
     def summary(self) -> dict:
@@ -134,6 +128,7 @@ class SquadEval:
         self.seed = seed
         self.base = Explainer(lm, AtManConfig(granularity=granularity))
         self._explainers: dict[AtManConfig, Explainer] = {}
+        self._removal_base: tuple[Planned | None, float] = (None, 0.0)
         self.chat = bool(getattr(lm.tokenizer, "chat_template", None))
 
     def prepare(self, ex: Example) -> tuple[Planned, np.ndarray]:
@@ -148,6 +143,16 @@ class SquadEval:
             dtype=np.float64,
         )
         return planned, truth
+
+    def describe(self, planned: Planned, truth: np.ndarray) -> dict:
+        """What an example's record says of its units."""
+        return {"n_units": len(planned.units), "n_answer_units": int(truth.sum())}
+
+    def measure(self, planned: Planned, truth: np.ndarray, scores: np.ndarray, seconds: float) -> dict:
+        """One example's numbers for one method: AP, AR (0-100), deletion AOPC by suppression and by removal."""
+        ap, ar = average_precision(scores, truth), average_recall(scores, truth)
+        aopc, removal = self.deletion(planned, scores), self.removal(planned, scores)
+        return {"AP": 100 * ap, "AR": 100 * ar, "aopc": aopc, "aopc_removal": removal, "seconds": seconds}
 
     def scores(self, name: str, planned: Planned, rng: np.random.Generator) -> np.ndarray:
         if name.startswith("atman"):
@@ -220,7 +225,9 @@ class SquadEval:
         ks = [k for k in DELETION_K if k <= len(order)]
         if not ks:
             return 0.0
-        base = self._plain_ce(ids, n_target)
+        if self._removal_base[0] is not planned:  # the same example's methods share the unperturbed CE
+            self._removal_base = (planned, self._plain_ce(ids, n_target))
+        base = self._removal_base[1]
         rises = []
         for k in ks:
             drop = {p for unit in order[:k] for p in planned.units[unit].positions}
@@ -229,9 +236,11 @@ class SquadEval:
         return float(np.mean(rises))
 
     def _plain_ce(self, ids: torch.Tensor, n_target: int) -> float:
-        """Target CE (nats, summed over the target tokens) of one plain forward."""
+        """Target CE (nats, summed over the target tokens) of one plain forward, with logits only where the target
+        is predicted (a 262k vocabulary over every position would be most of a small model's forward)."""
         with torch.no_grad():
-            logits = self.lm.model(input_ids=ids.to(self.lm.device)[None]).logits[0, -n_target - 1 : -1].float()
+            out = self.lm.model(input_ids=ids.to(self.lm.device)[None], logits_to_keep=n_target + 1)
+            logits = out.logits[0, :-1].float()
         target = ids[-n_target:].to(logits.device)
         return float(torch.nn.functional.cross_entropy(logits, target, reduction="sum"))
 
@@ -281,9 +290,9 @@ def evaluate(lm, examples: list[Example], methods: list[str], granularity: str =
     recomputed, only the methods it lacks run (a later line for the same id replaces an earlier one). A file from
     another model or other units is refused (``ValueError`` naming ``records``)."""
     ev = SquadEval(lm, granularity, seed)
-    per_example = _run(ev, examples, methods, lambda name, planned, rng: ev.scores(name, planned, rng), records,
-                       {"model": lm.model_id, "granularity": granularity}, seed, on_example)  # fmt: skip
-    results = _results(per_example, methods)
+    header = {"model": lm.model_id, "granularity": granularity}
+    per_example = run_examples(ev, examples, methods, ev.scores, records, header, seed, on_example)
+    results = method_results(per_example, methods)
     return {
         "n": len(examples),
         "model": lm.model_id,
@@ -295,11 +304,12 @@ def evaluate(lm, examples: list[Example], methods: list[str], granularity: str =
     }
 
 
-def _run(ev: SquadEval, examples: list[Example], names: list[str], score: Callable, records: str | None,
-         header: dict, seed: int = 0, on_example: Callable[[int, int], None] | None = None) -> list[dict]:  # fmt: skip
-    """Every example's record ({**header, id, n_units, n_answer_units, methods {name: numbers}}), each name scored by
-    ``score(name, planned, rng)``; with ``records``, what the file holds for this header is taken as done and each
-    example computed here is appended to it as soon as it finishes."""
+def run_examples(ev, examples: list, names: list[str], score: Callable, records: str | None, header: dict,
+                 seed: int = 0, on_example: Callable[[int, int], None] | None = None) -> list[dict]:  # fmt: skip
+    """Every example's record ({id, **header, **ev.describe(...), methods {name: ev.measure(...)}}), each name scored by
+    ``score(name, planned, rng)`` on ``ev.prepare(example)``'s units (``ev``: a ``SquadEval`` or the boxes' eval); with
+    ``records``, what the file holds for this header is taken as done and each example computed here is appended to
+    it as soon as it finishes."""
     kept = load_records(records, header) if records else {}
     per_example = []
     for i, ex in enumerate(examples):
@@ -307,12 +317,12 @@ def _run(ev: SquadEval, examples: list[Example], names: list[str], score: Callab
         missing = [name for name in names if name not in record["methods"]]
         if missing:
             planned, truth = ev.prepare(ex)
-            record.update(n_units=len(planned.units), n_answer_units=int(truth.sum()))
+            record.update(ev.describe(planned, truth))
             rng = np.random.default_rng([seed, i])
             for name in missing:
                 start = time.perf_counter()
                 scores = score(name, planned, rng)
-                record["methods"][name] = MethodResult.measure(ev, planned, truth, scores, time.perf_counter() - start)
+                record["methods"][name] = ev.measure(planned, truth, scores, time.perf_counter() - start)
             if records:
                 _append_record(records, record)
         per_example.append({**record, "methods": {name: record["methods"][name] for name in names}})
@@ -321,7 +331,7 @@ def _run(ev: SquadEval, examples: list[Example], names: list[str], score: Callab
     return per_example
 
 
-def _results(per_example: list[dict], names: list[str]) -> dict[str, MethodResult]:
+def method_results(per_example: list[dict], names: list[str]) -> dict[str, MethodResult]:
     results = {name: MethodResult() for name in names}
     for record in per_example:
         for name in names:
@@ -418,10 +428,10 @@ def sweep(lm, examples: list[Example], mode: str, factors: list[float], kappas: 
         for f in factors
         for k in kappas
     }
-    per_example = _run(ev, examples, list(configs), lambda name, planned, rng: ev.atman_scores(planned, configs[name]),
-                       records, {"model": lm.model_id, "granularity": granularity, "sweep": mode},
-                       on_example=on_example)  # fmt: skip
-    results = _results(per_example, list(configs))
+    header = {"model": lm.model_id, "granularity": granularity, "sweep": mode}
+    score = lambda name, planned, rng: ev.atman_scores(planned, configs[name])  # noqa: E731
+    per_example = run_examples(ev, examples, list(configs), score, records, header, on_example=on_example)
+    results = method_results(per_example, list(configs))
     return {
         "n": len(examples),
         "model": lm.model_id,

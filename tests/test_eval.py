@@ -181,22 +181,26 @@ def test_removal_deletion_drops_the_top_units_tokens(tiny_lms, squad_file):
 
     lm = tiny_lms["llama"]
     ev = SquadEval(lm)
-    planned, _ = ev.prepare(load_squad(str(squad_file))[0])
-    ids, n_target = planned.sweep_input.input_ids, planned.sweep_input.n_target
-    scores = np.arange(len(planned.units), dtype=np.float64)[::-1].copy()  # unit 0 first, then 1, ...
+    examples = load_squad(str(squad_file))
 
-    def ce(kept: torch.Tensor) -> float:
+    def ce(kept: torch.Tensor, n_target: int) -> float:
         labels = torch.full_like(kept, -100)
         labels[-n_target:] = kept[-n_target:]
         with torch.no_grad():
             return float(lm.model(input_ids=kept[None], labels=labels[None]).loss) * n_target
 
-    rises = []
-    for k in range(1, 6):
-        dropped = {p for u in planned.units[:k] for p in u.positions}
-        rises.append(ce(torch.tensor([t for i, t in enumerate(ids.tolist()) if i not in dropped])) - ce(ids))
-    assert ev.removal(planned, scores) == pytest.approx(np.mean(rises), abs=1e-4)
-    assert any(abs(r) > 1e-3 for r in rises), "dropping tokens changes the target CE"
+    for ex in (examples[0], examples[1], examples[0]):  # each example its own unperturbed CE, however they come
+        planned, _ = ev.prepare(ex)
+        ids, n_target = planned.sweep_input.input_ids, planned.sweep_input.n_target
+        scores = np.arange(len(planned.units), dtype=np.float64)[::-1].copy()  # unit 0 first, then 1, ...
+        rises = []
+        for k in range(1, 6):
+            dropped = {p for u in planned.units[:k] for p in u.positions}
+            kept = torch.tensor([t for i, t in enumerate(ids.tolist()) if i not in dropped])
+            rises.append(ce(kept, n_target) - ce(ids, n_target))
+        assert ev.removal(planned, scores) == pytest.approx(np.mean(rises), abs=1e-4)
+        assert ev.removal(planned, scores[::-1].copy()) != pytest.approx(np.mean(rises), abs=1e-4)
+        assert any(abs(r) > 1e-3 for r in rises), "dropping tokens changes the target CE"
 
 
 @pytest.mark.parametrize("factor", [0.0, 0.3])
