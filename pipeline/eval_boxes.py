@@ -126,13 +126,13 @@ class BoxEval:
 
         def forward(inputs_embeds: torch.Tensor) -> torch.Tensor:
             batch = inputs_embeds.shape[0]
-            kwargs = {"inputs_embeds": inputs_embeds, "use_cache": False}
+            kwargs = {"inputs_embeds": inputs_embeds, "use_cache": False, "logits_to_keep": si.n_target + 1}
             if si.positions is not None:  # [n] -> [B, n]; M-RoPE's [k, n] -> [k, B, n]
                 positions = si.positions.to(device)
                 kwargs["position_ids"] = positions.unsqueeze(-2).expand(*positions.shape[:-1], batch, -1)
             if si.blocks is not None:  # Gemma 3 builds its bidirectional image blocks from the token types
                 kwargs["token_type_ids"] = (si.blocks >= 0).long().to(device)[None].expand(batch, -1)
-            return target_logprob(self.lm.model(**kwargs).logits, ids, n_prompt)
+            return target_logprob(self.lm.model(**kwargs).logits, ids[n_prompt:])
 
         return gradient_scores(forward, si.embeds[None].to(device), n_prompt, integrated)
 

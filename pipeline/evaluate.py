@@ -187,9 +187,12 @@ class SquadEval:
         return ids.to(self.lm.device)[None], len(ids) - n_target, n_target
 
     def _gradient(self, planned: Planned, integrated: bool) -> np.ndarray:
-        ids, n_prompt, _ = self._ids(planned)
+        ids, n_prompt, n_target = self._ids(planned)
         embeds = self.lm.model.get_input_embeddings()(ids).detach()
-        forward = lambda e: target_logprob(self.lm.model(inputs_embeds=e).logits, ids[0], n_prompt)  # noqa: E731
+
+        def forward(e: torch.Tensor) -> torch.Tensor:
+            return target_logprob(self.lm.model(inputs_embeds=e, logits_to_keep=n_target + 1).logits, ids[0, n_prompt:])
+
         return gradient_scores(forward, embeds, n_prompt, integrated)
 
     def _rollout(self, planned: Planned) -> np.ndarray:
@@ -245,10 +248,12 @@ class SquadEval:
         return float(torch.nn.functional.cross_entropy(logits, target, reduction="sum"))
 
 
-def target_logprob(logits: torch.Tensor, ids: torch.Tensor, n_prompt: int) -> torch.Tensor:
-    """The summed log-probability of the target tokens ``ids[n_prompt:]`` under ``logits`` [B, n, vocab]: [B]."""
-    logits = logits[:, n_prompt - 1 : -1].float()
-    target = ids[None, n_prompt:].expand(logits.shape[0], -1)
+def target_logprob(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The summed log-probability of the ``target`` tokens [t] under ``logits`` [B, t + 1, vocab], the logits of the
+    sequence's last t + 1 positions (``logits_to_keep=t + 1``: a forward computes no other row of the vocabulary
+    projection, which for a 262k vocabulary would be most of a small model's cost): [B]."""
+    logits = logits[:, :-1].float()
+    target = target[None].expand(logits.shape[0], -1)
     return torch.log_softmax(logits, -1).gather(-1, target[..., None]).squeeze(-1).sum(-1)
 
 

@@ -72,6 +72,46 @@ def test_ground_truth_and_identical_units(tiny_lms, squad_file):
         assert scores.shape == (len(planned.units),) and np.isfinite(scores).all(), name
 
 
+def test_ixg_and_ig_are_gradients_of_the_targets_log_probability(tiny_lms, squad_file):
+    """IxG and IG against autograd by hand on full-vocabulary logits (the eval asks for the target's rows only). IG
+    by hand: the gradient at Captum's Gauss-Legendre points (its default rule) on the straight path from the zeroed
+    prompt, weighted and times the input's difference. (Completeness is no check here: RMSNorm makes the path's
+    integrand spike near the zero baseline, which no 20-point rule resolves.)"""
+    import torch
+    from captum.attr._utils.approximation_methods import approximation_parameters
+
+    lm, ev = tiny_lms["llama"], SquadEval(tiny_lms["llama"])
+    planned, _ = ev.prepare(load_squad(str(squad_file))[0])
+    ids = planned.sweep_input.input_ids
+    n_prompt = len(ids) - planned.sweep_input.n_target
+    embeds = lm.model.get_input_embeddings()(ids[None]).detach()
+
+    def logp(e: torch.Tensor) -> torch.Tensor:
+        logits = lm.model(inputs_embeds=e).logits[0, n_prompt - 1 : -1].float()
+        return torch.log_softmax(logits, -1).gather(-1, ids[n_prompt:, None]).sum()
+
+    e = embeds.clone().requires_grad_()
+    (grad,) = torch.autograd.grad(logp(e), e)
+    tokens = (grad * embeds).sum(-1)[0].numpy()
+    expected = [tokens[list(u.positions)].sum() for u in planned.units]
+    got = ev.scores("ixg", planned, np.random.default_rng(0))
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
+    assert np.abs(got).max() > 0
+
+    baseline = embeds.clone()
+    baseline[:, :n_prompt] = 0.0
+    weights, alphas = (f(20) for f in approximation_parameters("gausslegendre"))
+    path_grad = torch.zeros_like(embeds)
+    for w, a in zip(weights, alphas, strict=True):
+        point = (baseline + a * (embeds - baseline)).requires_grad_()
+        path_grad += w * torch.autograd.grad(logp(point), point)[0]
+    by_hand = ((embeds - baseline) * path_grad).sum(-1)[0].numpy()
+    expected = [by_hand[list(u.positions)].sum() for u in planned.units]
+    got = ev.scores("ig", planned, np.random.default_rng(0))
+    np.testing.assert_allclose(got, expected, rtol=1e-3, atol=1e-5)
+    assert not np.allclose(by_hand, tokens, rtol=0.05), "IG is not IxG"
+
+
 def test_evaluate_shape_and_ranges(tiny_lms, squad_file):
     methods = ["atman", "atman:scale", "ixg", "ig", "rollout", "random"]
     result = evaluate(tiny_lms["llama"], load_squad(str(squad_file)), methods)

@@ -151,11 +151,11 @@ def token_relevance(lm, planned) -> tuple[np.ndarray, float]:
             f"{', '.join(FAMILIES)} only"
         )
     ids = planned.sweep_input.input_ids.to(model.device)[None]
-    n_prompt = ids.shape[1] - planned.sweep_input.n_target
+    n_target = planned.sweep_input.n_target
     embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
-    with attnlrp_patched(family), torch.enable_grad():
-        logits = model(inputs_embeds=embeds, use_cache=False).logits[0, n_prompt - 1 : -1]
-        explained = logits.gather(-1, ids[0, n_prompt:, None]).sum()
+    with attnlrp_patched(family), torch.enable_grad():  # logits of the positions that predict the target only
+        logits = model(inputs_embeds=embeds, use_cache=False, logits_to_keep=n_target + 1).logits[0, :-1]
+        explained = logits.gather(-1, ids[0, -n_target:, None]).sum()
         (grad,) = torch.autograd.grad(explained, embeds)  # the inputs only: no parameter's .grad is touched
     relevance = (embeds.detach() * grad).float().sum(-1)[0]
     return relevance.cpu().numpy().astype(np.float64), float(explained.detach())
