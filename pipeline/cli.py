@@ -741,6 +741,31 @@ def eval_boxes(
     Console().print(f"box pixels are {100 * result['box_share']:.1f} % of the units' area (random's expected mAP)")
 
 
+@eval_app.command("forget")
+def eval_forget(
+    records: Annotated[str, typer.Argument(help="A records file of `eval squad` or `eval sweep` (--records).")],
+    methods: Annotated[
+        str,
+        typer.Option(help="Comma-separated method names (for a sweep, setting names such as 'factor=0.1 kappa=off')."),
+    ],
+) -> None:
+    """Take methods out of a records file, so the next run with it computes them again (and only them) on every
+    example: after a method's code changed, its rows are redone without redoing the others."""
+    from pipeline.evaluate import forget_methods
+
+    names = [name.strip() for name in methods.split(",") if name.strip()]
+    if not names:
+        fail("methods: name at least one method")
+    try:
+        counts = forget_methods(records, names)
+    except FileNotFoundError:
+        fail(f"records: {records} does not exist")
+    except ValueError as error:
+        fail(str(error))
+    for name, n in counts.items():
+        Console().print(f"{name}: taken out of {n} examples" + ("" if n else " (no example held it)"), highlight=False)
+
+
 @eval_app.command("sweep")
 def eval_sweep(
     data: Annotated[str, _DATA] = str(SQUAD_DEV),

@@ -23,6 +23,7 @@ The data defaults to the bundled SQuAD dev subset (``pipeline.data.SQUAD_DEV``: 
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -362,34 +363,54 @@ def _append_record(path: str, record: dict) -> None:
 
 def load_records(path: str, header: dict) -> dict[str, dict]:
     """The examples a records file holds ({id: record}, the last line per id), checked to be from a run with this
-    ``header`` (model and units; for a sweep also its mode); a missing file holds none. A line that does not parse
-    is refused (``ValueError`` naming the line), except the last one if no newline ends it (a record a killed run
-    left half written; the next record written replaces it)."""
-    kept: dict[str, dict] = {}
+    ``header`` (model and units; for a sweep also its mode); a missing file holds none."""
     try:
-        with open(path, "rb") as f:
-            lines = f.read().split(b"\n")
+        records = _read_records(path)
     except FileNotFoundError:
-        return kept
+        return {}
     keys = ("model", "granularity", "sweep")
     want = tuple(header.get(k) for k in keys)
+    for record in records:
+        seen = tuple(record.get(k) for k in keys)
+        if seen != want:
+            raise ValueError(f"records: {path} holds {_run_name(seen)}, not {_run_name(want)}; give another file")
+    return {record["id"]: record for record in records}
+
+
+def _read_records(path: str) -> list[dict]:
+    """Every record of a records file, in order. A line that is not a record ({id, model, granularity, methods {}})
+    is refused (``ValueError`` naming the line), except the last one if no newline ends it: a record a killed run
+    left half written (the next record appended replaces it)."""
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    records = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
-            seen = (record["model"], record["granularity"], record.get("sweep"))
-            record["methods"]
+            record["id"], record["model"], record["granularity"], record["methods"].keys()
         except ValueError as err:  # JSONDecodeError, or UTF-8 cut inside a character
-            if number == len(lines):  # no newline after it: a record a killed run left half written
+            if number == len(lines):
                 continue
             raise ValueError(f"records: {path}:{number} is not an evaluation record ({err})") from None
         except (KeyError, TypeError, AttributeError) as err:
-            raise ValueError(f"records: {path}:{number} is not an evaluation record ({err})") from None
-        if seen != want:
-            raise ValueError(f"records: {path} holds {_run_name(seen)}, not {_run_name(want)}; give another file")
-        kept[record["id"]] = record
-    return kept
+            raise ValueError(f"records: {path}:{number} is not an evaluation record ({err!r})") from None
+        records.append(record)
+    return records
+
+
+def forget_methods(path: str, names: list[str]) -> dict[str, int]:
+    """Take ``names`` out of every record of a records file (for a sweep, setting names), so the next run with that
+    file computes them again and only them (after a method's code changed); the file is rewritten whole, replacing
+    the old one only once written. Returns {name: how many records held it}."""
+    records = _read_records(path)
+    counts = {name: sum(record["methods"].pop(name, None) is not None for record in records) for name in names}
+    tmp = f"{path}.forget-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+    os.replace(tmp, path)
+    return counts
 
 
 def _run_name(header: tuple) -> str:

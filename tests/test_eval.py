@@ -330,6 +330,36 @@ def test_records_let_a_stopped_run_go_on(tiny_lms, squad_file, tmp_path, monkeyp
             evaluate(lm, examples, ["atman"], records=str(records))
 
 
+def test_forget_redoes_only_the_methods_it_names(tiny_lms, squad_file, tmp_path, monkeypatch):
+    """`atman eval forget RECORDS --methods ...` takes methods out of every record; the next run with the file
+    computes them (and nothing else) again. Missing files, bad lines and no names exit 2 naming the field."""
+    lm, examples, records = tiny_lms["llama"], load_squad(str(squad_file)), tmp_path / "records.jsonl"
+    first = evaluate(lm, examples, ["atman", "random", "ixg"], records=str(records))
+    out = subprocess.run([ATMAN, "eval", "forget", str(records), "--methods", "ixg,rollout"],
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "ixg: taken out of 2 examples" in out.stdout and "rollout: taken out of 0 examples" in out.stdout
+    lines = [json.loads(line) for line in records.read_text().splitlines()]
+    assert [sorted(r["methods"]) for r in lines] == [["atman", "random"]] * 2
+
+    calls = []
+    original = SquadEval.scores
+    monkeypatch.setattr(SquadEval, "scores", lambda self, name, *a: calls.append(name) or original(self, name, *a))
+    again = evaluate(lm, examples, ["atman", "random", "ixg"], records=str(records))
+    assert calls == ["ixg", "ixg"]
+    for name in ("atman", "random", "ixg"):
+        assert again["methods"][name]["mAP"] == pytest.approx(first["methods"][name]["mAP"], abs=1e-6), name
+
+    for args, field in (([str(tmp_path / "none.jsonl"), "--methods", "ixg"], "records"),
+                        ([str(records), "--methods", " , "], "methods")):  # fmt: skip
+        out = subprocess.run([ATMAN, "eval", "forget", *args], capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2 and field in out.stderr, (args, out.stderr)
+    records.write_text("not json\n" + records.read_text())
+    out = subprocess.run([ATMAN, "eval", "forget", str(records), "--methods", "ixg"], capture_output=True, text=True,
+                         timeout=120)  # fmt: skip
+    assert out.returncode == 2 and "records:" in out.stderr and ":1 is not an evaluation record" in out.stderr
+
+
 def test_sweep_records_go_on_and_extend_the_grid(tiny_lms, squad_file, tmp_path, monkeypatch):
     """A sweep with records keeps each example's settings; a rerun with a larger grid scores only the new settings
     and reports what a sweep without records reports. A squad run's records (or another mode's) are refused."""
