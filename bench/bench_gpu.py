@@ -5,6 +5,8 @@ One call does it all (prepared for a lent H100/H200, ~15 minutes of device time 
     python bench/bench_gpu.py --out $OUT/gpu.json              # 1,024 and 2,048 tokens, engine only
     python bench/bench_gpu.py --lengths 1024 --reference       # also the naive sweep at 1,024 (~1 min)
     python bench/bench_gpu.py --shape tiny --lengths 64        # smoke test of this script on a CPU
+    python bench/bench_gpu.py --lengths 256 --modes log_additive --precision-check --out $OUT/precision.json
+                                          # engine vs naive in bf16 and in fp32 (same weights): is a bf16 gap noise?
 
 Goals (issue 2): 1,024-token prompt + 16 target tokens <= 12 s, 2,048 <= 45 s, peak memory <= 1.3 x weights.
 Weights are random: speed does not depend on their values, and no download is possible there.
@@ -95,6 +97,17 @@ def main() -> None:
     parser.add_argument("--max-batch-tokens", type=int, default=16384)
     parser.add_argument("--kappa", type=float, default=None, help="conceptual threshold (default off)")
     parser.add_argument("--reference", action="store_true", help="also time the naive sweep (first length only)")
+    parser.add_argument(
+        "--precision-check",
+        action="store_true",
+        help="after the timings: engine and naive sweep at the first length, in bf16 and again with the same weights "
+        "cast to fp32; reports how far each is from the fp32 naive sweep (skips nothing else)",
+    )
+    parser.add_argument(
+        "--profile",
+        default=None,
+        help="write torch.profiler's table (top kernels by GPU time) of the first length and mode's sweep here",
+    )
     parser.add_argument("--out", default=None, help="write the results as JSON here too")
     args = parser.parse_args()
     transformers.utils.logging.set_verbosity_error()
@@ -114,6 +127,8 @@ def main() -> None:
     }
     with attention.activated(model):  # AtMan's attention for the whole benchmark
         measure(model, args, results)
+        if args.precision_check:
+            precision_check(model, args, results)
     print(json.dumps(results, indent=2))
     if args.out:
         with open(args.out, "w") as f:
@@ -127,12 +142,12 @@ def measure(model, args, results: dict) -> None:
         seq = sweep_input(model, n, args.target_tokens, 0.1, args.kappa)
         for mode in args.modes:
             sweep(model, [sweep_input(model, 32, 4, 0.1, None)], mode=mode)  # warm-up: kernels, allocator
-            out, seconds, peak = timed(
-                partial(
-                    sweep, model, [seq], mode=mode, batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens
-                ),
-                device,
+            run = partial(
+                sweep, model, [seq], mode=mode, batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens
             )
+            out, seconds, peak = timed(run, device)
+            if args.profile and n == args.lengths[0] and mode == args.modes[0]:
+                profile(run, device, args.profile)
             entry = {
                 "prompt_tokens": n,
                 "target_tokens": args.target_tokens,
@@ -154,6 +169,55 @@ def measure(model, args, results: dict) -> None:
                     entry["reference_peak_gib"] = round(ref_peak / 2**30, 2)
             results["runs"].append(entry)
             print(json.dumps(entry), flush=True)
+
+
+def profile(run, device, path: str) -> None:
+    """One more run of the sweep under torch.profiler; the table of operators by GPU (or CPU) time goes to path."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch_profile(activities=activities) as prof:
+        run()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=60)
+    with open(path, "w") as f:
+        f.write(table)
+    print(table, flush=True)
+
+
+def precision_check(model, args, results: dict) -> None:
+    """How far the engine is from the naive sweep, against how far bf16 itself moves the naive sweep.
+
+    A bf16 gap between two exact methods is rounding only if the same gap appears between the naive sweep in bf16
+    and in fp32 (same weights); in fp32 the engine must equal the naive sweep to ~1e-4.
+    """
+    n, mode = args.lengths[0], args.modes[0]
+    seq = sweep_input(model, n, args.target_tokens, 0.1, args.kappa)
+
+    def scores(fn):
+        out = fn(model, [seq], mode=mode)[0]
+        return (out.ce - out.base_ce[None]).sum(1).double()
+
+    engine = partial(sweep, batch_size=args.batch_size, max_batch_tokens=args.max_batch_tokens)
+    eng16, ref16 = scores(engine), scores(reference_sweep)
+    torch.backends.cuda.matmul.allow_tf32 = False  # true fp32 products
+    torch.backends.cudnn.allow_tf32 = False
+    model.float()
+    eng32, ref32 = scores(engine), scores(reference_sweep)
+    results["precision"] = entry = {
+        "prompt_tokens": n,
+        "mode": mode,
+        "max_abs_engine32_vs_naive32": float((eng32 - ref32).abs().max()),
+        "max_abs_engine16_vs_naive32": float((eng16 - ref32).abs().max()),
+        "max_abs_naive16_vs_naive32": float((ref16 - ref32).abs().max()),
+        "max_abs_engine16_vs_naive16": float((eng16 - ref16).abs().max()),
+        "naive32_score_abs_max": float(ref32.abs().max()),
+        "naive32_score_std": float(ref32.std()),
+    }
+    print(json.dumps(entry), flush=True)
 
 
 if __name__ == "__main__":
