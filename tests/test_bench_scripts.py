@@ -22,6 +22,9 @@ def test_gpu_bench_script_runs_on_a_tiny_shape(tmp_path):
         "--reference",
         "--kappa",
         "0.2",
+        "--precision-check",
+        "--profile",
+        str(tmp_path / "profile.txt"),
         "--out",
         str(out),
     ]
@@ -31,6 +34,11 @@ def test_gpu_bench_script_runs_on_a_tiny_shape(tmp_path):
     for run in result["runs"]:
         assert run["passes"] == 49 and run["engine_s"] > 0
         assert run["max_abs_score_diff"] <= 1e-4
+    precision = result["precision"]  # on a CPU both "precisions" are fp32: every gap is float rounding
+    assert precision["prompt_tokens"] == 48 and precision["naive32_score_abs_max"] > 0
+    for key in ("engine32_vs_naive32", "engine16_vs_naive32", "naive16_vs_naive32", "engine16_vs_naive16"):
+        assert precision[f"max_abs_{key}"] <= 1e-4, key
+    assert "aten::mm" in (tmp_path / "profile.txt").read_text()
 
 
 def test_pipeline_bench_script_runs_on_a_tiny_model(tmp_path, tiny_model_dir):
