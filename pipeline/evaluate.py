@@ -345,20 +345,38 @@ def method_results(per_example: list[dict], names: list[str]) -> dict[str, Metho
     return results
 
 
+_TAIL_BLOCK = 1 << 16  # bytes read at a time when looking back for the last line of a records file
+
+
 def _append_record(path: str, record: dict) -> None:
     """One finished example on a line of its own. A file that does not end in a newline ends in a record that a killed
-    run left half written: that line is cut off first (or, if it does parse, ended with its newline)."""
+    run left half written: that line is cut off first (or, if it does parse, ended with its newline). Only the file's
+    last line is read, so appending costs the same however many records the file holds."""
     with open(path, "a+b") as f:
-        f.seek(0)
-        data = f.read()
-        if data and not data.endswith(b"\n"):
-            start = data.rfind(b"\n") + 1
+        end = f.seek(0, os.SEEK_END)
+        f.seek(max(end - 1, 0))
+        if end and f.read(1) != b"\n":
+            start = _last_line_start(f, end)
+            f.seek(start)
             try:
-                json.loads(data[start:])
+                json.loads(f.read())
                 f.write(b"\n")
             except ValueError:
                 f.truncate(start)
         f.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+
+
+def _last_line_start(f, end: int) -> int:
+    """Offset of the first byte after the last newline before ``end`` (0 if none), read backwards block by block."""
+    pos = end
+    while pos > 0:
+        size = min(_TAIL_BLOCK, pos)
+        pos -= size
+        f.seek(pos)
+        newline = f.read(size).rfind(b"\n")
+        if newline >= 0:
+            return pos + newline + 1
+    return 0
 
 
 def load_records(path: str, header: dict) -> dict[str, dict]:
