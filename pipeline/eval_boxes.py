@@ -29,13 +29,13 @@ from pipeline.atman.config import AtManConfig
 from pipeline.atman.explainer import Explainer, Planned
 from pipeline.eval_methods import method_config
 from pipeline.evaluate import (
-    average_precision,
-    average_recall,
     gradient_scores,
     method_results,
+    plausibility,
     read_examples,
     run_examples,
     target_logprob,
+    unit_sums,
 )
 
 METHODS = ("atman", "ixg", "ig", "random")
@@ -96,11 +96,7 @@ class BoxEval:
 
     def measure(self, planned: Planned, truth: np.ndarray, scores: np.ndarray, seconds: float) -> dict:
         """One example's numbers for one method: AP and AR (0-100) over the image units."""
-        return {
-            "AP": 100 * average_precision(scores, truth),
-            "AR": 100 * average_recall(scores, truth),
-            "seconds": seconds,
-        }
+        return plausibility(scores, truth) | {"seconds": seconds}
 
     def scores(self, name: str, planned: Planned, rng: np.random.Generator) -> np.ndarray:
         if name.startswith("atman"):
@@ -111,8 +107,7 @@ class BoxEval:
         if name == "random":
             return rng.random(len(planned.image_units))
         if name in ("ixg", "ig"):
-            tokens = self._gradient(planned, integrated=name == "ig")
-            return np.array([tokens[list(u.positions)].sum() for u in planned.image_units], dtype=np.float64)
+            return unit_sums(self._gradient(planned, integrated=name == "ig"), planned.image_units)
         raise ValueError(f"methods: {name!r} is not one of atman, atman:<mode>[+conceptual][+squares], ixg, ig, random")
 
     def _gradient(self, planned: Planned, integrated: bool) -> np.ndarray:

@@ -151,9 +151,8 @@ class SquadEval:
 
     def measure(self, planned: Planned, truth: np.ndarray, scores: np.ndarray, seconds: float) -> dict:
         """One example's numbers for one method: AP, AR (0-100), deletion AOPC by suppression and by removal."""
-        ap, ar = average_precision(scores, truth), average_recall(scores, truth)
         aopc, removal = self.deletion(planned, scores), self.removal(planned, scores)
-        return {"AP": 100 * ap, "AR": 100 * ar, "aopc": aopc, "aopc_removal": removal, "seconds": seconds}
+        return plausibility(scores, truth) | {"aopc": aopc, "aopc_removal": removal, "seconds": seconds}
 
     def scores(self, name: str, planned: Planned, rng: np.random.Generator) -> np.ndarray:
         if name.startswith("atman"):
@@ -168,7 +167,7 @@ class SquadEval:
             token_scores = self._rollout(planned)
         else:
             raise KeyError(name)  # parse_methods admits no other name
-        return np.array([token_scores[list(u.positions)].sum() for u in planned.units], dtype=np.float64)
+        return unit_sums(token_scores, planned.units)
 
     def explainer(self, cfg: AtManConfig) -> Explainer:
         """One Explainer per config for the whole evaluation: its support probe runs once, not per example."""
@@ -273,6 +272,16 @@ def gradient_scores(forward: Callable, embeds: torch.Tensor, n_prompt: int, inte
     else:
         attr = InputXGradient(forward).attribute(embeds.clone().requires_grad_())
     return attr.sum(-1)[0].detach().float().cpu().numpy()
+
+
+def unit_sums(token_scores: np.ndarray, units) -> np.ndarray:
+    """Per-position scores summed over each unit's positions (how token-level methods score units)."""
+    return np.array([token_scores[list(u.positions)].sum() for u in units], dtype=np.float64)
+
+
+def plausibility(scores: np.ndarray, truth: np.ndarray) -> dict:
+    """AP and AR (0-100) of one method's unit scores against the units that hold the answer (``truth`` 0/1)."""
+    return {"AP": 100 * average_precision(scores, truth), "AR": 100 * average_recall(scores, truth)}
 
 
 def average_precision(x: np.ndarray, y: np.ndarray) -> float:
