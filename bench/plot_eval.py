@@ -63,7 +63,7 @@ def plot(results: list[dict], path: str) -> None:
         for (_, method, _, y), x in zip(mine, xs, strict=True):
             ax.annotate(method, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
     ax.set_xscale("log")
-    ax.set_xlabel("seconds per example (log scale; same machine, one run per model)")
+    ax.set_xlabel("seconds per example (log scale; same machine and setup, see docs/EVAL.md)")
     ax.set_ylabel("mAP (share of relevance on the answer, 0-100)")
     ax.set_title("SQuAD dev subset: plausibility against cost")
     ax.grid(True, which="both", alpha=0.3)
