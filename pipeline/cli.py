@@ -121,7 +121,13 @@ def explain(
             help="Wrap in the chat template / raw text (default: the template when the prompt ends in '?').",
         ),
     ] = None,
-    dtype: Annotated[DType, typer.Option(help="Weights' dtype: auto = bfloat16 on GPU, float32 on CPU.")] = "auto",
+    dtype: Annotated[
+        DType,
+        typer.Option(
+            help="Weights' dtype: auto = bfloat16 on GPU, float32 on CPU. 16-bit types add rounding "
+            "noise to the scores (a LowPrecisionWarning says how much): float32 for scores you compare or audit.",
+        ),
+    ] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     image: Annotated[

@@ -43,7 +43,8 @@ class ModelSpec(_Strict):
     revision: str | None = None
     """Hub revision (branch, tag or commit); recorded in every output row."""
     dtype: DType = "auto"
-    """auto = bfloat16 on GPU, float32 on CPU."""
+    """auto = bfloat16 on GPU, float32 on CPU. bfloat16/float16 add rounding noise to the scores (measured in
+    bench/RESULTS.md; a LowPrecisionWarning in the worker's log): float32 for audits you compare night to night."""
     trust_remote_code: bool = False
     """Run the model repository's own Python code (off unless you trust it)."""
 

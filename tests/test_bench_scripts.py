@@ -51,6 +51,24 @@ def test_pipeline_bench_script_runs_on_a_tiny_model(tmp_path, tiny_model_dir):
     assert result["results"]["inline"]["unit_passes_per_s"] > 0 and result["inline_over_engine"] > 0
 
 
+def test_precision_bench_script_runs_on_a_tiny_model(tmp_path, tiny_model_dir):
+    out, data = tmp_path / "precision.json", tmp_path / "squad.jsonl"
+    context = "Paris is the capital of France. Rome is the capital of Italy."  # the tiny model's context is short
+    examples = [
+        {"id": f"e{i}", "context": context, "question": f"What is the capital of {country}?",
+         "answers": [{"text": city, "answer_start": context.index(city)}]}
+        for i, (city, country) in enumerate([("Paris", "France"), ("Rome", "Italy")])
+    ]  # fmt: skip
+    data.write_text("".join(json.dumps(e) + "\n" for e in examples))
+    cmd = [sys.executable, str(ROOT / "bench/bench_precision.py"), "--model", tiny_model_dir, "--data", str(data)]
+    subprocess.run([*cmd, "--out", str(out)], check=True, capture_output=True, timeout=300)
+    result = json.loads(out.read_text())
+    assert result["dtype"] == "bfloat16" and result["summary"]["examples"] == len(result["examples"]) == 2
+    for row in result["examples"]:
+        assert row["units"] > 1 and row["ref_std"] > 0 and row["max_abs_diff"] >= row["rms_diff"] >= 0
+        assert -1 <= row["spearman"] <= 1 and 0 <= row["top5_overlap"] <= 1
+
+
 def test_cli_bench_script_and_the_light_entry_points(tmp_path):
     """bench_cli runs; and `import pipeline` and `atman --help` import none of the heavy libraries (the CLI's start
     time is measured there, not asserted here)."""
