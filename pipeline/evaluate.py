@@ -239,13 +239,11 @@ class SquadEval:
         return float(np.mean(rises))
 
     def _plain_ce(self, ids: torch.Tensor, n_target: int) -> float:
-        """Target CE (nats, summed over the target tokens) of one plain forward, with logits only where the target
-        is predicted (a 262k vocabulary over every position would be most of a small model's forward)."""
+        """Target CE (nats, summed over the target tokens) of one plain forward: ``target_logprob``, negated."""
+        ids = ids.to(self.lm.device)
         with torch.no_grad():
-            out = self.lm.model(input_ids=ids.to(self.lm.device)[None], logits_to_keep=n_target + 1)
-            logits = out.logits[0, :-1].float()
-        target = ids[-n_target:].to(logits.device)
-        return float(torch.nn.functional.cross_entropy(logits, target, reduction="sum"))
+            logits = self.lm.model(input_ids=ids[None], logits_to_keep=n_target + 1).logits
+            return -float(target_logprob(logits, ids[-n_target:])[0])
 
 
 def target_logprob(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
