@@ -93,6 +93,76 @@ def test_family_is_refused_with_the_reason(family, tokenizer):
         Explainer(lm, AtManConfig())
 
 
+def _attention_modules(model, name):
+    return [m for m in model.modules() if type(m).__name__ == name]
+
+
+def _wrong_qkv(model):
+    for m in _attention_modules(model, "FalconAttention"):
+        m.query_key_value = torch.nn.Linear(64, 7)
+
+
+def _no_projection(model):
+    for m in _attention_modules(model, "BloomAttention"):
+        del m.query_key_value
+
+
+def _no_config_field(model):
+    del model.config.attention_layers  # GPT-Neo's per-layer global / local list
+
+
+PROBE_REFUSALS = {
+    "falcon_new": (
+        _wrong_qkv,
+        r"FalconAttention \(transformers .*\) .*: query_key_value with 128 outputs \(it has 7\)",
+    ),
+    "bloom": (_no_projection, r"BloomAttention \(transformers .*\) .*: a linear projection query_key_value"),
+    "gpt_neo": (_no_config_field, r"GPTNeoSelfAttention \(transformers .*\) .*: config\.attention_layers"),
+}
+
+
+@pytest.mark.parametrize("family", PROBE_REFUSALS)
+def test_adapter_probe_refuses_a_module_that_changed_shape(family, tokenizer):
+    """A family module that lacks what its adapter reads (a projection, a config field) or whose projection does not
+    match its config is refused at the probe, naming the class and what is missing, with nothing left installed."""
+    model = tiny_model(family, len(tokenizer))
+    change, message = PROBE_REFUSALS[family]
+    change(model)
+    lm = LoadedModel(model, tokenizer, f"tiny-{family}", "random")
+    with pytest.raises(UnsupportedModelError, match=f"^model: {REFUSED_CLASS[family]}: {message}"):
+        Explainer(lm, AtManConfig())
+    assert not any("forward" in vars(m) for m in model.modules()), "a refused model is left as it was"
+
+
+REFUSED_CLASS = {"falcon_new": "FalconForCausalLM", "bloom": "BloomForCausalLM", "gpt_neo": "GPTNeoForCausalLM"}
+
+
+def test_adapter_refuses_a_missing_family_function(tokenizer, monkeypatch):
+    model = tiny_model("falcon", len(tokenizer))
+    monkeypatch.delattr(sys.modules[type(model).__module__], "apply_rotary_pos_emb")
+    lm = LoadedModel(model, tokenizer, "tiny-falcon", "random")
+    with pytest.raises(UnsupportedModelError, match=r"FalconAttention .*the function apply_rotary_pos_emb in "):
+        Explainer(lm, AtManConfig())
+
+
+def test_a_call_that_changed_shape_is_a_refusal_not_a_traceback(tokenizer, monkeypatch):
+    """transformers passes the attention module other arguments than the adapter expects (the rotary embeddings
+    gone, say): the pass refuses naming the class; an AttributeError never escapes the engine."""
+    from pipeline.atman import families
+
+    probe, _ = families.ADAPTERS["FalconAttention"]
+
+    def changed(layer, ctx, hidden_states, *args, **kwargs):
+        return families._falcon(layer, ctx, hidden_states, position_embeddings=None)
+
+    monkeypatch.setitem(families.ADAPTERS, "FalconAttention", (probe, changed))
+    lm = LoadedModel(tiny_model("falcon", len(tokenizer)), tokenizer, "tiny-falcon", "random")
+    with pytest.raises(
+        UnsupportedModelError, match=r"^model: FalconForCausalLM: FalconAttention .*position_embeddings"
+    ):
+        Explainer(lm, AtManConfig())
+
+
 def render_table() -> str:
     """The support table README shows, rendered from this file's tables."""
     lines = [

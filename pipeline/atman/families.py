@@ -6,6 +6,13 @@ the family's own projections, head layout, rotary embedding and output projectio
 ``attention.activated`` runs, and fall back to the module's own forward when no context is active.
 Everything model-specific in the engine is in this file; ``ADAPTERS`` lists it.
 
+Adapters read the head layout from the model's config and the module's weights and call only the family's public,
+module-level functions (``apply_rotary_pos_emb``, ``build_alibi_tensor``), never a module's private methods:
+transformers changes those between minor releases (5.25 removed ``FalconAttention._split_heads``). A probe at
+install time finds what each adapter reads; a module that lacks it, or whose projections do not match its config,
+refuses the model with ``UnsupportedModelError`` naming the class and what is missing, never a traceback.
+Dropout is left out: the explainer refuses a model in training mode.
+
 The engine never trusts an adapter to be complete: ``attention.forward`` counts the calls per layer, and
 tests/test_families.py checks each family against an oracle that runs the untouched model.
 """
@@ -15,112 +22,216 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
-from pipeline.atman.attention import active
+from pipeline.atman.attention import UnsupportedModelError, active
 
 
-def _alibi_slopes(module: torch.nn.Module, num_heads: int) -> torch.Tensor:
-    """[H] ALiBi slopes exactly as the family's own ``build_alibi_tensor`` makes them (Falcon rounds them to
-    bfloat16): the bias it builds for two unpadded tokens is 0 at position 0 and the slope at position 1."""
-    return _slopes(type(module).__module__, num_heads, next(module.parameters()).device)
+class _Missing(Exception):
+    """A piece of the module or its config that an adapter reads is not there (or not the shape it expects)."""
+
+
+def _cfg(config, *names: str):
+    """``config``'s fields ``names`` (text config of the model); ``_Missing`` naming the first absent one."""
+    values = []
+    for name in names:
+        if getattr(config, name, None) is None:
+            raise _Missing(f"config.{name}")
+        values.append(getattr(config, name))
+    return values[0] if len(values) == 1 else values
+
+
+def _linear(module: torch.nn.Module, name: str, out_features: int) -> torch.nn.Module:
+    """The projection submodule ``name`` of ``module``, checked to produce ``out_features`` (the head layout the
+    config implies): a module whose weights no longer match its config is refused, never split wrongly."""
+    proj = getattr(module, name, None)
+    weight = getattr(proj, "weight", None)
+    if not isinstance(proj, torch.nn.Module) or not torch.is_tensor(weight) or weight.dim() != 2:
+        raise _Missing(f"a linear projection {name}")
+    if weight.shape[0] != out_features:
+        raise _Missing(f"{name} with {out_features} outputs (it has {weight.shape[0]})")
+    return proj
+
+
+def _family_function(module: torch.nn.Module, name: str) -> Callable:
+    """A module-level function of the family's modeling file (``build_alibi_tensor``, ``apply_rotary_pos_emb``)."""
+    fn = getattr(sys.modules[type(module).__module__], name, None)
+    if not callable(fn):
+        raise _Missing(f"the function {name} in {type(module).__module__}")
+    return fn
+
+
+def _split(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """[B, L, heads * d] -> [B, heads, L, d]."""
+    return x.unflatten(-1, (heads, -1)).transpose(1, 2)
+
+
+def _merge(x: torch.Tensor) -> torch.Tensor:
+    """[B, H, L, d] -> [B, L, H * d]."""
+    return x.transpose(1, 2).flatten(-2)
 
 
 @functools.cache
-def _slopes(family_module: str, num_heads: int, device: torch.device) -> torch.Tensor:
-    """Computed once per family, head count and device, not in every layer of every forward pass."""
+def _slopes(build_alibi: Callable, num_heads: int, device: torch.device) -> torch.Tensor:
+    """[H] ALiBi slopes exactly as the family's own ``build_alibi_tensor`` makes them (Falcon rounds them to
+    bfloat16): the bias it builds for two unpadded tokens is 0 at position 0 and the slope at position 1. Computed
+    once per family, head count and device, not in every layer of every forward pass."""
     ones = torch.ones(1, 2, dtype=torch.long, device=device)
-    return sys.modules[family_module].build_alibi_tensor(ones, num_heads, torch.float32).reshape(num_heads, 2)[:, 1]
+    return build_alibi(ones, num_heads, torch.float32).reshape(num_heads, 2)[:, 1]
 
 
-def _gpt_neo(module, ctx, hidden_states, attention_mask=None, layer_past=None, use_cache=False, **kwargs):
-    """GPTNeoSelfAttention: separate q/k/v projections, no 1/sqrt(d) scaling, `local` layers see the last
-    ``config.window_size`` positions."""
-    heads, d = module.num_heads, module.head_dim
-    q, k, v = (
-        module._split_heads(proj(hidden_states), heads, d) for proj in (module.q_proj, module.k_proj, module.v_proj)
+@dataclass(frozen=True)
+class _Layer:
+    """What an adapter reads of one attention module, found once by the probe (``install``) from the model's
+    config and the module's weights: its layer, head layout and projections, never the module's private methods."""
+
+    index: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    qkv: tuple[torch.nn.Module, ...]  # one fused projection, or q, k, v
+    out: torch.nn.Module
+    extra: dict
+
+
+def _gpt_neo_layer(module, config, index) -> _Layer:
+    """GPTNeoSelfAttention: separate q/k/v projections of ``num_heads`` heads; ``config.attention_layers`` says
+    which layers are ``local`` (a window of ``config.window_size`` positions)."""
+    hidden, heads, kinds = _cfg(config, "hidden_size", "num_heads", "attention_layers")
+    qkv = tuple(_linear(module, name, hidden) for name in ("q_proj", "k_proj", "v_proj"))
+    window = _cfg(config, "window_size") if kinds[index] == "local" else None
+    return _Layer(index, heads, heads, hidden // heads, qkv, _linear(module, "out_proj", hidden), {"window": window})
+
+
+def _gpt_neo(layer: _Layer, ctx, hidden_states, *args, **kwargs):
+    """Unscaled scores (GPT-Neo has no 1/sqrt(d)); ``local`` layers see a sliding window."""
+    q, k, v = (_split(proj(hidden_states), layer.heads) for proj in layer.qkv)
+    out = ctx.attend(layer.index, q, k, v, scaling=1.0, sliding_window=layer.extra["window"])
+    return layer.out(_merge(out)), None
+
+
+def _bloom_layer(module, config, index) -> _Layer:
+    """BloomAttention: fused q/k/v laid out per head as [heads, 3, d]; ALiBi slopes from ``build_alibi_tensor``."""
+    hidden, heads = _cfg(config, "hidden_size", "n_head")
+    tp = (getattr(config, "pretraining_tp", 1) or 1) if getattr(config, "slow_but_exact", False) else 1
+    slopes = _slopes(_family_function(module, "build_alibi_tensor"), heads, _device(module))
+    qkv = _linear(module, "query_key_value", 3 * hidden)
+    return _Layer(
+        index, heads, heads, hidden // heads, (qkv,), _linear(module, "dense", hidden), {"tp": tp, "alibi": slopes}
     )
-    window = module.config.window_size if module.attention_type == "local" else None
-    out = ctx.attend(module.layer_id, q, k, v, scaling=1.0, sliding_window=window)
-    out = module._merge_heads(out, heads, d)
-    return module.resid_dropout(module.out_proj(out)), None
 
 
-def _bloom(module, ctx, hidden_states, residual, alibi=None, attention_mask=None, layer_past=None, **kwargs):
-    """BloomAttention: fused q/k/v, scores QK^T / sqrt(d) + ALiBi, the residual added inside the module."""
-    q, k, v = module._reshape(module.query_key_value(hidden_states))  # [B, H, L, d]
-    out = ctx.attend(
-        module.layer_idx,
-        q,
-        k,
-        v,
-        scaling=module.inv_norm_factor,
-        alibi=module.beta * _alibi_slopes(module, module.num_heads),
-    )
-    b, h, length, d = out.shape
-    context = out.transpose(1, 2).reshape(b, length, h * d)
-    if module.pretraining_tp > 1 and module.slow_but_exact:
-        step = module.hidden_size / module.pretraining_tp
-        output = torch.zeros_like(context)
-        for i in range(module.pretraining_tp):
-            cols = slice(int(i * step), int((i + 1) * step))
-            output = output + torch.nn.functional.linear(context[:, :, cols], module.dense.weight[:, cols])
+def _bloom(layer: _Layer, ctx, hidden_states, residual, *args, **kwargs):
+    """Scores QK^T / sqrt(d) + ALiBi; the residual is added inside the module; ``pretraining_tp`` slices summed
+    without the bias where the config asks for ``slow_but_exact``, as Bloom does."""
+    fused = layer.qkv[0](hidden_states).unflatten(-1, (layer.heads, 3, layer.head_dim)).transpose(1, 2)
+    q, k, v = fused.unbind(3)  # [B, H, L, d] each
+    out = _merge(ctx.attend(layer.index, q, k, v, scaling=layer.head_dim**-0.5, alibi=layer.extra["alibi"]))
+    tp = layer.extra["tp"]
+    if tp > 1:
+        step = out.shape[-1] / tp
+        cols = [slice(int(i * step), int((i + 1) * step)) for i in range(tp)]
+        return residual + sum(torch.nn.functional.linear(out[..., c], layer.out.weight[:, c]) for c in cols), None
+    return residual + layer.out(out), None
+
+
+def _falcon_layer(module, config, index) -> _Layer:
+    """FalconAttention, every variant, by its config: the new decoder architecture (grouped: per kv head its
+    queries, then its key and value), multi-query (all queries, one key, one value) or multi-head (per head q, k,
+    v); rotary (``apply_rotary_pos_emb``), or ALiBi (``build_alibi_tensor``) for Falcon-RW."""
+    hidden, heads = _cfg(config, "hidden_size", "num_attention_heads")
+    if getattr(config, "new_decoder_architecture", False):
+        kv, layout = _cfg(config, "num_kv_heads"), "grouped"
+    elif getattr(config, "multi_query", False):
+        kv, layout = 1, "multi_query"
     else:
-        output = module.dense(context)
-    output = torch.nn.functional.dropout(output, p=module.hidden_dropout, training=module.training)
-    return residual + output, None
-
-
-def _falcon(module, ctx, hidden_states, alibi=None, attention_mask=None, position_ids=None, layer_past=None,
-            use_cache=False, output_attentions=False, position_embeddings=None, **kwargs):  # fmt: skip
-    """FalconAttention, every variant: multi-query, grouped (new decoder architecture) or multi-head; rotary, or
-    ALiBi with H = (QK^T + slope * position) / sqrt(d) (Falcon-RW, as its SDPA path computes it)."""
-    q, k, v = module._split_heads(module.query_key_value(hidden_states))  # [B, L, heads, d]
-    b, length = q.shape[:2]
-    kv_heads = module.num_heads if module.new_decoder_architecture else module.num_kv_heads
-    q = q.transpose(1, 2).reshape(b, module.num_heads, length, module.head_dim)
-    k = k.transpose(1, 2).reshape(b, kv_heads, length, module.head_dim)
-    v = v.transpose(1, 2).reshape(b, kv_heads, length, module.head_dim)
-    slopes = None
-    if alibi is None:
-        cos, sin = position_embeddings
-        q, k = sys.modules[type(module).__module__].apply_rotary_pos_emb(q, k, cos, sin)
+        kv, layout = heads, "per_head"
+    d = hidden // heads
+    qkv = _linear(module, "query_key_value", (heads + 2 * kv) * d)
+    extra = {"layout": layout}
+    if getattr(config, "alibi", False):
+        extra["alibi"] = _slopes(_family_function(module, "build_alibi_tensor"), heads, _device(module)) * d**-0.5
     else:
-        slopes = _alibi_slopes(module, module.num_heads) * module.inv_norm_factor
-    out = ctx.attend(module.layer_idx, q, k, v, scaling=module.inv_norm_factor, alibi=slopes)
-    out = out.transpose(1, 2).reshape(b, length, module.num_heads * module.head_dim)
-    return module.dense(out), None
+        extra["rotary"] = _family_function(module, "apply_rotary_pos_emb")
+    return _Layer(index, heads, kv, d, (qkv,), _linear(module, "dense", hidden), extra)
 
 
-ADAPTERS: dict[str, Callable] = {
-    "GPTNeoSelfAttention": _gpt_neo,
-    "BloomAttention": _bloom,
-    "FalconAttention": _falcon,
+def _falcon(layer: _Layer, ctx, hidden_states, *args, position_embeddings=None, **kwargs):
+    """Scores QK^T / sqrt(d), plus slope * position / sqrt(d) with ALiBi (Falcon-RW, as its SDPA path)."""
+    fused = layer.qkv[0](hidden_states).unflatten(-1, (-1, layer.head_dim))  # [B, L, heads + 2 kv, d]
+    layout = layer.extra["layout"]
+    if layout == "grouped":
+        grouped = fused.unflatten(-2, (layer.kv_heads, -1))
+        q, k, v = grouped[..., :-2, :].flatten(-3, -2), grouped[..., -2, :], grouped[..., -1, :]
+    elif layout == "multi_query":
+        q, k, v = fused.split([layer.heads, 1, 1], dim=-2)
+    else:
+        q, k, v = fused.unflatten(-2, (layer.heads, 3)).unbind(-2)
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # [B, heads or kv, L, d]
+    if "rotary" in layer.extra:
+        if position_embeddings is None:
+            raise _Missing("the rotary position embeddings (position_embeddings) in the call")
+        q, k = layer.extra["rotary"](q, k, *position_embeddings)
+    out = ctx.attend(layer.index, q, k, v, scaling=layer.head_dim**-0.5, alibi=layer.extra.get("alibi"))
+    return layer.out(_merge(out)), None
+
+
+def _device(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+ADAPTERS: dict[str, tuple[Callable, Callable]] = {
+    "GPTNeoSelfAttention": (_gpt_neo_layer, _gpt_neo),
+    "BloomAttention": (_bloom_layer, _bloom),
+    "FalconAttention": (_falcon_layer, _falcon),
 }
-"""Attention module class name (or a base class's) -> adapter(module, ctx, *forward args)."""
+"""Attention module class name (or a base class's) -> (probe(module, text config, layer) -> _Layer,
+adapter(layer, ctx, *forward args))."""
 
 
-def _adapter_for(module: torch.nn.Module) -> Callable | None:
+def _adapter_for(module: torch.nn.Module) -> tuple[Callable, Callable] | None:
     return next((ADAPTERS[c.__name__] for c in type(module).__mro__ if c.__name__ in ADAPTERS), None)
 
 
-def _dispatch(module, adapter, own_forward, *args, **kwargs):
+def _dispatch(module, layer, adapter, own_forward, *args, **kwargs):
     ctx = active()
     if ctx is None:
         return own_forward(*args, **kwargs)
-    return adapter(module, ctx, *args, **kwargs)
+    try:
+        return adapter(layer, ctx, *args, **kwargs)
+    except (_Missing, AttributeError, TypeError) as err:  # the family's call changed shape: refuse, never crash
+        raise _refusal(module, f"{err}") from None
+
+
+def _refusal(module: torch.nn.Module, what: str) -> Exception:
+    from transformers import __version__
+
+    return UnsupportedModelError(
+        f"{type(module).__name__} (transformers {__version__}) lacks what AtMan's adapter for it reads: {what}"
+    )
 
 
 def install(model: torch.nn.Module) -> list[tuple[torch.nn.Module, Callable | None]]:
-    """Put adapters on every matching attention module of ``model``; returns what ``uninstall`` needs (empty when
-    no module matched: the model then goes through the attention interface)."""
+    """Put adapters on every matching attention module of ``model`` (the n-th such module is layer n); returns what
+    ``uninstall`` needs (empty when no module matched: the model then goes through the attention interface).
+
+    Each module is probed first: a config field, a projection of the expected shape or a family function that is
+    not there refuses the model (``UnsupportedModelError`` naming the class and what is missing), with nothing
+    installed."""
+    config = model.config.get_text_config()
+    found = [(m, pair) for m in model.modules() if (pair := _adapter_for(m)) is not None]
+    layers = []
+    for index, (module, (probe, _)) in enumerate(found):
+        try:
+            layers.append(probe(module, config, index))
+        except (_Missing, IndexError, TypeError) as err:
+            raise UnsupportedModelError(f"model: {type(model).__name__}: {_refusal(module, str(err))}") from None
     patched = []
-    for module in model.modules():
-        adapter = _adapter_for(module)
-        if adapter is not None:
-            patched.append((module, module.__dict__.get("forward")))  # an instance-level forward (accelerate hooks)
-            module.forward = functools.partial(_dispatch, module, adapter, module.forward)
+    for (module, (_, adapter)), layer in zip(found, layers, strict=True):
+        patched.append((module, module.__dict__.get("forward")))  # an instance-level forward (accelerate hooks)
+        module.forward = functools.partial(_dispatch, module, layer, adapter, module.forward)
     return patched
 
 
