@@ -168,6 +168,13 @@ def explain(
         fail(f"{'--image-grid' if image_grid is not None else '--overlay'}: needs --image")
     try:
         lm = load_model(model, dtype=dtype, device=device)
+        if image and lm.processor is None:
+            from pipeline.atman.images import FAMILIES
+
+            fail(
+                f"--image: {model!r} is a text-only model (it has no image processor); images need a "
+                f"vision-language model of a supported family ({', '.join(FAMILIES)}) given to --model"
+            )
         explainer = Explainer(lm, config)
         if image:
             from pipeline.atman.multimodal import load_images

@@ -136,7 +136,7 @@ class ExplainWorker:
                     **({"images": [image]} if image is not None else {}),  # image units: the config's image_grid
                 )
             except ValueError as err:  # the request itself is unexplainable: named by the engine
-                row.result = self._row(req, "skipped", str(err))
+                row.result = self._row(req, "skipped", _name_image(req, str(err)))
                 continue
             except Exception as err:  # noqa: BLE001 - a row never takes the batch down
                 row.result = self._row(req, "error", _message(err))
@@ -164,8 +164,7 @@ class ExplainWorker:
         try:
             return load_images([data])[0]
         except ValueError as err:
-            where = ref or "the inline image"
-            raise ValueError(f"image: {where}: {str(err).removeprefix('images[0]: ')}") from None
+            raise ValueError(_name_image(req, str(err))) from None
 
     def _explain(self, group: list[_Row], batch_size: int) -> None:
         import torch
@@ -263,6 +262,14 @@ class ExplainWorker:
                     image_scores=e.image_scores.tolist(),
                 )
         return row
+
+
+def _name_image(req: dict, message: str) -> str:
+    """The engine names a row's image ``images[0]``; the row's message names it as the job does (its path, or the
+    inline image)."""
+    if not message.startswith("images[0]: "):
+        return message
+    return f"image: {req.get('image_ref') or 'the inline image'}: {message.removeprefix('images[0]: ')}"
 
 
 def _message(err: BaseException) -> str:

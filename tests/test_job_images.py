@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
+from bad_images import png_header, thin_png
 from browser import browser  # noqa: F401 - fixture
 from PIL import Image
 from seaweed import s3_bucket, s3_server  # noqa: F401 - fixtures
@@ -41,6 +42,8 @@ def image_run(tmp_path_factory, tokenizer, ray_cluster):
     picture((255, 0, 0)).save(data / "red.png")
     picture((0, 0, 255)).save(tmp / "blue.png")
     (data / "bad.png").write_text("not an image")
+    (data / "bomb.png").write_bytes(png_header(60_000, 60_000))
+    (data / "thin.png").write_bytes(thin_png())
     rows = [
         {"id": "rel", "prompt": PROMPT, "target": " red", "image": "red.png"},
         {"id": "abs", "prompt": PROMPT, "target": " blue", "image": str(tmp / "blue.png")},
@@ -49,6 +52,8 @@ def image_run(tmp_path_factory, tokenizer, ray_cluster):
         {"id": "missing", "prompt": PROMPT, "target": " red", "image": "nope.png"},
         {"id": "notimage", "prompt": PROMPT, "target": " red", "image": "bad.png"},
         {"id": "number", "prompt": PROMPT, "target": " red", "image": 42},
+        {"id": "bomb", "prompt": PROMPT, "target": " red", "image": "bomb.png"},
+        {"id": "thin", "prompt": PROMPT, "target": " red", "image": "thin.png"},
     ]
     (data / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     png = io.BytesIO()
@@ -73,7 +78,7 @@ def image_run(tmp_path_factory, tokenizer, ray_cluster):
 
 def test_rows_and_statuses(image_run):
     _, summary, rows, _, data, tmp = image_run
-    assert set(rows) == {"rel", "abs", "text", "gen", "missing", "notimage", "number", "bytes", "junk"}
+    assert set(rows) == {"rel", "abs", "text", "gen", "missing", "notimage", "number", "bytes", "junk", "bomb", "thin"}
     status = {k: (r["status"], r["error"]) for k, r in rows.items()}
     for ok in ("rel", "abs", "text", "gen", "bytes"):
         assert status[ok] == ("ok", None), (ok, status[ok])
@@ -82,7 +87,11 @@ def test_rows_and_statuses(image_run):
         status["notimage"][0] == "skipped" and f"image: {data}/bad.png: not a readable image" in status["notimage"][1]
     )
     assert status["number"] == ("skipped", "image: must be a path, an s3:// URI or bytes, got int 42")
-    assert status["junk"][0] == "skipped" and "image: the inline image: not a readable image" in status["junk"][1]
+    assert status["junk"] == ("skipped", "image: the inline image: not a readable image (no image format Pillow knows)")
+    assert status["bomb"] == ("skipped", f"image: {data}/bomb.png: 3,600,000,000 pixels is over 50,000,000 pixels")
+    assert status["thin"][0] == "skipped" and status["thin"][1].startswith(
+        f"image: {data}/thin.png: 1x100000: the model's processor would make it 32x3200000, over"
+    )
     assert rows["rel"]["image"] == f"{data}/red.png" and rows["abs"]["image"] == str(tmp / "blue.png")
     assert rows["bytes"]["image"] == "<bytes>" and rows["text"]["image"] is None
     for key in ("rel", "abs", "gen", "bytes"):

@@ -80,3 +80,23 @@ def test_refusals(vlm_dir, picture_file, tmp_path):
     out = atman("--model", str(vlm_dir), "--image", str(picture_file), "--prompt", PROMPT, "--target", TARGET,
                 "--image-grid", "0x3")  # fmt: skip
     assert out.returncode == 2 and "image_grid: '0x3' needs at least one row and one column" in out.stderr
+
+
+def test_bad_images_and_text_models_are_one_line(vlm_dir, tmp_path):
+    """Issue 25: a decompression bomb, an extreme shape and a text-only model each exit 2 with one line that names
+    the problem (no traceback, no Pillow warning); a text-only model says which models take images."""
+    from bad_images import png_header, thin_png
+
+    (tmp_path / "bomb.png").write_bytes(png_header(60_000, 60_000))
+    (tmp_path / "thin.png").write_bytes(thin_png())
+    expected = {
+        "bomb.png": f"images[0]: {tmp_path}/bomb.png: 3,600,000,000 pixels is over 50,000,000 pixels",
+        "thin.png": "images[0]: 1x100000: the model's processor would make it 32x3200000, over 16,000,000 pixels",
+    }
+    for name, message in expected.items():
+        out = atman("--model", str(vlm_dir), "--image", str(tmp_path / name), "--prompt", PROMPT, "--target", TARGET)
+        assert out.returncode == 2 and message in out.stderr, out.stderr[-2000:]
+        assert out.stderr.strip().count("\n") == 0 and "Traceback" not in out.stderr and "Warning" not in out.stderr
+    out = atman("--image", str(tmp_path / "thin.png"), "--prompt", PROMPT, "--target", TARGET)  # the default model
+    assert out.returncode == 2 and out.stderr.strip().count("\n") == 0, out.stderr[-2000:]
+    assert "--image: 'smollm2-135m-instruct' is a text-only model" in out.stderr and "llava, qwen2_vl" in out.stderr

@@ -142,7 +142,7 @@ def test_refusals(vlm, picture, tmp_path, tokenizer):
     with pytest.raises(ValueError, match=r"^images\[0\]: .*missing.png does not exist"):
         explainer.explain(PROMPT, TARGET, images=[tmp_path / "missing.png"])
     (tmp_path / "bad.png").write_bytes(b"not an image")
-    with pytest.raises(ValueError, match=r"^images\[0\]: not a readable image"):
+    with pytest.raises(ValueError, match=r"^images\[0\]: .*bad.png: not a readable image"):
         explainer.explain(PROMPT, TARGET, images=[str(tmp_path / "bad.png")])
     with pytest.raises(ValueError, match=r"^image_grid: 'eight' is not ROWSxCOLS"):
         explainer.explain(PROMPT, TARGET, images=[picture], image_grid="eight")
@@ -154,7 +154,7 @@ def test_refusals(vlm, picture, tmp_path, tokenizer):
     text_only.chat_template = tokenizer.chat_template  # SmolLM2's: it joins string contents, not image parts
     with pytest.raises(ValueError, match=r"^chat: the processor's chat template cannot lay out images"):
         Explainer(model, text_only).explain(PROMPT, TARGET, images=[picture], chat=True)
-    with pytest.raises(ValueError, match=r"^images: this explainer has a tokenizer, not the model's processor"):
+    with pytest.raises(ValueError, match=r"^images: LlavaForConditionalGeneration came with a tokenizer, not an image"):
         Explainer(model, processor.tokenizer).explain(PROMPT, TARGET, images=[picture])
 
 

@@ -29,6 +29,17 @@ _TEXT = dict(
 _VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32)
 
 
+IMAGE_PROCESSORS = {
+    "llava": lambda: tf.CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+    "idefics3": lambda: tf.Idefics3ImageProcessorPil(size={"longest_edge": 64}, max_image_size={"longest_edge": 32}),
+    "qwen2_vl": lambda: tf.Qwen2VLImageProcessorPil(
+        patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=16 * 16, max_pixels=32 * 32
+    ),
+    "gemma3": lambda: tf.Gemma3ImageProcessorPil(size={"height": 32, "width": 32}),
+}
+"""Each family's real image processor, sized for the tiny vision towers (the processors below use these)."""
+
+
 def _ids(*parts) -> torch.Tensor:
     out = []
     for part in parts:
@@ -55,7 +66,7 @@ def llava_processor(tokenizer):
     tokenizer = copy.deepcopy(tokenizer)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
     tokenizer.chat_template = None  # SmolLM2's template is text-only; a base VLM without one
-    image_processor = tf.CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    image_processor = IMAGE_PROCESSORS["llava"]()
     return tf.LlavaProcessor(  # CLIP adds a class token (num_additional_image_tokens), the default strategy drops it
         image_processor,
         tokenizer,
@@ -87,7 +98,7 @@ def idefics3_processor(tokenizer):
     longer edge, 4 tokens per tile and for the global view."""
     import copy
 
-    image_processor = tf.Idefics3ImageProcessorPil(size={"longest_edge": 64}, max_image_size={"longest_edge": 32})
+    image_processor = IMAGE_PROCESSORS["idefics3"]()
     return tf.Idefics3Processor(image_processor=image_processor, tokenizer=copy.deepcopy(tokenizer), image_seq_len=4)
 
 
@@ -113,9 +124,7 @@ def qwen_processor(tokenizer, workdir):
             self.image_token, self.video_token = tokenizer.image_token, tokenizer.video_token
             self.image_token_id, self.video_token_id = tokenizer.image_token_id, tokenizer.video_token_id
 
-    image_processor = tf.Qwen2VLImageProcessorPil(
-        patch_size=4, merge_size=2, temporal_patch_size=2, min_pixels=16 * 16, max_pixels=32 * 32
-    )
+    image_processor = IMAGE_PROCESSORS["qwen2_vl"]()
     return ImageOnlyQwen2VLProcessor(image_processor, tokenizer)
 
 
@@ -162,7 +171,7 @@ def gemma3_processor(tokenizer, workdir):
     tokenizer.save_pretrained(workdir)
     extra = {"boi_token": "<start_of_image>", "image_token": "<image_soft_token>", "eoi_token": "<end_of_image>"}
     tokenizer = tf.AutoTokenizer.from_pretrained(workdir, extra_special_tokens=extra)
-    image_processor = tf.Gemma3ImageProcessorPil(size={"height": 32, "width": 32})
+    image_processor = IMAGE_PROCESSORS["gemma3"]()
     return tf.Gemma3Processor(image_processor=image_processor, tokenizer=tokenizer, image_seq_length=4)
 
 

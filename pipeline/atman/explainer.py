@@ -232,9 +232,12 @@ class Explainer:
 
         cfg = self.config
         if self.processor is None:
+            from pipeline.atman.images import FAMILIES
+
             raise ValueError(
-                "images: this explainer has a tokenizer, not the model's processor; pass it: "
-                "Explainer(model, AutoProcessor.from_pretrained(name))"
+                f"images: {type(self.model).__name__} came with a tokenizer, not an image processor, so it takes "
+                f"text only here; images need a vision-language model of a supported family ({', '.join(FAMILIES)}) "
+                "with its processor (load_model does this; or Explainer(model, AutoProcessor.from_pretrained(name)))"
             )
         _check_image_config(cfg)
         grid = _image_grid(image_grid if image_grid is not None else cfg.image_grid)

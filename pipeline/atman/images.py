@@ -133,10 +133,44 @@ def token_patches(
                      cols[0][i] if isinstance(cols[0], list) else cols[i], model, image_processor)
             for i, size in enumerate(sizes)
         ]  # fmt: skip
-    raise _refuse(
-        f"model: {type(model).__name__} ({kind}): its image tokens are not mapped to boxes; supported: "
-        f"{', '.join(FAMILIES)}"
+    raise _unsupported(model)
+
+
+def _unsupported(model) -> Exception:
+    return _refuse(
+        f"model: {type(model).__name__} ({model.config.model_type}): its image tokens are not mapped to boxes; "
+        f"supported: {', '.join(FAMILIES)}"
     )
+
+
+MAX_PROCESSED_PIXELS = 16_000_000
+"""The most pixels one image may become inside the model's processor (a 4,000 x 4,000 image; 192 MB as float32
+RGB). A shortest-edge resize (LLaVA's CLIP processor) makes a thin image huge before its centre crop: 1 x 100,000
+becomes 336 x 33,600,000."""
+
+
+def processed_size(model, image_processor, size: tuple[int, int]) -> tuple[int, int]:
+    """The largest (width, height) the model's processor makes of an image of ``size`` on its way to the model,
+    computed from the processor's settings per family (``FAMILIES``), before the processor runs: a ValueError when
+    that is over ``MAX_PROCESSED_PIXELS`` or a shape the processor refuses; ``UnsupportedModelError`` for a family
+    whose geometry is not known (the processor is never handed an image this module cannot bound)."""
+    kind = model.config.model_type
+    width, height = size
+    if kind not in FAMILIES:
+        raise _unsupported(model)
+    if kind in ("qwen2_vl", "qwen2_5_vl") and max(size) > 200 * min(size):
+        raise ValueError(f"{width}x{height}: Qwen2-VL's processor takes aspect ratios under 200:1")
+    out = size
+    if kind == "llava" and image_processor.do_resize:
+        short = _value(image_processor.size, "shortest_edge")
+        scale = short / min(size)
+        out = (short, int(height * scale)) if width <= height else (int(width * scale), short)
+    if out[0] * out[1] > MAX_PROCESSED_PIXELS:
+        raise ValueError(
+            f"{width}x{height}: the model's processor would make it {out[0]}x{out[1]}, over "
+            f"{MAX_PROCESSED_PIXELS:,} pixels; crop or pad it to a less extreme shape"
+        )
+    return out
 
 
 def _llava(image: int, size: tuple[int, int], model, ip) -> list[ImagePatch]:

@@ -16,11 +16,15 @@ the prompt) is refused. Image units: the tokens equal to the model's image token
 from __future__ import annotations
 
 import io
+import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from pipeline.atman.attention import UnsupportedModelError
+from pipeline.atman.images import processed_size
 from pipeline.atman.prompts import PreparedPrompt, chat_decision
 from pipeline.atman.units import Span
 
@@ -48,15 +52,29 @@ def is_processor(obj) -> bool:
 
 
 def load_images(images) -> list:
-    """PIL images (RGB) from PIL images, paths or bytes; ValueError naming ``images`` and the bad item otherwise."""
-    from PIL import Image, UnidentifiedImageError
-
+    """RGB PIL images from PIL images, paths or bytes, converted exactly as transformers' image processors convert
+    them (``convert_to_rgb``: transparency composited onto white, every other mode to RGB), so the explained image
+    is the one the model sees. A ValueError naming ``images[i]`` (and the path) for anything that is not a readable
+    image of at most ``MAX_PIXELS`` pixels: one line, the same on every run."""
     if images is None or isinstance(images, (str, bytes, Path)) or not hasattr(images, "__iter__"):
         images = [images]
-    out = []
-    for i, image in enumerate(images):
-        what = f"images[{i}]"
-        try:
+    out = [_load_one(image, f"images[{i}]") for i, image in enumerate(images)]
+    if not out:
+        raise ValueError("images: an empty list; leave images out to explain text only")
+    return out
+
+
+def _load_one(image, what: str):
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
+    from transformers.image_transforms import convert_to_rgb
+
+    if isinstance(image, (str, Path)):
+        what = f"{what}: {image}"
+    try:
+        with warnings.catch_warnings():  # Pillow's bomb warning (89-179 MP): refused below with our own line
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             if isinstance(image, Image.Image):
                 pil = image
             elif isinstance(image, (str, Path)):
@@ -67,14 +85,25 @@ def load_images(images) -> list:
                 raise ValueError(f"{what}: expected a PIL image, a path or bytes, got {type(image).__name__}")
             if pil.width * pil.height > MAX_PIXELS:
                 raise ValueError(f"{what}: {pil.width}x{pil.height} is over {MAX_PIXELS:,} pixels")
-            out.append(pil.convert("RGB"))
-        except FileNotFoundError:
-            raise ValueError(f"{what}: {image} does not exist") from None
-        except (UnidentifiedImageError, OSError) as err:
-            raise ValueError(f"{what}: not a readable image ({type(err).__name__}: {err})") from None
-    if not out:
-        raise ValueError("images: an empty list; leave images out to explain text only")
-    return out
+            return Image.fromarray(convert_to_rgb(pil, return_numpy=True))
+    except FileNotFoundError:
+        raise ValueError(f"{what} does not exist") from None
+    except Image.DecompressionBombError as err:  # a header claiming over ~179 MP: Pillow refuses to open it
+        pixels = re.search(r"\((\d+) pixels\)", str(err))
+        size = f"{int(pixels.group(1)):,} pixels" if pixels else "its size"
+        raise ValueError(f"{what}: {size} is over {MAX_PIXELS:,} pixels") from None
+    except UnidentifiedImageError:
+        raise ValueError(f"{what}: not a readable image (no image format Pillow knows)") from None
+    except (OSError, SyntaxError, struct.error, ValueError) as err:
+        if isinstance(err, ValueError) and str(err).startswith(what):
+            raise
+        raise ValueError(f"{what}: not a readable image ({type(err).__name__}: {_plain(err)})") from None
+
+
+def _plain(err: Exception) -> str:
+    """An error's text without object addresses (``<_io.BytesIO object at 0x7f...>``), so one bad image reads the
+    same on every run (a nightly diff compares messages)."""
+    return re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "the image", str(err))
 
 
 def image_token_id(model) -> int:
@@ -110,6 +139,13 @@ def prepare_with_images(processor, model, prompt: str, images: list, chat: bool 
     offset = text.rfind(prompt)
     if offset < 0:
         raise ValueError("chat: the chat template rewrites the prompt text, so units cannot be located; use chat=False")
+    for i, image in enumerate(images):  # bounded before the processor allocates anything
+        try:
+            processed_size(model, processor.image_processor, image.size)
+        except UnsupportedModelError:  # the model, not this image
+            raise
+        except ValueError as err:
+            raise ValueError(f"images[{i}]: {err}") from None
     enc = processor(text=[text], images=[images] if tiles else images, return_tensors="pt")
     ids = enc["input_ids"][0]
     tok = processor.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
