@@ -184,6 +184,11 @@ def test_dockerfile():
     assert not any(w in dockerfile.read_text() for w in (".safetensors", ".gguf", "snapshot_download")), "no weights"
     ignore = (INFRA / "Dockerfile.dockerignore").read_text().splitlines()
     assert ignore[1] == "*" and "!pipeline/" in ignore
+    text = dockerfile.read_text()
+    assert "--require-hashes -r infra/lock/requirements.txt" in text and "!infra/lock/requirements.txt" in ignore, (
+        "the image installs the locked versions the suite passed on"
+    )
+    assert "pip install --no-cache-dir --no-deps --no-build-isolation ." in text, "the package adds no other versions"
 
 
 # --- the test setup itself -------------------------------------------------------------------------------------------
