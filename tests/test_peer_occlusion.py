@@ -97,12 +97,13 @@ def test_overlapping_units_are_refused(case):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)  # ~180 passes of ~160 tokens plus the metrics: past 600 s on a busy 2-core host
+@pytest.mark.timeout(1200)  # ~90 passes of ~160 tokens plus the metrics: minutes on a busy 2-core host
 def test_eval_on_the_real_model(real_lm):
-    """`atman eval squad --methods occlusion,random` on two bundled examples: occlusion beats random on mAP (with
-    Captum's default id 0, <|endoftext|> here, it did not: AP 0.4 and 0.7 against a 1.1 % answer share)."""
-    result = evaluate(real_lm, load_squad(str(SQUAD_DEV), limit=2), ["occlusion", "random"])
-    assert result["n"] == 2 and set(result["methods"]) == {"occlusion", "random"}
+    """`atman eval squad --methods occlusion,random` on the first bundled example: occlusion beats random on mAP
+    (with Captum's default id 0, <|endoftext|> here, it did not: AP 0.4 against a 1.1 % answer share). One example,
+    not two: the suite's time budget (issue 25); the records of every example are in bench/eval/."""
+    result = evaluate(real_lm, load_squad(str(SQUAD_DEV), limit=1), ["occlusion", "random"])
+    assert result["n"] == 1 and set(result["methods"]) == {"occlusion", "random"}
     for example in result["examples"]:
         m = example["methods"]["occlusion"]
         assert 0 <= m["AP"] <= 100 and 0 <= m["AR"] <= 100 and m["seconds"] > 0
