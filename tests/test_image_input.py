@@ -123,3 +123,26 @@ def test_a_thin_image_is_refused_before_the_processor_makes_it_huge(tokenizer):
     expected = rf"^images\[0\]: 1x100000: the model's processor would make it 32x3200000, over {MAX_PROCESSED_PIXELS:,}"
     with pytest.raises(ValueError, match=expected):
         Explainer(model, processor).explain("What is shown?", " red", images=[thin], chat=False)
+
+
+@pytest.mark.parametrize("family", IMAGE_PROCESSORS)
+def test_the_processed_size_guard_refuses_only_what_the_processor_would_blow_up(family):
+    """A 20 MP photograph passes for every family (their processors shrink it); only LLaVA's shortest-edge resize
+    blows a thin strip up, and only Qwen2-VL's processor refuses aspect ratios past 200:1."""
+    from types import SimpleNamespace
+
+    from pipeline.atman.images import check_processed_size
+
+    model = SimpleNamespace(config=SimpleNamespace(model_type=family))
+    ip = IMAGE_PROCESSORS[family]()
+    check_processed_size(model, ip, (5_000, 4_000))
+    check_processed_size(model, ip, (200, 1))
+    if family == "llava":  # 32 px shortest edge: 1 x 15,625 becomes 32 x 500,000, 16,000,000 pixels
+        check_processed_size(model, ip, (1, 15_625))
+        with pytest.raises(ValueError, match=r"^1x15626: the model's processor would make it 32x500032, over"):
+            check_processed_size(model, ip, (1, 15_626))
+    elif family == "qwen2_vl":
+        with pytest.raises(ValueError, match=r"^201x1: Qwen2-VL's processor takes aspect ratios up to 200:1$"):
+            check_processed_size(model, ip, (201, 1))
+    else:
+        check_processed_size(model, ip, (1, 100_000))

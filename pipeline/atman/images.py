@@ -149,28 +149,32 @@ RGB). A shortest-edge resize (LLaVA's CLIP processor) makes a thin image huge be
 becomes 336 x 33,600,000."""
 
 
-def processed_size(model, image_processor, size: tuple[int, int]) -> tuple[int, int]:
-    """The largest (width, height) the model's processor makes of an image of ``size`` on its way to the model,
-    computed from the processor's settings per family (``FAMILIES``), before the processor runs: a ValueError when
-    that is over ``MAX_PROCESSED_PIXELS`` or a shape the processor refuses; ``UnsupportedModelError`` for a family
-    whose geometry is not known (the processor is never handed an image this module cannot bound)."""
+def check_processed_size(model, image_processor, size: tuple[int, int]) -> None:
+    """Refuse an image of ``size`` that the model's processor would blow up, from the processor's settings and
+    before it runs: a ValueError naming the size when LLaVA's shortest-edge resize would make it over
+    ``MAX_PROCESSED_PIXELS`` or when Qwen2-VL's processor would refuse its aspect ratio (over 200:1);
+    ``UnsupportedModelError`` for a family whose geometry is not known. The other families' processors only
+    shrink an image to a size of their own (Qwen2-VL's ``max_pixels``, Gemma 3's fixed size, Idefics3's longest
+    edge), so the image as loaded (at most ``multimodal.MAX_PIXELS``) is the most they hold."""
     kind = model.config.model_type
     width, height = size
     if kind not in FAMILIES:
         raise _unsupported(model)
     if kind in ("qwen2_vl", "qwen2_5_vl") and max(size) > 200 * min(size):
-        raise ValueError(f"{width}x{height}: Qwen2-VL's processor takes aspect ratios under 200:1")
-    out = size
+        raise ValueError(f"{width}x{height}: Qwen2-VL's processor takes aspect ratios up to 200:1")
     if kind == "llava" and image_processor.do_resize:
-        short = _value(image_processor.size, "shortest_edge")
-        scale = short / min(size)
-        out = (short, int(height * scale)) if width <= height else (int(width * scale), short)
-    if out[0] * out[1] > MAX_PROCESSED_PIXELS:
-        raise ValueError(
-            f"{width}x{height}: the model's processor would make it {out[0]}x{out[1]}, over "
-            f"{MAX_PROCESSED_PIXELS:,} pixels; crop or pad it to a less extreme shape"
-        )
-    return out
+        w, h = _shortest_edge(image_processor, width, height)
+        if w * h > MAX_PROCESSED_PIXELS:
+            raise ValueError(
+                f"{width}x{height}: the model's processor would make it {w}x{h}, over {MAX_PROCESSED_PIXELS:,} "
+                "pixels; crop or pad it to a less extreme shape"
+            )
+
+
+def _shortest_edge(ip, width: int, height: int) -> tuple[int, int]:
+    """CLIP's resize: the shorter edge to ``size["shortest_edge"]``, the longer one scaled and truncated to an int."""
+    short = _value(ip.size, "shortest_edge")
+    return (short, int(short * height / width)) if width <= height else (int(short * width / height), short)
 
 
 def _llava(image: int, size: tuple[int, int], model, ip) -> list[ImagePatch]:
@@ -179,11 +183,7 @@ def _llava(image: int, size: tuple[int, int], model, ip) -> list[ImagePatch]:
         raise _refuse("image: LLaVA's 'full' feature strategy adds a class token without a box")
     new_w, new_h = float(width), float(height)
     if ip.do_resize:
-        short = _value(ip.size, "shortest_edge")
-        if width <= height:
-            new_w, new_h = short, int(short * height / width)
-        else:
-            new_w, new_h = int(short * width / height), short
+        new_w, new_h = _shortest_edge(ip, width, height)
     left = top = 0
     crop_w, crop_h = new_w, new_h
     if ip.do_center_crop:

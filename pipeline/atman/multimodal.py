@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from pipeline.atman.attention import UnsupportedModelError
-from pipeline.atman.images import processed_size
+from pipeline.atman.images import check_processed_size
 from pipeline.atman.prompts import PreparedPrompt, chat_decision
 from pipeline.atman.units import Span
 
@@ -141,7 +141,7 @@ def prepare_with_images(processor, model, prompt: str, images: list, chat: bool 
         raise ValueError("chat: the chat template rewrites the prompt text, so units cannot be located; use chat=False")
     for i, image in enumerate(images):  # bounded before the processor allocates anything
         try:
-            processed_size(model, processor.image_processor, image.size)
+            check_processed_size(model, processor.image_processor, image.size)
         except UnsupportedModelError:  # the model, not this image
             raise
         except ValueError as err:
