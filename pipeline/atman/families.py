@@ -202,7 +202,7 @@ def _dispatch(module, layer, adapter, own_forward, *args, **kwargs):
     try:
         return adapter(layer, ctx, *args, **kwargs)
     except (_Missing, AttributeError, TypeError) as err:  # the family's call changed shape: refuse, never crash
-        raise _refusal(module, f"{err}") from None
+        raise _refusal(module, str(err)) from None
 
 
 def _refusal(module: torch.nn.Module, what: str) -> Exception:
