@@ -109,13 +109,19 @@ def diff_runs(root: str, base: Run, new: Run, thresholds: AuditSpec | None = Non
 
 
 def _config_changes(fs, base: Run, new: Run) -> list[str]:
-    a, b = base.manifest(fs).get("config", {}), new.manifest(fs).get("config", {})
+    base_manifest, new_manifest = base.manifest(fs), new.manifest(fs)
+    a, b = base_manifest.get("config", {}), new_manifest.get("config", {})
     changes = []
     for section in ("model", "method"):
         for key in sorted(set(a.get(section, {})) | set(b.get(section, {}))):
             old, now = a.get(section, {}).get(key), b.get(section, {}).get(key)
             if old != now:
                 changes.append(f"{section}.{key}: {old!r} -> {now!r}")
+    for key in ("precision", "dtype", "attention_kernel"):  # as the actors resolved it: auto differs by device
+        old, now = (sorted({c.get(key) for c in m.get("compute", [])}) for m in (base_manifest, new_manifest))
+        if old and now and old != now:
+            was, became = "/".join(map(str, old)), "/".join(map(str, now))
+            changes.append(f"compute.{key}: {was} -> {became} (the method changed)")
     return changes
 
 

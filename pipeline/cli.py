@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 
-from pipeline.atman.config import MODES, Aggregate, AtManConfig, Granularity, Mode, Postprocess
+from pipeline.atman.config import MODES, Aggregate, AtManConfig, Granularity, Mode, Postprocess, Precision
 from pipeline.data import BOXES, SQUAD_DEV
 from pipeline.eval_methods import DEFAULT_METHODS, GRAMMAR
 from pipeline.jobspec import AuditSpec
@@ -90,6 +90,12 @@ def _span(value: str | None) -> tuple[int, int] | None:
     return start, end
 
 
+_DTYPE = typer.Option(
+    help="How the weights are stored: auto = bfloat16 on GPU, float32 on CPU. How the sweep computes on them is "
+    "--precision (auto keeps the scores float32-grade on bf16 weights)."
+)
+
+
 @app.command()
 def explain(
     prompt: Annotated[str, typer.Option(help="The prompt text.")],
@@ -121,13 +127,8 @@ def explain(
             help="Wrap in the chat template / raw text (default: the template when the prompt ends in '?').",
         ),
     ] = None,
-    dtype: Annotated[
-        DType,
-        typer.Option(
-            help="Weights' dtype: auto = bfloat16 on GPU, float32 on CPU. 16-bit types add rounding "
-            "noise to the scores (a LowPrecisionWarning says how much): float32 for scores you compare or audit.",
-        ),
-    ] = "auto",
+    dtype: Annotated[DType, _DTYPE] = "auto",
+    precision: Annotated[Precision, _method_option("precision")] = ENGINE.precision,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     image: Annotated[
@@ -146,7 +147,7 @@ def explain(
     _quiet_libraries()
     try:
         if preset == "paper":
-            config = AtManConfig.paper(granularity=granularity, delimiter=delimiter)
+            config = AtManConfig.paper(granularity=granularity, delimiter=delimiter, precision=precision)
         else:
             config = AtManConfig(
                 mode=mode,
@@ -157,6 +158,7 @@ def explain(
                 aggregate=aggregate,
                 postprocess=postprocess,
                 normalize=normalize,
+                precision=precision,
             )
     except ValidationError as error:
         fail(describe(error))
@@ -228,13 +230,17 @@ def run(
     ] = "local",
     retry_errors: Annotated[bool, typer.Option(help="Explain again the rows of this run that ended in error.")] = False,
     preview: Annotated[int, typer.Option(help="Print the top units of the first N explained prompts.")] = 0,
+    precision: Annotated[
+        Precision | None, typer.Option(help="Sets the spec's method.precision (same as --set method.precision=...).")
+    ] = None,
 ) -> None:
     """Run a job: explain every prompt of its input and write Parquet (resumable with --run-id)."""
     from pipeline.jobspec import JobSpecError, load_job
 
     _quiet_libraries()
+    overrides = [*(set_ or []), *([f"method.precision={precision}"] if precision else [])]
     try:
-        spec = load_job(job, set_ or [])
+        spec = load_job(job, overrides)
     except JobSpecError as error:
         fail(str(error))
     if address not in ("local", "inline", "auto") and not address.startswith("ray://"):
@@ -604,11 +610,11 @@ def _grid_value(option: str, text: str, parse, field: str):
     return value
 
 
-def _eval_model(model: str):
+def _eval_model(model: str, dtype: str = "auto"):
     from pipeline import load_model
 
     try:
-        return load_model(model)
+        return load_model(model, dtype=dtype)
     except ValueError as error:
         fail(str(error))
 
@@ -677,6 +683,8 @@ def eval_squad(
     as_json: Annotated[bool, typer.Option("--json", help="Print the JSON result (DESIGN.md shape).")] = False,
     out: Annotated[str | None, typer.Option(help="Also write the JSON result to this file.")] = None,
     records: Annotated[str | None, _RECORDS] = None,
+    dtype: Annotated[DType, _DTYPE] = "auto",
+    precision: Annotated[Precision, _method_option("precision")] = ENGINE.precision,
 ) -> None:
     """SQuAD plausibility (mAP / mAR, means and interquartile means, 0-100) and deletion AOPC per method."""
     from pipeline.eval_methods import parse_methods
@@ -688,10 +696,15 @@ def eval_squad(
         examples = load_squad(data, limit, sample)
     except (ValueError, FileNotFoundError) as error:
         fail(str(error))
-    lm = _eval_model(model)
-    result = _with_progress(
-        len(examples), lambda tick: evaluate(lm, examples, names, granularity, on_example=tick, records=records)
-    )
+    lm = _eval_model(model, dtype)
+    try:
+        result = _with_progress(
+            len(examples),
+            lambda tick: evaluate(lm, examples, names, granularity, on_example=tick, records=records,
+                                  precision=precision),
+        )  # fmt: skip
+    except ValueError as error:  # e.g. a precision the weights' dtype cannot take
+        fail(str(error))
     if _emit(result, out, as_json):
         return
     _print_metrics(

@@ -123,11 +123,12 @@ def read_examples(path, parse: Callable[[dict], object], kind: str, limit: int |
 class SquadEval:
     """Runs the methods on examples with one loaded model; every method sees the same units."""
 
-    def __init__(self, lm, granularity: str = UNITS, seed: int = 0) -> None:
+    def __init__(self, lm, granularity: str = UNITS, seed: int = 0, precision: str = "auto") -> None:
         self.lm = lm
         self.granularity = granularity
         self.seed = seed
-        self.base = Explainer(lm, AtManConfig(granularity=granularity))
+        self.precision = precision
+        self.base = Explainer(lm, AtManConfig(granularity=granularity, precision=precision))
         self._explainers: dict[AtManConfig, Explainer] = {}
         self._removal_base: tuple[Planned | None, float] = (None, 0.0)
         self.chat = bool(getattr(lm.tokenizer, "chat_template", None))
@@ -170,7 +171,9 @@ class SquadEval:
         return unit_sums(token_scores, planned.units)
 
     def explainer(self, cfg: AtManConfig) -> Explainer:
-        """One Explainer per config for the whole evaluation: its support probe runs once, not per example."""
+        """One Explainer per config for the whole evaluation: its support probe runs once, not per example. Every
+        config computes under the evaluation's precision."""
+        cfg = cfg.model_copy(update={"precision": self.precision})
         if cfg not in self._explainers:
             self._explainers[cfg] = Explainer(self.lm, cfg)
         return self._explainers[cfg]
@@ -295,21 +298,26 @@ def average_recall(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def evaluate(lm, examples: list[Example], methods: list[str], granularity: str = UNITS, seed: int = 0,
-             on_example: Callable[[int, int], None] | None = None, records: str | None = None) -> dict:  # fmt: skip
+             on_example: Callable[[int, int], None] | None = None, records: str | None = None,
+             precision: str = "auto") -> dict:  # fmt: skip
     """The DESIGN.md JSON shape: n, model, methods {name: metrics}, examples [...].
 
     ``records``: a JSONL file that keeps every finished example (one line each, written when it finishes), so a
     run of hours that stops can go on where it stopped: an example already there with this model and units is not
     recomputed, only the methods it lacks run (a later line for the same id replaces an earlier one). A file from
     another model or other units is refused (``ValueError`` naming ``records``)."""
-    ev = SquadEval(lm, granularity, seed)
+    ev = SquadEval(lm, granularity, seed, precision)
     header = {"model": lm.model_id, "granularity": granularity}
+    if precision != "auto":  # records of another precision are other numbers
+        header["precision"] = precision
     per_example = run_examples(ev, examples, methods, ev.scores, records, header, seed, on_example)
     results = method_results(per_example, methods)
     return {
         "n": len(examples),
         "model": lm.model_id,
         "granularity": granularity,
+        "dtype": str(ev.base.dtype).removeprefix("torch."),
+        "precision": ev.base.config.precision,  # as resolved on this machine
         "answer_share": float(np.mean([r["n_answer_units"] / max(r["n_units"], 1) for r in per_example])),
         "methods": {m: results[m].summary() for m in methods},
         "differences": map_differences(results, seed),

@@ -567,6 +567,13 @@ def _scratch_dir(spec: JobSpec, run_id: str) -> str:
 # --- publishing ----------------------------------------------------------------------------------------------------
 
 
+def compute_of(progress: dict[int, dict]) -> list[dict]:
+    """How the run's actors computed (device, dtype, resolved precision), each distinct setting once, from the
+    shards' markers; a shard written by an older version without the record is left out."""
+    seen = {json.dumps(r["compute"], sort_keys=True) for r in progress.values() if r.get("compute")}
+    return [json.loads(c) for c in sorted(seen)]
+
+
 def finalize(spec: JobSpec, paths: RunPaths, plan: Plan, progress: dict[int, dict], started_at, notice) -> RunSummary:
     """Check every shard is written with all its rows, remove parts no shard names, write manifest then _SUCCESS."""
     fs = paths.fs
@@ -609,6 +616,7 @@ def finalize(spec: JobSpec, paths: RunPaths, plan: Plan, progress: dict[int, dic
         "config": spec.model_dump(mode="json"),
         "config_hash": spec.config_hash(),
         "method_params": spec.method.atman_config().model_dump(mode="json"),
+        "compute": compute_of(progress),
         "rows": rows,
         "counts": counts,
         "shards": len(plan.shards),

@@ -43,8 +43,8 @@ class ModelSpec(_Strict):
     revision: str | None = None
     """Hub revision (branch, tag or commit); recorded in every output row."""
     dtype: DType = "auto"
-    """auto = bfloat16 on GPU, float32 on CPU. bfloat16/float16 add rounding noise to the scores (measured in
-    bench/RESULTS.md; a LowPrecisionWarning in the worker's log): float32 for audits you compare night to night."""
+    """How the weights are stored: auto = bfloat16 on GPU, float32 on CPU. How the sweep computes on them is
+    `method.precision` (auto keeps the scores float32-grade on bf16 weights; docs/PRECISION.md)."""
     trust_remote_code: bool = False
     """Run the model repository's own Python code (off unless you trust it)."""
 
@@ -73,7 +73,7 @@ class InputSpec(_Strict):
 
 METHOD_FIELDS = (
     "mode", "factor", "conceptual_threshold", "conceptual_candidates", "granularity", "delimiter", "image_grid",
-    "aggregate", "postprocess", "normalize", "keep_per_target", "generate_max_tokens",
+    "aggregate", "postprocess", "normalize", "keep_per_target", "generate_max_tokens", "precision", "attention_kernel",
 )  # fmt: skip
 """The AtManConfig fields a job spec's `method:` sets. The others tune the engine (batching, padding, prefix reuse)
 or only matter in Python (`target_units`: jobs store the prompt's units)."""
@@ -105,6 +105,8 @@ class ResourcesSpec(_Strict):
     actors: int = Field(1, ge=1)
     """Model replicas (Ray actors), each pinned to its own GPU when gpus_per_actor > 0."""
     gpus_per_actor: float = Field(0, ge=0)
+    """GPUs per actor. At most 1: the model on one GPU (a fraction lets actors share it: 0.5, two per GPU). Above 1,
+    a whole number: the model is spread over the actor's GPUs (device_map auto), for models larger than one GPU."""
     batch_rows: int = Field(8, ge=1)
     """Prompts explained together; their suppression passes share forward batches."""
     shard_rows: int = Field(10_000, ge=1)
@@ -113,6 +115,17 @@ class ResourcesSpec(_Strict):
     cpus_per_actor: float = Field(1, gt=0)
     max_restarts: int = Field(3, ge=0)
     """How often a dead actor is restarted (and its tasks retried) before the run fails."""
+
+    @field_validator("gpus_per_actor")
+    @classmethod
+    def _whole_gpus(cls, v: float) -> float:
+        """Above 1 the model is split over the actor's GPUs (``device_map``), which come whole."""
+        if v > 1 and v != int(v):
+            raise ValueError(
+                f"{v:g} GPUs: above 1 an actor's model is spread over whole GPUs; use a whole number "
+                f"({int(v)} or {int(v) + 1}), or at most 1 to share a GPU between actors"
+            )
+        return v
 
 
 class ScheduleSpec(_Strict):

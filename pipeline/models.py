@@ -82,7 +82,10 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go: the input embedding's device (a model loaded with ``device_map`` spans several)."""
+        from pipeline.atman.devices import input_device
+
+        return input_device(self.model)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -229,16 +232,27 @@ def load_model(
     device: str = "auto",
     revision: str | None = None,
     trust_remote_code: bool = False,
+    *,
+    device_map: str | dict | None = None,
+    max_memory: dict | None = None,
+    offload_folder: str | os.PathLike | None = None,
 ) -> LoadedModel:
     """Load a causal LM by embedded alias, Hugging Face id or local directory; a vision-language model (its config
     has a ``vision_config``) loads as ``AutoModelForImageTextToText`` with its ``AutoProcessor``.
 
     Only safetensors weights are accepted (no pickle); remote code runs only when asked for. ``device`` is auto
     (CUDA when there is one), cpu, cuda, cuda:N, ...; one this machine lacks is a ValueError naming ``device``.
+
+    A model larger than one GPU loads with ``device_map`` (then ``device`` stays auto), passed to
+    ``from_pretrained`` with ``max_memory`` and ``offload_folder``: ``"auto"`` lets accelerate spread its layers
+    over the visible GPUs, then CPU memory, then disk (``offload_folder``), each within ``max_memory`` if given
+    (``{0: "70GiB", 1: "70GiB", "cpu": "100GiB"}``); a dict names each module's device (a GPU index, "cpu",
+    "disk"). Offloaded weights are loaded for each call by accelerate's hooks; AtMan's attention runs inside
+    them, on each layer's device, and stays exact. ``LoadedModel.device`` is then the input embedding's device.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    dev = resolve_device(device)
+    dev = _target_device(device, device_map, max_memory, offload_folder)
     torch_dtype = resolve_dtype(dtype, dev)
     if name in EMBEDDED_MODELS:
         spec = EMBEDDED_MODELS[name]
@@ -253,6 +267,9 @@ def load_model(
     kwargs = {"trust_remote_code": trust_remote_code}
     if not Path(source).is_dir() and revision:
         kwargs["revision"] = revision
+    placement = {}
+    if device_map is not None:
+        placement = {"device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder}
     processor = None
     try:
         if _is_vision_language(source, kwargs):
@@ -261,18 +278,54 @@ def load_model(
             processor = AutoProcessor.from_pretrained(source, **kwargs)
             tokenizer = processor.tokenizer
             model = AutoModelForImageTextToText.from_pretrained(
-                source, dtype=torch_dtype, use_safetensors=True, **kwargs
+                source, dtype=torch_dtype, use_safetensors=True, **placement, **kwargs
             )
         else:
             tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, use_safetensors=True, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(
+                source, dtype=torch_dtype, use_safetensors=True, **placement, **kwargs
+            )
     except OSError as err:
         raise ValueError(
             f"model: cannot load {name!r} ({err}). Use an alias ({', '.join(EMBEDDED_MODELS)}), "
             "a local directory with safetensors weights, or a Hugging Face id reachable from here."
         ) from err
-    model.to(dev).eval()
+    if device_map is None:  # a dispatched model stays where accelerate placed it
+        model.to(dev)
+    model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, model_id=model_id, revision=rev, processor=processor)
+
+
+def _target_device(device: str, device_map: str | dict | None, max_memory, offload_folder) -> torch.device:
+    """The device whose dtype ``auto`` means: ``device``, or for a ``device_map`` CUDA when the map may put layers
+    on a GPU, else the CPU. Mistakes are ValueErrors naming the field, raised before any weights load."""
+    import torch
+
+    if device_map is None:
+        if max_memory is not None or offload_folder is not None:
+            raise ValueError(
+                "device_map: max_memory and offload_folder only place a model loaded with a device_map; "
+                "add device_map='auto'"
+            )
+        return resolve_device(device)
+    if device != "auto":
+        raise ValueError(
+            f"device: {device!r} with a device_map; give one of them: device puts the whole model on one device, "
+            "device_map spreads it over several (leave device at auto)"
+        )
+    if isinstance(device_map, dict):
+        places = {str(d) for d in device_map.values()}
+        if "disk" in places and offload_folder is None:
+            raise ValueError("offload_folder: device_map puts modules on disk; give a directory for their weights")
+        return resolve_device("auto") if places - {"cpu", "disk"} else torch.device("cpu")
+    if not isinstance(device_map, str):
+        raise ValueError(f"device_map: {device_map!r} is not 'auto', 'balanced', 'sequential' or a dict")
+    if device_map in ("auto", "balanced", "balanced_low_0", "sequential"):
+        return resolve_device("auto")
+    try:  # one device by name: checked like ``device``
+        return resolve_device(device_map)
+    except ValueError as err:
+        raise ValueError(f"device_map: {str(err).removeprefix('device: ')}") from None
 
 
 def _is_vision_language(source: str, kwargs: dict) -> bool:

@@ -216,8 +216,11 @@ def input_changes(plan: Plan, listing: InputListing) -> list[str]:
 # --- progress ----------------------------------------------------------------------------------------------------
 
 
-def marker(shard: int, rows: pa.Table, data: bytes, *, explained: int, unit_passes: int, seconds: float) -> dict:
-    """What says a shard is done: its part's name, size and checksum, and its rows' statuses."""
+def marker(
+    shard: int, rows: pa.Table, data: bytes, *, explained: int, unit_passes: int, seconds: float, compute=None
+) -> dict:
+    """What says a shard is done: its part's name, size and checksum, its rows' statuses, and how the actor that
+    wrote it computed (``compute``: device, weights' dtype, resolved precision)."""
     statuses = rows.column("status").to_pylist()
     return {
         "shard": shard,
@@ -230,6 +233,7 @@ def marker(shard: int, rows: pa.Table, data: bytes, *, explained: int, unit_pass
         "explained": explained,
         "unit_passes": unit_passes,
         "seconds": round(seconds, 3),
+        "compute": compute,
         "written_at": dt.datetime.now(dt.timezone.utc).isoformat(),
     }
 

@@ -41,6 +41,18 @@ class _Row:
     result: dict | None = None
 
 
+def compute_record(explainer) -> dict:
+    """How this actor computes, for the run manifest: device (and the GPU's name), weights' dtype, the precision
+    policy ``auto`` resolved to, the attention kernel."""
+    import torch
+
+    device = explainer.device
+    record = {"device": str(device), "dtype": str(explainer.dtype).removeprefix("torch.")}
+    if device.type == "cuda":
+        record["gpu"] = torch.cuda.get_device_name(device)
+    return record | {"precision": explainer.config.precision, "attention_kernel": explainer.config.attention_kernel}
+
+
 class ExplainWorker:
     """Loads the job's model once; ``__call__`` explains a batch of INPUT_SCHEMA rows and writes one part."""
 
@@ -59,10 +71,15 @@ class ExplainWorker:
         if not torch.cuda.is_available():  # one torch thread per CPU Ray gave this actor
             torch.set_num_threads(max(1, int(self.spec.resources.cpus_per_actor)))
         m = self.spec.model
-        self.lm = load_model(m.id, dtype=m.dtype, revision=m.revision, trust_remote_code=m.trust_remote_code)
+        # more than one GPU: the model is spread over those Ray gave this actor (the only ones it sees)
+        device_map = "auto" if self.spec.resources.gpus_per_actor > 1 else None
+        self.lm = load_model(
+            m.id, dtype=m.dtype, revision=m.revision, trust_remote_code=m.trust_remote_code, device_map=device_map
+        )
         self.config = self.spec.method.atman_config()
         self.explainer = Explainer(self.lm, self.config)
-        self.method_params = json.dumps(self.config.model_dump(), sort_keys=True)
+        self.method_params = json.dumps(self.explainer.config.model_dump(), sort_keys=True)  # precision resolved
+        self.compute = compute_record(self.explainer)
         self._lock = threading.Lock()
         self._done: dict[int, int] = {}
 
@@ -93,7 +110,13 @@ class ExplainWorker:
             if r["status"] == "ok"
         )
         record = marker(
-            shard, table, data, explained=len(todo), unit_passes=passes, seconds=time.perf_counter() - started
+            shard,
+            table,
+            data,
+            explained=len(todo),
+            unit_passes=passes,
+            seconds=time.perf_counter() - started,
+            compute=self.compute,
         )
         write_marker(self.run, record)
         self._done.pop(shard, None)

@@ -127,3 +127,28 @@ def test_units_that_differ_are_drift(tmp_path, tiny_model_dir):
     assert row["drift"] and row["reason"] == f"units differ ({n_words} vs {n_tokens}, {row['n_units']} shared)"
     assert row["n_units"] < max(n_words, n_tokens)
     assert result.config_changed == ["method.granularity: 'word' -> 'token'"]
+
+
+def test_a_precision_change_is_named_even_when_the_spec_says_auto_both_nights(tmp_path, tiny_model_dir):
+    """`precision: auto` resolves per actor (fp32 for float32 weights on a CPU, the measured policy for bf16
+    weights): the manifests record what ran, and the diff says the method changed, not only that scores moved."""
+    from pipeline.atman.precision import AUTO
+    from pipeline.job import run_job
+    from pipeline.jobspec import JobSpec
+
+    root, path = str(tmp_path / "out"), tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS[:2]))
+
+    def night(run_id: str, dtype: str):
+        spec = {"name": "p", "model": {"id": tiny_model_dir, "dtype": dtype}, "input": {"path": str(path)},
+                "output": {"root": root}}  # fmt: skip
+        summary = run_job(JobSpec.model_validate(spec), run_id, address="inline")
+        return json.loads((Path(summary.location) / "_manifest.json").read_text())
+
+    first, second = night("n1", "float32"), night("n2", "bfloat16")
+    assert [c["precision"] for c in first["compute"]] == ["fp32"] and first["compute"][0]["dtype"] == "float32"
+    assert [c["precision"] for c in second["compute"]] == [AUTO] and second["compute"][0]["device"] == "cpu"
+    result = diff_runs(root, resolve_run(root, "n1"), resolve_run(root, "n2"))
+    assert f"compute.precision: fp32 -> {AUTO} (the method changed)" in result.config_changed
+    assert "compute.dtype: float32 -> bfloat16 (the method changed)" in result.config_changed
+    assert "model.dtype: 'float32' -> 'bfloat16'" in result.config_changed

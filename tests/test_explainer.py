@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import copy
-import warnings
-
 import numpy as np
 import pytest
 import torch
 
 from pipeline import AtManConfig, Explainer
-from pipeline.atman.explainer import LowPrecisionWarning
 from pipeline.atman.plan import unit_multipliers
 from pipeline.atman.units import Unit
 
@@ -219,15 +215,3 @@ def test_conceptual_at_factor_zero_stays_finite(llama, mode):
     prompt = "the cat and the dog and the bird and the fish saw the"
     e = Explainer(llama, AtManConfig(mode=mode, factor=0.0, conceptual_threshold=0.7)).explain(prompt, " end")
     assert np.isfinite(e.scores).all()
-
-
-def test_a_16_bit_model_is_explained_with_a_warning_naming_its_dtype(llama):
-    """bfloat16/float16 rounding moves AtMan's scores (bench/bench_precision.py): never silently."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", LowPrecisionWarning)
-        Explainer(llama)  # float32: no warning
-    for dtype, name in ((torch.bfloat16, "bfloat16"), (torch.float16, "float16")):
-        model = copy.deepcopy(llama.model).to(dtype)
-        with pytest.warns(LowPrecisionWarning, match=rf"^dtype: the model runs in {name};.*float32"):
-            explainer = Explainer(model, llama.tokenizer)
-        assert len(explainer.explain(PROMPT, " The", chat=False).scores) > 0  # a warning, not a refusal

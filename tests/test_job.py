@@ -132,6 +132,11 @@ def test_layout_schema_and_manifest(bad_rows_run, tiny_model_dir):
     assert manifest["config_hash"] == spec.config_hash() and manifest["config"]["name"] == "test"
     assert {"torch", "transformers", "ray", "pyarrow", "atman-pipeline"} <= set(manifest["libraries"])
     assert sorted(f["name"] for f in manifest["files"]) == [p.name for p in parts]
+    # how every actor computed: float32 weights on a CPU resolve precision auto to fp32
+    assert manifest["compute"] == [
+        {"device": "cpu", "dtype": "float32", "precision": "fp32", "attention_kernel": "sdpa"}
+    ], manifest["compute"]
+    assert {json.loads(p)["precision"] for p in table.column("method_params").to_pylist()} == {"fp32"}
     assert (run_dir / SUCCESS).exists()
 
 

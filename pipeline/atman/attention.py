@@ -38,6 +38,8 @@ LOG_FLOOR = math.log(1e-30)
 suppressed, where renormalisation keeps the row as it was (instead of 0/0)."""
 
 _ACTIVE: ContextVar[AttentionContext | None] = ContextVar("atman_attention_context", default=None)
+_ATTEND_DTYPE: ContextVar[torch.dtype | None] = ContextVar("atman_attend_dtype", default=None)
+_IN_KERNEL: ContextVar[bool] = ContextVar("atman_in_kernel", default=False)
 
 
 class UnsupportedModelError(ValueError):
@@ -80,6 +82,40 @@ def attending(ctx: AttentionContext) -> Iterator[None]:
         _ACTIVE.reset(token)
 
 
+@contextmanager
+def attend_in(dtype: torch.dtype | None) -> Iterator[None]:
+    """Inside the block, attention computes on query/key/value cast to ``dtype`` and hands back its output in the
+    caller's dtype; ``in_kernel()`` is true while it computes, so a precision policy's torch-function mode
+    (``precision.py``) leaves the kernel's own arithmetic alone."""
+    token = _ATTEND_DTYPE.set(dtype)
+    try:
+        yield
+    finally:
+        _ATTEND_DTYPE.reset(token)
+
+
+class _CastAttention:
+    """``ctx`` with its inputs cast to ``dtype`` (``attend_in``); counts into ``ctx.calls``, the layer proof."""
+
+    def __init__(self, ctx: AttentionContext, dtype: torch.dtype) -> None:
+        self.ctx, self.dtype, self.calls = ctx, dtype, ctx.calls
+
+    def attend(self, layer, query, key, value, **kwargs):
+        out_dtype = query.dtype
+        query, key, value = (t.to(self.dtype) for t in (query, key, value))
+        token = _IN_KERNEL.set(True)
+        try:
+            out = self.ctx.attend(layer, query, key, value, **kwargs)
+        finally:
+            _IN_KERNEL.reset(token)
+        return out.to(out_dtype)
+
+
+def in_kernel() -> bool:
+    """Whether an attention call cast by ``attend_in`` is computing now."""
+    return _IN_KERNEL.get()
+
+
 def num_layers(model: torch.nn.Module) -> int:
     return int(model.config.get_text_config().num_hidden_layers)
 
@@ -87,8 +123,9 @@ def num_layers(model: torch.nn.Module) -> int:
 def forward(model: torch.nn.Module, ctx: AttentionContext, **inputs):
     """One forward pass of ``model`` with every attention call handed to ``ctx``; refuses (``UnsupportedModelError``
     naming the model class) unless every attention layer was reached exactly once."""
+    dtype = _ATTEND_DTYPE.get()
     try:
-        with attending(ctx):
+        with attending(ctx if dtype is None else _CastAttention(ctx, dtype)):
             out = model(**inputs)
     except UnsupportedModelError as err:
         raise UnsupportedModelError(f"model: {type(model).__name__}: {err}") from None

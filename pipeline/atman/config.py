@@ -11,8 +11,11 @@ Granularity = Literal["token", "word", "sentence", "paragraph", "custom"]
 Postprocess = Literal["none", "abs", "square"]
 Aggregate = Literal["sum", "sum_of_squares"]
 ConceptualCandidates = Literal["prompt", "prompt_and_target"]
+Precision = Literal["auto", "bf16", "mixed_bf16", "mixed_fp16", "tf32", "fp32"]
+Kernel = Literal["sdpa", "flex"]
 
 MODES: tuple[str, ...] = Mode.__args__
+PRECISIONS: tuple[str, ...] = Precision.__args__
 GRANULARITIES: tuple[str, ...] = Granularity.__args__
 
 
@@ -72,6 +75,15 @@ class AtManConfig(BaseModel):
     """Where a batch's shorter rows are padded. Results do not depend on it; left keeps target logits aligned."""
     generate_max_tokens: int = Field(16, ge=1)
     """New tokens generated greedily when no target is given (stops at EOS)."""
+    precision: Precision = "auto"
+    """How the sweep computes, apart from how the weights are stored (the model's dtype): `bf16` (everything in
+    bfloat16), `mixed_bf16` / `mixed_fp16` (matrix products on 16-bit inputs with float32 accumulation; residual
+    stream, norms and softmax in float32), `tf32` (float32 activations, TF32 products), `fp32` (float32 throughout,
+    TF32 off). 16-bit weights are read as they are stored and computed on as the policy says. `auto`: `fp32` for
+    float32 weights on a CPU, else the cheapest policy that keeps scores float32-grade (docs/PRECISION.md)."""
+    attention_kernel: Kernel = "sdpa"
+    """`sdpa` (PyTorch's scaled_dot_product_attention with a dense suppression mask) or `flex` (FlexAttention: the
+    suppression applied inside the fused kernel as a score modification, no dense mask; compiled on CUDA)."""
     engine: Literal["fast", "reference"] = "fast"
     """`fast` (batched, prefix reuse, target-only logits) or `reference`, the naive method as ATMAN.md writes it
     (one unit per pass, full recompute, eager attention): the oracle the fast engine is tested against."""

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from pipeline.atman import attention
+from pipeline.atman import attention, devices, precision
 from pipeline.atman.config import AtManConfig
 from pipeline.atman.explanation import Explanation
 from pipeline.atman.images import ImageUnit, image_units, token_patches
@@ -33,22 +33,20 @@ if TYPE_CHECKING:
 
 
 class LowPrecisionWarning(UserWarning):
-    """The model runs in a 16-bit float type: AtMan's scores carry rounding noise (see ``_warn_low_precision``)."""
+    """The sweep computes in bfloat16 throughout (precision ``bf16``): AtMan's scores carry rounding noise."""
 
 
-def _warn_low_precision(model: torch.nn.Module) -> None:
-    """AtMan's scores are differences of cross-entropies between nearly equal forward passes; in bfloat16 or float16
-    the rounding of each pass moves them by about as much as the small effects. Measured (bench/RESULTS.md,
-    `bench/bench_precision.py`): SmolLM2-135M on SQuAD words, bfloat16 against float32 with the same weights, rank
-    correlation 0.56 and mAP 39.9 → 26.9 over 16 examples; the naive sweep moves the same way (an H200, bf16), so it
-    is the dtype, not the engine."""
-    dtype = next(model.parameters()).dtype
-    if dtype in (torch.bfloat16, torch.float16):
-        name = str(dtype).removeprefix("torch.")
+def _warn_low_precision(name: str) -> None:
+    """AtMan's scores are differences of cross-entropies between nearly equal forward passes; computed in bfloat16
+    throughout, the rounding of each pass moves them by about as much as the small effects. Measured
+    (docs/PRECISION.md): SmolLM2-135M on SQuAD words, bf16 against float32 with the same weights, rank correlation
+    0.56 and mAP 39.9 -> 26.9 over 16 examples; the naive sweep moves the same way (an H200), so it is the
+    arithmetic, not the engine. The other policies keep the residual stream in float32."""
+    if name == "bf16":
         warnings.warn(
-            f"dtype: the model runs in {name}; rounding moves AtMan's scores by about as much as small effects "
-            f"(SmolLM2-135M on SQuAD words: rank correlation with float32 0.56, mAP 39.9 -> 26.9). Load it in "
-            f"float32 (--dtype float32; a job's model.dtype: float32) for scores you compare or audit",
+            "precision: the sweep computes in bfloat16 throughout; rounding moves AtMan's scores by about as much "
+            "as small effects (SmolLM2-135M on SQuAD words: rank correlation with float32 0.56, mAP 39.9 -> 26.9). "
+            "Use precision auto (float32-grade scores from the same bf16 weights) for scores you compare or audit",
             LowPrecisionWarning,
             stacklevel=3,
         )
@@ -103,11 +101,15 @@ class Explainer:
         _check_model(model)
         _check_tokenizer(tokenizer, model)
         self.model, self.tokenizer = model, tokenizer
-        self.config = config or AtManConfig()
+        config = config or AtManConfig()
+        self.device = devices.input_device(self.model)
+        self.dtype = precision.weights_dtype(self.model)
+        resolved = precision.resolve(config.precision, self.dtype, self.device)
+        self.config = config.model_copy(update={"precision": resolved})  # what ran goes into every output
         self._embeddings = self.model.get_input_embeddings().weight
         self._context = context_length(self.model, self.tokenizer)
         self.check_supported()
-        _warn_low_precision(self.model)
+        _warn_low_precision(resolved)
 
     def check_supported(self) -> None:
         """Refuse a model AtMan cannot explain exactly, before any request: one tiny sweep (3 tokens, one unit)
@@ -243,7 +245,7 @@ class Explainer:
         grid = _image_grid(image_grid if image_grid is not None else cfg.image_grid)
         pil = load_images(images)
         request = prepare_with_images(self.processor, self.model, prompt, pil, chat)
-        device, dtype = self._embeddings.device, self._embeddings.dtype
+        device, dtype = self.device, self._embeddings.dtype
         extras = None
         if target is None:  # what the model says about the images: generated with them, then explained
             extras = model_inputs(request, torch.zeros(0, dtype=torch.long), device, dtype)
@@ -285,7 +287,11 @@ class Explainer:
         units = planned.units + target_units + image_rows
         cosine = candidates = None
         if cfg.conceptual_threshold is not None:
-            cosine = embedding_cosine(self._embeddings.detach(), ids.to(self._embeddings.device)).cpu()
+            from accelerate.utils import align_module_device
+
+            with align_module_device(self.model.get_input_embeddings()):  # an offloaded table is loaded for this
+                table = self.model.get_input_embeddings().weight.detach()
+                cosine = embedding_cosine(table, ids.to(table.device)).cpu()
             candidates = sorted({p for u in planned.units for p in u.positions})
             if cfg.conceptual_candidates == "prompt_and_target":
                 candidates += list(range(n_prompt, len(ids) - 1))  # the last target token is never an input
@@ -320,17 +326,21 @@ class Explainer:
         for this call only. Raises ``UnsupportedModelError`` (a ValueError naming the model class and the reason)
         when suppression cannot reach every attention layer."""
         cfg = self.config
-        with attention.activated(self.model):
+        with attention.activated(self.model), precision.computing(self.model, cfg.precision):
             if cfg.engine == "reference":
-                return reference_sweep(self.model, inputs, mode=cfg.mode)
-            return sweep(
-                self.model,
-                inputs,
-                mode=cfg.mode,
-                prefix_reuse=cfg.prefix_reuse,
-                batch_size=batch_size or cfg.batch_size,
-                max_batch_tokens=cfg.max_batch_tokens,
-                padding_side=cfg.padding_side,
+                return _finite(reference_sweep(self.model, inputs, mode=cfg.mode), cfg.precision)
+            return _finite(
+                sweep(
+                    self.model,
+                    inputs,
+                    mode=cfg.mode,
+                    prefix_reuse=cfg.prefix_reuse,
+                    batch_size=batch_size or cfg.batch_size,
+                    max_batch_tokens=cfg.max_batch_tokens,
+                    padding_side=cfg.padding_side,
+                    attention_kernel=cfg.attention_kernel,
+                ),
+                cfg.precision,
             )
 
     def _check_length(self, n: int) -> None:
@@ -387,6 +397,18 @@ class Explainer:
             image_units=[u.patch for u in planned.image_units] if images else None,
             image_scores=scores[n_text:] if images else None,
         )
+
+
+def _finite(outputs: list[SweepOutput], name: str) -> list[SweepOutput]:
+    """Refuse a sweep whose cross-entropies are not finite (e.g. float16 products overflowing at 65,504): such
+    numbers would become scores that look like any other."""
+    for out in outputs:
+        if not (torch.isfinite(out.base_ce).all() and torch.isfinite(out.ce).all()):
+            raise FloatingPointError(
+                f"precision: the sweep under {name!r} produced a non-finite cross-entropy (an overflow or NaN in a "
+                "forward pass); use precision fp32 or tf32 for this model"
+            )
+    return outputs
 
 
 def _check_model(model) -> None:

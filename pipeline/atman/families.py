@@ -3,7 +3,9 @@
 Each adapter is the attention module's forward with the score/softmax part handed to the active AtMan context:
 the family's own projections, head layout, rotary embedding and output projection, then
 ``ctx.attend(layer, q, k, v, ...)``. They are installed on the module instances only while
-``attention.activated`` runs, and fall back to the module's own forward when no context is active.
+``attention.activated`` runs, and fall back to the module's own forward when no context is active. On a model
+dispatched by accelerate (``device_map``) an adapter goes inside the module's hook, which still moves its inputs
+to the module's device and loads offloaded weights; the ALiBi slopes are made on each query's device.
 Everything model-specific in the engine is in this file; ``ADAPTERS`` lists it.
 
 Adapters read the head layout from the model's config and the module's weights and call only the family's public,
@@ -74,12 +76,30 @@ def _merge(x: torch.Tensor) -> torch.Tensor:
 
 
 @functools.cache
-def _slopes(build_alibi: Callable, num_heads: int, device: torch.device) -> torch.Tensor:
-    """[H] ALiBi slopes exactly as the family's own ``build_alibi_tensor`` makes them (Falcon rounds them to
-    bfloat16): the bias it builds for two unpadded tokens is 0 at position 0 and the slope at position 1. Computed
-    once per family, head count and device, not in every layer of every forward pass."""
+def _slopes(build_alibi: Callable, num_heads: int, device: torch.device, scale: float = 1.0) -> torch.Tensor:
+    """[H] ALiBi slopes (times ``scale``) exactly as the family's own ``build_alibi_tensor`` makes them (Falcon
+    rounds them to bfloat16): the bias it builds for two unpadded tokens is 0 at position 0 and the slope at
+    position 1. Computed once per family, head count and device, not in every layer of every forward pass; asked
+    for on the query's device, since a dispatched model's layers compute on several devices (and an offloaded
+    layer's own weights are on ``meta`` between calls)."""
     ones = torch.ones(1, 2, dtype=torch.long, device=device)
-    return build_alibi(ones, num_heads, torch.float32).reshape(num_heads, 2)[:, 1]
+    return build_alibi(ones, num_heads, torch.float32).reshape(num_heads, 2)[:, 1] * scale
+
+
+def _alibi(layer: _Layer, query: torch.Tensor) -> torch.Tensor | None:
+    """The layer's ALiBi slopes on ``query``'s device (None without ALiBi)."""
+    if "alibi" not in layer.extra:
+        return None
+    build, scale = layer.extra["alibi"]
+    return _slopes(build, layer.heads, query.device, scale)
+
+
+def _alibi_probe(module: torch.nn.Module, heads: int, scale: float = 1.0) -> tuple[Callable, float]:
+    """What ``_alibi`` needs, with the family's ``build_alibi_tensor`` run once on the CPU at install time, so a
+    family whose function changed is refused before any pass."""
+    build = _family_function(module, "build_alibi_tensor")
+    _slopes(build, heads, torch.device("cpu"), scale)
+    return build, scale
 
 
 @dataclass(frozen=True)
@@ -116,10 +136,10 @@ def _bloom_layer(module, config, index) -> _Layer:
     """BloomAttention: fused q/k/v laid out per head as [heads, 3, d]; ALiBi slopes from ``build_alibi_tensor``."""
     hidden, heads = _cfg(config, "hidden_size", "n_head")
     tp = (getattr(config, "pretraining_tp", 1) or 1) if getattr(config, "slow_but_exact", False) else 1
-    slopes = _slopes(_family_function(module, "build_alibi_tensor"), heads, _device(module))
+    alibi = _alibi_probe(module, heads)
     qkv = _linear(module, "query_key_value", 3 * hidden)
     return _Layer(
-        index, heads, heads, hidden // heads, (qkv,), _linear(module, "dense", hidden), {"tp": tp, "alibi": slopes}
+        index, heads, heads, hidden // heads, (qkv,), _linear(module, "dense", hidden), {"tp": tp, "alibi": alibi}
     )
 
 
@@ -128,12 +148,16 @@ def _bloom(layer: _Layer, ctx, hidden_states, residual, *args, **kwargs):
     without the bias where the config asks for ``slow_but_exact``, as Bloom does."""
     fused = layer.qkv[0](hidden_states).unflatten(-1, (layer.heads, 3, layer.head_dim)).transpose(1, 2)
     q, k, v = fused.unbind(3)  # [B, H, L, d] each
-    out = _merge(ctx.attend(layer.index, q, k, v, scaling=layer.head_dim**-0.5, alibi=layer.extra["alibi"]))
+    out = _merge(ctx.attend(layer.index, q, k, v, scaling=layer.head_dim**-0.5, alibi=_alibi(layer, q)))
     tp = layer.extra["tp"]
     if tp > 1:
+        from accelerate.utils import align_module_device
+
         step = out.shape[-1] / tp
         cols = [slice(int(i * step), int((i + 1) * step)) for i in range(tp)]
-        return residual + sum(torch.nn.functional.linear(out[..., c], layer.out.weight[:, c]) for c in cols), None
+        with align_module_device(layer.out):  # its weight is read, not called: an offloaded one is loaded for this
+            weight = layer.out.weight
+            return residual + sum(torch.nn.functional.linear(out[..., c], weight[:, c]) for c in cols), None
     return residual + layer.out(out), None
 
 
@@ -152,7 +176,7 @@ def _falcon_layer(module, config, index) -> _Layer:
     qkv = _linear(module, "query_key_value", (heads + 2 * kv) * d)
     extra = {"layout": layout}
     if getattr(config, "alibi", False):
-        extra["alibi"] = _slopes(_family_function(module, "build_alibi_tensor"), heads, _device(module)) * d**-0.5
+        extra["alibi"] = _alibi_probe(module, heads, d**-0.5)
     else:
         extra["rotary"] = _family_function(module, "apply_rotary_pos_emb")
     return _Layer(index, heads, kv, d, (qkv,), _linear(module, "dense", hidden), extra)
@@ -174,12 +198,8 @@ def _falcon(layer: _Layer, ctx, hidden_states, *args, position_embeddings=None, 
         if position_embeddings is None:
             raise _Missing("the rotary position embeddings (position_embeddings) in the call")
         q, k = layer.extra["rotary"](q, k, *position_embeddings)
-    out = ctx.attend(layer.index, q, k, v, scaling=layer.head_dim**-0.5, alibi=layer.extra.get("alibi"))
+    out = ctx.attend(layer.index, q, k, v, scaling=layer.head_dim**-0.5, alibi=_alibi(layer, q))
     return layer.out(_merge(out)), None
-
-
-def _device(module: torch.nn.Module) -> torch.device:
-    return next(module.parameters()).device
 
 
 ADAPTERS: dict[str, tuple[Callable, Callable]] = {
@@ -213,7 +233,7 @@ def _refusal(module: torch.nn.Module, what: str) -> Exception:
     )
 
 
-def install(model: torch.nn.Module) -> list[tuple[torch.nn.Module, Callable | None]]:
+def install(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str, Callable | None]]:
     """Put adapters on every matching attention module of ``model`` (the n-th such module is layer n); returns what
     ``uninstall`` needs (empty when no module matched: the model then goes through the attention interface).
 
@@ -230,14 +250,22 @@ def install(model: torch.nn.Module) -> list[tuple[torch.nn.Module, Callable | No
             raise UnsupportedModelError(f"model: {type(model).__name__}: {_refusal(module, str(err))}") from None
     patched = []
     for (module, (_, adapter)), layer in zip(found, layers, strict=True):
-        patched.append((module, module.__dict__.get("forward")))  # an instance-level forward (accelerate hooks)
-        module.forward = functools.partial(_dispatch, module, layer, adapter, module.forward)
+        slot = _slot(module)
+        patched.append((module, slot, module.__dict__.get(slot)))  # None: the class's own forward
+        setattr(module, slot, functools.partial(_dispatch, module, layer, adapter, getattr(module, slot)))
     return patched
 
 
-def uninstall(patched: list[tuple[torch.nn.Module, Callable | None]]) -> None:
-    for module, own in patched:
+def _slot(module: torch.nn.Module) -> str:
+    """The attribute an adapter replaces: ``forward``, or, on a module accelerate placed (``device_map``), the
+    ``_old_forward`` its ``AlignDevicesHook`` calls after moving the inputs to the module's device and loading its
+    offloaded weights, so the adapter runs inside the hook and both still happen."""
+    return "_old_forward" if hasattr(module, "_hf_hook") and "_old_forward" in module.__dict__ else "forward"
+
+
+def uninstall(patched: list[tuple[torch.nn.Module, str, Callable | None]]) -> None:
+    for module, slot, own in patched:
         if own is None:
-            del module.forward
+            delattr(module, slot)
         else:
-            module.forward = own
+            setattr(module, slot, own)

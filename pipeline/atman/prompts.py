@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from pipeline.atman.devices import input_device
 from pipeline.atman.explanation import CHAT_AUTO_APPLIED
 from pipeline.atman.units import Span
 
@@ -216,7 +217,7 @@ def generate_target(model, tokenizer, prompt_ids: torch.Tensor, generate: int | 
     kwargs = generation_kwargs(generate, 1) if not isinstance(generate, dict) else dict(generate)
     if kwargs["max_new_tokens"] < 1:
         raise ValueError(f"generate: must be >= 1 new tokens (got {kwargs['max_new_tokens']})")
-    device = next(model.parameters()).device
+    device = input_device(model)  # a dispatched model's offloaded weights are on meta
     config = kwargs.get("generation_config")
     eos = kwargs.get("eos_token_id", getattr(config, "eos_token_id", None))
     eos = set(eos) if isinstance(eos, (list, tuple, set)) else ({int(eos)} if eos is not None else set())

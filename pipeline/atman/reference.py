@@ -13,7 +13,7 @@ from collections import Counter
 
 import torch
 
-from pipeline.atman import attention
+from pipeline.atman import attention, devices
 from pipeline.atman.attention import LOG_FLOOR, explicit_scores, repeat_kv
 from pipeline.atman.sweep import SweepInput, SweepOutput
 
@@ -63,7 +63,7 @@ def _target_ce(model, ids: torch.Tensor, n_target: int, ctx: ReferenceAttention)
     inputs = ids[:-1]
     logits = attention.forward(model, ctx, input_ids=inputs[None], use_cache=False).logits[0].float()  # [n-1, V]
     logprobs = torch.log_softmax(logits, dim=-1)
-    targets = ids[len(ids) - n_target :]
+    targets = ids[len(ids) - n_target :].to(logprobs.device)
     return -logprobs[len(inputs) - n_target :].gather(-1, targets[:, None])[:, 0]
 
 
@@ -71,7 +71,7 @@ def _target_ce(model, ids: torch.Tensor, n_target: int, ctx: ReferenceAttention)
 def reference_sweep(model: torch.nn.Module, inputs: list[SweepInput], *, mode: str) -> list[SweepOutput]:
     """Same contract as ``sweep.sweep``, computed the plain way, one prompt and one unit at a time. Call it
     inside ``attention.activated(model)``."""
-    device = next(model.parameters()).device
+    device = devices.input_device(model)
     outputs = []
     for seq in inputs:
         ids = seq.input_ids.to(device)

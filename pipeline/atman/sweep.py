@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
-from pipeline.atman import attention
+from pipeline.atman import attention, devices, flex
 from pipeline.atman.attention import UnsupportedModelError, explicit_scores, log_multiplier, repeat_kv, suppress_scores
 
 
@@ -87,6 +87,10 @@ class _KVStore:
         self.values: dict[int, dict[int, torch.Tensor]] = {}
 
 
+KERNELS = ("sdpa", "flex")
+"""``attention_kernel``: PyTorch's scaled_dot_product_attention (dense masks), or FlexAttention (``flex.py``)."""
+
+
 class SweepAttention:
     """Attention context of one forward pass over a batch of rows (see module docstring)."""
 
@@ -98,8 +102,12 @@ class SweepAttention:
         mode: str,
         padding_side: str,
         device: torch.device,
+        kernel: str = "sdpa",
     ) -> None:
-        self.rows, self.store, self.mode = rows, store, mode
+        if kernel not in KERNELS:
+            raise ValueError(f"attention_kernel: {kernel!r} is not one of {', '.join(KERNELS)}")
+        self.rows, self.store, self.mode, self.kernel = rows, store, mode, kernel
+        self.flex_cache: dict = {}  # flex.py's padded positions and block masks, per device
         self.calls: Counter = Counter()
         self.record = all(r.unit is None for r in rows)
         # the last target token is never an input that matters: no later position reads it
@@ -157,11 +165,30 @@ class SweepAttention:
         self.suppressing = bool((k_mult != 1).any())
         self._visible: dict[int | None, torch.Tensor] = {}
         self._bias: dict[int | None, torch.Tensor] = {}
+        self._device, self._devices = self.k_mult.device, {}
         # one prompt and one start for the whole batch: the prefix is a view, broadcast over rows, and
         # (no padding) visibility is plain lower-right causal, which fused/flash kernels take without a mask
         self._shared_prefix = len({(r.seq, r.start) for r in rows}) == 1
         plain = self._shared_prefix and not self.blocks
         self._causal = causal_lower_right(length, self.prefix + length) if plain else None
+
+    _ON_DEVICE = ("q_pos", "k_pos", "q_blk", "k_blk", "k_mult")
+    """The batch tensors attention reads; ``_on`` keeps them, and the masks cached from them, per device."""
+
+    def _on(self, device: torch.device) -> None:
+        """Make the batch tensors and mask caches those on ``device``, the calling layer's. A model dispatched over
+        several devices (``device_map``) runs its layers on each in turn: the batch is copied to a device once, for
+        its first layer there, and every later layer there reuses it (and the masks built from it)."""
+        if device == self._device:
+            return
+        names = (*self._ON_DEVICE, "_visible", "_bias")
+        self._devices[self._device] = {name: getattr(self, name) for name in names}
+        state = self._devices.get(device)
+        if state is None:
+            state = {name: getattr(self, name).to(device) for name in self._ON_DEVICE} | {"_visible": {}, "_bias": {}}
+        for name, value in state.items():
+            setattr(self, name, value)
+        self._device = device
 
     def slot(self, i: int, position: int) -> int:
         """Query slot of absolute ``position`` in row ``i``."""
@@ -201,6 +228,7 @@ class SweepAttention:
 
     def attend(self, layer, query, key, value, *, scaling, sliding_window=None, softcap=None, alibi=None, mask=None):
         self.calls[layer] += 1
+        self._on(query.device)
         if self.record:
             ks, vs = self.store.keys.setdefault(layer, {}), self.store.values.setdefault(layer, {})
             for i, row in enumerate(self.rows):
@@ -211,6 +239,10 @@ class SweepAttention:
         if self.prefix:
             key = torch.cat([self._prefix(layer, self.store.keys, key), key], dim=2)
             value = torch.cat([self._prefix(layer, self.store.values, value), value], dim=2)
+        if self.kernel == "flex":
+            return flex.attend(
+                self, query, key, value, scaling=scaling, sliding_window=sliding_window, softcap=softcap, alibi=alibi
+            )
         n_rep = query.shape[1] // key.shape[1]
         if softcap is not None or alibi is not None or (self.mode.startswith("multiplicative") and self.suppressing):
             # the row minimum, soft-capping and ALiBi need explicit score rows: float32
@@ -264,7 +296,7 @@ def _target_ce(model, ctx: SweepAttention, inputs: list[SweepInput]) -> list[tor
         seq = inputs[row.seq]
         n, t = len(seq.input_ids), seq.n_target
         wanted.append([ctx.slot(i, p) for p in range(n - t - 1, n - 1)])
-    keep = sorted({s for w in wanted for s in w})
+    keep, logits_to_keep = _logits_to_keep(model, sorted({s for w in wanted for s in w}), ctx.input_ids)
     index = {s: j for j, s in enumerate(keep)}
     kwargs = {"position_ids": ctx.position_ids} if _takes(type(model), "position_ids") else {}  # ALiBi models do not
     if ctx.inputs_embeds is not None:
@@ -274,7 +306,7 @@ def _target_ce(model, ctx: SweepAttention, inputs: list[SweepInput]) -> list[tor
     out = attention.forward(
         model,
         ctx,
-        logits_to_keep=torch.tensor(keep, device=ctx.input_ids.device),
+        logits_to_keep=logits_to_keep,
         use_cache=False,
         **kwargs,
     )
@@ -286,6 +318,17 @@ def _target_ce(model, ctx: SweepAttention, inputs: list[SweepInput]) -> list[tor
         cols = torch.tensor([index[s] for s in wanted[i]], device=logprobs.device)
         result.append(-logprobs[i, cols].gather(-1, targets[:, None])[:, 0].cpu())
     return result
+
+
+def _logits_to_keep(model, keep: list[int], input_ids: torch.Tensor) -> tuple[list[int], torch.Tensor | int]:
+    """The query slots the LM head runs at, and the model's ``logits_to_keep`` argument for them: their indices.
+    On a dispatched model accelerate's top-level hook would move an index tensor to the first device while the
+    model indexes the last layer's hidden states (on the last device) with it; there it is the number of trailing
+    slots from the first one kept (the same slots with left padding, the default)."""
+    if not devices.dispatched(model):
+        return keep, torch.tensor(keep, device=input_ids.device)
+    keep = list(range(keep[0], input_ids.shape[1]))
+    return keep, len(keep)
 
 
 def _check_base(model, expected: torch.Tensor, got: torch.Tensor) -> None:
@@ -340,17 +383,18 @@ def sweep(
     batch_size: int = 16,
     max_batch_tokens: int = 8192,
     padding_side: str = "left",
+    attention_kernel: str = "sdpa",
 ) -> list[SweepOutput]:
     """Target CE of every prompt, unperturbed and with each unit suppressed. Call it inside
     ``attention.activated(model)``. Rows whose multipliers are all 1 perturb nothing: their CE is the base CE.
 
     Raises ``UnsupportedModelError`` (a ValueError naming the model class) from the first forward pass whose attention
     did not go through AtMan in every layer, before any score exists."""
-    device = next(model.parameters()).device
+    device = devices.input_device(model)
     store = _KVStore()
     base: dict[int, torch.Tensor] = {}
     for batch in _batches([_Row(i, 0) for i in range(len(inputs))], inputs, batch_size, max_batch_tokens):
-        ctx = SweepAttention(batch, inputs, store, mode, padding_side, device)
+        ctx = SweepAttention(batch, inputs, store, mode, padding_side, device, attention_kernel)
         for row, ce in zip(batch, _target_ce(model, ctx, inputs), strict=True):
             base[row.seq] = ce
     for i, seq in enumerate(inputs):
@@ -367,7 +411,7 @@ def sweep(
                 rows.append(_Row(i, start, u))
     ce = {(i, u): base[i] for i, seq in enumerate(inputs) for u in range(len(seq.multipliers))}
     for batch in _batches(rows, inputs, batch_size, max_batch_tokens):
-        ctx = SweepAttention(batch, inputs, store, mode, padding_side, device)
+        ctx = SweepAttention(batch, inputs, store, mode, padding_side, device, attention_kernel)
         for row, row_ce in zip(batch, _target_ce(model, ctx, inputs), strict=True):
             ce[(row.seq, row.unit)] = row_ce
     return [
