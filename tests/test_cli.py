@@ -72,6 +72,8 @@ def test_explain_table():
         (["--prompt", "abc", "--target", " x", "--conceptual-threshold", "high"], "conceptual-threshold:"),
         (["--prompt", "abc", "--target", " x", "--conceptual-threshold", "1.5"], "conceptual_threshold:"),
         (["--prompt", "abc " * 9000, "--target", " x"], "prompt:"),  # 9,001 tokens: past the 8,192-token context
+        (["--prompt", "abc", "--target", " x", "--precision", "fp8"], "'--precision'"),
+        (["--prompt", "abc", "--target", " x", "--dtype", "float32", "--precision", "bf16"], "precision: 'bf16'"),
     ],
 )
 def test_bad_input_exits_2_naming_the_field(args, field):
@@ -79,6 +81,13 @@ def test_bad_input_exits_2_naming_the_field(args, field):
     out = run("explain", *args)
     assert out.returncode == 2, out.stderr
     assert field in " ".join(out.stderr.split()) and "Traceback" not in out.stderr, out.stderr
+
+
+def test_run_precision_sets_the_specs_method_precision():
+    bad = run("run", "jobs/examples/demo.yaml", "--precision", "fp8")
+    assert bad.returncode == 2 and "'--precision'" in bad.stderr, bad.stderr
+    bad = run("run", "jobs/examples/demo.yaml", "--set", "method.precision=fp8")
+    assert bad.returncode == 2 and "method.precision" in bad.stderr, bad.stderr
 
 
 def test_method_options_come_from_atman_config():
