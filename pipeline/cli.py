@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 
-from pipeline.atman.config import MODES, Aggregate, AtManConfig, Granularity, Mode, Postprocess, Precision
+from pipeline.atman.config import MODES, Aggregate, AtManConfig, Granularity, Kernel, Mode, Postprocess, Precision
 from pipeline.data import BOXES, SQUAD_DEV
 from pipeline.eval_methods import DEFAULT_METHODS, GRAMMAR
 from pipeline.jobspec import AuditSpec
@@ -129,6 +129,7 @@ def explain(
     ] = None,
     dtype: Annotated[DType, _DTYPE] = "auto",
     precision: Annotated[Precision, _method_option("precision")] = ENGINE.precision,
+    attention_kernel: Annotated[Kernel, _method_option("attention_kernel")] = ENGINE.attention_kernel,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
     image: Annotated[
@@ -147,7 +148,9 @@ def explain(
     _quiet_libraries()
     try:
         if preset == "paper":
-            config = AtManConfig.paper(granularity=granularity, delimiter=delimiter, precision=precision)
+            config = AtManConfig.paper(
+                granularity=granularity, delimiter=delimiter, precision=precision, attention_kernel=attention_kernel
+            )
         else:
             config = AtManConfig(
                 mode=mode,
@@ -159,6 +162,7 @@ def explain(
                 postprocess=postprocess,
                 normalize=normalize,
                 precision=precision,
+                attention_kernel=attention_kernel,
             )
     except ValidationError as error:
         fail(describe(error))

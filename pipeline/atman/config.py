@@ -79,8 +79,8 @@ class AtManConfig(BaseModel):
     """How the sweep computes, apart from how the weights are stored (the model's dtype): `bf16` (everything in
     bfloat16), `mixed_bf16` / `mixed_fp16` (matrix products on 16-bit inputs with float32 accumulation; residual
     stream, norms and softmax in float32), `tf32` (float32 activations, TF32 products), `fp32` (float32 throughout,
-    TF32 off). 16-bit weights are read as they are stored and computed on as the policy says. `auto`: `fp32` for
-    float32 weights on a CPU, else the cheapest policy that keeps scores float32-grade (docs/PRECISION.md)."""
+    TF32 off). 16-bit weights are read as they are stored. `auto`: `fp32` for float32 weights on a CPU, else
+    `mixed_fp16`, the cheapest policy measured to keep scores float32-grade (docs/PRECISION.md)."""
     attention_kernel: Kernel = "sdpa"
     """`sdpa` (PyTorch's scaled_dot_product_attention with a dense suppression mask) or `flex` (FlexAttention: the
     suppression applied inside the fused kernel as a score modification, no dense mask; compiled on CUDA)."""
