@@ -17,7 +17,7 @@ PYTEST_ARGS ?=
 # LOCKED=0 (make test-latest): install from pyproject's ranges instead of the lock.
 LOCKED ?= 1
 
-.PHONY: install demo test test-latest test-models eval lint lock format bench bench-scale bench-gpu clean
+.PHONY: install demo test test-latest test-models eval lint lock format bench bench-scale bench-gpu gpu-wheels clean
 
 install: $(STAMP)
 
@@ -103,6 +103,12 @@ bench: $(STAMP)
 bench-scale: $(STAMP)  # the data plane from 10^4 to 10^6 rows, local and S3 (about an hour on 2 cores)
 	$(BIN)/python bench/bench_scale.py --rows 10000 100000 1000000 --store local s3 \
 		--out bench/scale.json --plot bench/scale.png
+
+# The wheels bench/gpu_suite.py needs on the lent GPU machine (Ray, DuckDB, pydantic, our transformers, ...: missing
+# or older there, nothing downloadable there), at the lock's versions, in two carries of <= 60 MiB under .gpu-wheels/
+# (git-ignored), with the SmolLM2 tokenizer; the suite's docstring has the two `run` calls that use them.
+gpu-wheels: $(STAMP)
+	$(BIN)/python bench/gpu_wheels.py --out .gpu-wheels
 
 clean:
 	rm -rf $(VENV) .venv-lock .venv-latest .pytest_cache

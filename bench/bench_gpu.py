@@ -40,6 +40,17 @@ SHAPES = {
         max_position_embeddings=8192,
         rope_theta=500000.0,
     ),
+    "1b": dict(  # Llama 3.2 1B: the job benchmark's model (bench/gpu_suite.py)
+        hidden_size=2048,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=8192,
+        vocab_size=128256,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        tie_word_embeddings=True,
+    ),
     "tiny": dict(
         hidden_size=64,
         num_hidden_layers=2,
@@ -52,13 +63,14 @@ SHAPES = {
 }
 
 
-def build(shape: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+def build(shape: str, device: torch.device, dtype: torch.dtype, **overrides) -> torch.nn.Module:
+    """A random-initialised Llama of ``shape`` (``overrides``: config fields to change), made on ``device``."""
     torch.manual_seed(0)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)  # initialise directly in bf16 on the device: no fp32 copy of 8B weights
     try:
         with device:
-            model = LlamaForCausalLM(LlamaConfig(**SHAPES[shape]))
+            model = LlamaForCausalLM(LlamaConfig(**(SHAPES[shape] | overrides)))
     finally:
         torch.set_default_dtype(default)
     return model.eval()

@@ -68,14 +68,17 @@ class ExplainWorker:
         self.spec = JobSpec.model_validate_json(spec_json)
         self.run = RunPaths(**run)
         self.fs = filesystem(self.run.root)[0]
-        if not torch.cuda.is_available():  # one torch thread per CPU Ray gave this actor
+        gpus = self.spec.resources.gpus_per_actor
+        if gpus == 0:  # one torch thread per CPU Ray gave this actor
             torch.set_num_threads(max(1, int(self.spec.resources.cpus_per_actor)))
         m = self.spec.model
-        # more than one GPU: the model is spread over those Ray gave this actor (the only ones it sees)
-        device_map = "auto" if self.spec.resources.gpus_per_actor > 1 else None
+        # no GPU asked for: the CPU, even on a GPU node (Ray leaves such an actor every GPU visible, unscheduled);
+        # more than one: the model is spread over those Ray gave this actor (the only ones it sees)
+        device_map = "auto" if gpus > 1 else None
         self.lm = load_model(
-            m.id, dtype=m.dtype, revision=m.revision, trust_remote_code=m.trust_remote_code, device_map=device_map
-        )
+            m.id, dtype=m.dtype, revision=m.revision, trust_remote_code=m.trust_remote_code, device_map=device_map,
+            device="cpu" if gpus == 0 else "auto",
+        )  # fmt: skip
         self.config = self.spec.method.atman_config()
         self.explainer = Explainer(self.lm, self.config)
         self.method_params = json.dumps(self.explainer.config.model_dump(), sort_keys=True)  # precision resolved

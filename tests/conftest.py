@@ -110,7 +110,10 @@ class LocalRay:
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory) -> LocalRay:
     """One local 2-CPU Ray shared by the tests that run jobs in this process (starting Ray costs ~5 s).
-    Its session files live in a short private temp dir (Ray's socket paths are limited to ~107 bytes)."""
+    Its session files live in a short private temp dir (Ray's socket paths are limited to ~107 bytes). It declares
+    one GPU with no device behind it, so jobs with ``gpus_per_actor`` are scheduled as on a GPU node (Ray sets
+    the actors' CUDA_VISIBLE_DEVICES; torch still finds no CUDA and they compute on the CPU); jobs without it
+    never ask for it."""
     import shutil
     import tempfile
 
@@ -118,7 +121,7 @@ def ray_cluster(tmp_path_factory) -> LocalRay:
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     temp = tempfile.mkdtemp(prefix="atman-test-ray-")
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp, logging_level="WARNING")
+    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, _temp_dir=temp, logging_level="WARNING")
     yield LocalRay(temp)
     ray.shutdown()
     shutil.rmtree(temp, ignore_errors=True)

@@ -225,6 +225,8 @@ def test_the_worker_spreads_the_model_over_more_than_one_gpu(monkeypatch, tmp_pa
     finally:
         torch.set_num_threads(threads)
     assert asked["device_map"] == device_map
+    # no GPU asked for: the CPU, even where CUDA is visible (Ray does not hide a node's GPUs from such an actor)
+    assert asked["device"] == ("cpu" if gpus == 0 else "auto")
 
 
 def test_a_precision_policy_computes_inside_accelerates_hooks(llama_dir, tmp_path):

@@ -117,21 +117,6 @@ def test_padding_to_buckets_and_chunked_row_minimum_change_nothing(lms, referenc
     assert_flex_equals_reference(lms, reference, family, mode, **LAYOUTS[MODES.index(mode) // 2])
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled kernel runs on CUDA")
-@pytest.mark.parametrize(("family", "mode"), [("gemma2", "multiplicative"), ("bloom", "log_additive")])
-def test_the_compiled_kernel_equals_the_naive_method(tokenizer, family, mode):
-    """On CUDA: the torch.compile'd kernel (dynamic shapes, lengths padded to BUCKET, the block mask's tiles used),
-    float32 throughout."""
-    lm = LoadedModel(tiny_model(family, len(tokenizer)).cuda(), tokenizer, f"tiny-{family}", "random")
-    explanations = {}
-    for name, extra in (("reference", {"engine": "reference"}), ("flex", {"attention_kernel": "flex"})):
-        cfg = AtManConfig(mode=mode, precision="fp32", batch_size=7, **extra)
-        explanations[name] = Explainer(lm, cfg).explain_batch(PROMPTS, TARGETS, chat=False)
-    for r, f in zip(explanations["reference"], explanations["flex"], strict=True):
-        np.testing.assert_allclose(f.per_target, r.per_target, rtol=0, atol=TOL, err_msg=f"{family} {mode}")
-
-
 def test_bidirectional_image_blocks(unfused):
     """Gemma 3's image tokens see each other both ways: flex equals the sdpa engine (itself checked against the
     model's own forward per unit in tests/test_vision_engine.py), batched and one pass per batch."""
