@@ -844,7 +844,7 @@ def engine_baseline(model_dir: str, rows: list[dict], sizes: Sizes) -> dict:
         "load_s": round(loaded - start, 2),
         "rows_per_s": round(done / seconds, 2),
         "device": str(explainer.device),
-        "precision": explainer.config.precision,
+        "precision": explainer.precision,
     }
     del explainer
     free_memory()

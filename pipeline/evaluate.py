@@ -317,7 +317,7 @@ def evaluate(lm, examples: list[Example], methods: list[str], granularity: str =
         "model": lm.model_id,
         "granularity": granularity,
         "dtype": str(ev.base.dtype).removeprefix("torch."),
-        "precision": ev.base.config.precision,  # as resolved on this machine
+        "precision": ev.base.precision,  # as resolved on this machine
         "answer_share": float(np.mean([r["n_answer_units"] / max(r["n_units"], 1) for r in per_example])),
         "methods": {m: results[m].summary() for m in methods},
         "differences": map_differences(results, seed),

@@ -50,7 +50,7 @@ def compute_record(explainer) -> dict:
     record = {"device": str(device), "dtype": str(explainer.dtype).removeprefix("torch.")}
     if device.type == "cuda":
         record["gpu"] = torch.cuda.get_device_name(device)
-    return record | {"precision": explainer.config.precision, "attention_kernel": explainer.config.attention_kernel}
+    return record | {"precision": explainer.precision, "attention_kernel": explainer.config.attention_kernel}
 
 
 class ExplainWorker:
@@ -81,7 +81,7 @@ class ExplainWorker:
         )  # fmt: skip
         self.config = self.spec.method.atman_config()
         self.explainer = Explainer(self.lm, self.config)
-        self.method_params = json.dumps(self.explainer.config.model_dump(), sort_keys=True)  # precision resolved
+        self.method_params = json.dumps(self.explainer.params(), sort_keys=True)  # precision resolved
         self.compute = compute_record(self.explainer)
         self._lock = threading.Lock()
         self._done: dict[int, int] = {}

@@ -61,12 +61,19 @@ def test_precision_bench_script_runs_on_a_tiny_model(tmp_path, tiny_model_dir):
     ]  # fmt: skip
     data.write_text("".join(json.dumps(e) + "\n" for e in examples))
     cmd = [sys.executable, str(ROOT / "bench/bench_precision.py"), "--model", tiny_model_dir, "--data", str(data)]
-    subprocess.run([*cmd, "--out", str(out)], check=True, capture_output=True, timeout=300)
+    subprocess.run([*cmd, "--policies", "mixed_fp16,fp32", "--out", str(out)], check=True, capture_output=True,
+                   timeout=300)  # fmt: skip
     result = json.loads(out.read_text())
-    assert result["dtype"] == "bfloat16" and result["summary"]["examples"] == len(result["examples"]) == 2
-    for row in result["examples"]:
-        assert row["units"] > 1 and row["ref_std"] > 0 and row["max_abs_diff"] >= row["rms_diff"] >= 0
-        assert -1 <= row["spearman"] <= 1 and 0 <= row["top5_overlap"] <= 1
+    assert set(result["policies"]) == {"mixed_fp16", "fp32"}
+    for name, policy in result["policies"].items():
+        assert policy["summary"]["examples"] == len(policy["examples"]) == 2
+        for row in policy["examples"]:
+            assert row["units"] > 1 and row["ref_std"] > 0 and row["max_abs_diff"] >= row["rms_diff"] >= 0
+            assert -1 <= row["spearman"] <= 1 and 0 <= row["top5_overlap"] <= 1
+        if name == "fp32":  # the same bf16 values computed in float32: only the storage rounding is left
+            assert policy["summary"]["mean_spearman"] > 0.9
+    table = subprocess.run([*cmd[:2], "--table", str(out)], check=True, capture_output=True, text=True).stdout
+    assert "| mixed_fp16 | 2 |" in table and "auto (cheapest" in table
 
 
 def test_cli_bench_script_and_the_light_entry_points(tmp_path):

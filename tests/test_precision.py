@@ -153,9 +153,9 @@ def test_the_explainer_records_the_resolved_policy_and_warns_only_for_bf16_throu
     low, _ = stored["llama"]
     with warnings.catch_warnings():
         warnings.simplefilter("error", LowPrecisionWarning)
-        assert Explainer(tiny_lms["llama"]).config.precision == "fp32"
+        assert Explainer(tiny_lms["llama"]).precision == "fp32"
         explainer = Explainer(low)  # bf16 weights, auto: float32-grade, no warning
-    assert explainer.config.precision == precision.AUTO
+    assert explainer.precision == precision.AUTO and explainer.config.precision == "auto"
     assert explainer.explain(PROMPTS[0], TARGETS[0], chat=False).params["precision"] == precision.AUTO
     with pytest.warns(LowPrecisionWarning, match=r"^precision: the sweep computes in bfloat16 throughout"):
         Explainer(low, AtManConfig(precision="bf16"))

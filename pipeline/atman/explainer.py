@@ -104,12 +104,13 @@ class Explainer:
         config = config or AtManConfig()
         self.device = devices.input_device(self.model)
         self.dtype = precision.weights_dtype(self.model)
-        resolved = precision.resolve(config.precision, self.dtype, self.device)
-        self.config = config.model_copy(update={"precision": resolved})  # what ran goes into every output
+        self.config = config
+        self.precision = precision.resolve(config.precision, self.dtype, self.device)
+        """The policy ``config.precision`` resolved to for this model: what the sweep runs and every output records."""
         self._embeddings = self.model.get_input_embeddings().weight
         self._context = context_length(self.model, self.tokenizer)
         self.check_supported()
-        _warn_low_precision(resolved)
+        _warn_low_precision(self.precision)
 
     def check_supported(self) -> None:
         """Refuse a model AtMan cannot explain exactly, before any request: one tiny sweep (3 tokens, one unit)
@@ -326,9 +327,9 @@ class Explainer:
         for this call only. Raises ``UnsupportedModelError`` (a ValueError naming the model class and the reason)
         when suppression cannot reach every attention layer."""
         cfg = self.config
-        with attention.activated(self.model), precision.computing(self.model, cfg.precision):
+        with attention.activated(self.model), precision.computing(self.model, self.precision):
             if cfg.engine == "reference":
-                return _finite(reference_sweep(self.model, inputs, mode=cfg.mode), cfg.precision)
+                return _finite(reference_sweep(self.model, inputs, mode=cfg.mode), self.precision)
             return _finite(
                 sweep(
                     self.model,
@@ -340,8 +341,12 @@ class Explainer:
                     padding_side=cfg.padding_side,
                     attention_kernel=cfg.attention_kernel,
                 ),
-                cfg.precision,
+                self.precision,
             )
+
+    def params(self) -> dict:
+        """The method as it ran: the config, with ``precision`` as resolved for this model (never ``auto``)."""
+        return self.config.model_dump() | {"precision": self.precision}
 
     def _check_length(self, n: int) -> None:
         if self._context is not None and n > self._context:
@@ -387,7 +392,7 @@ class Explainer:
             chat=planned.prepared.chat,
             chat_reason=planned.prepared.chat_reason or None,
             n_prompt_tokens=len(planned.prepared.prompt_ids),
-            params=cfg.model_dump(),
+            params=self.params(),
             target_units=[UnitSpan(u.text, u.start, u.length) for u in planned.target_units]
             if cfg.target_units
             else None,
