@@ -541,12 +541,13 @@ def _watchdog(scratch: str) -> subprocess.Popen:
 def scratch_path(root: str, model_id: str, run_id: str) -> str:
     """Ray's session directory for a local run: ``ROOT/_scratch/<run_id>`` for a local root whose path is short
     enough for Ray's Unix sockets (~107 bytes in all), else ``$TMPDIR/atman-ray-<hash>``. The same for every
-    attempt of a run, so a rerun finds what a killed driver left."""
+    attempt of a run, so a rerun finds what a killed driver left. Ray encodes its socket paths as ASCII, so a root
+    with any other character also takes the second form."""
     local = local_root(root)
     if local is not None:
         root = local
         path = scratch_dir(local, run_id)
-        if len(path) <= 40:
+        if len(path) <= 40 and path.isascii():
             return path
     key = hashlib.sha256(f"{root}\n{model_id}\n{run_id}".encode()).hexdigest()[:12]
     return os.path.join(tempfile.gettempdir(), f"atman-ray-{key}")

@@ -2,13 +2,15 @@
 OOM killer), stop the Ray processes it started for a local run and remove their scratch directory.
 
 Ray's processes are recognised by the scratch directory (the run's own ``_temp_dir``) in their command line or
-among their open files, so nothing another program started is touched. The driver terminates this process when it
+among their open files, as a whole path: ``ROOT/_scratch/a`` never matches the processes of run ``ab`` (their
+``ROOT/_scratch/ab``), so nothing another run or program started is touched. The driver terminates this process when it
 ends normally.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import sys
 import time
@@ -16,11 +18,19 @@ import time
 import psutil
 
 
+def _mentions(scratch: str) -> re.Pattern:
+    """``scratch`` as a whole path inside a command-line argument: followed by a separator, a quote, a delimiter or
+    the end, never by more of a longer name."""
+    return re.compile(re.escape(scratch.rstrip(os.sep)) + r"(?=$|[\\/\s'\",;:=])")
+
+
 def ours(proc: psutil.Process, scratch: str) -> bool:
+    scratch = scratch.rstrip(os.sep)
     try:
-        if any(scratch in part for part in proc.cmdline()):
+        mention = _mentions(scratch)
+        if any(mention.search(part) for part in proc.cmdline()):
             return True
-        return any(f.path.startswith(scratch + os.sep) for f in proc.open_files())
+        return any(f.path == scratch or f.path.startswith(scratch + os.sep) for f in proc.open_files())
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
         return False
 
