@@ -11,15 +11,17 @@ import datetime as dt
 import json
 import math
 import re
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 from scipy.stats import spearmanr
 
+from pipeline.integrity import BadManifest
 from pipeline.jobspec import AuditSpec, JobSpec
 from pipeline.layout import audit_dir, filesystem, model_slug, parquet_bytes, publish, url
-from pipeline.query import Run, connect, list_runs
+from pipeline.query import DamagedPart, Run, connect, list_runs
 from pipeline.report import _e, page, table_html
 
 TOP_K = 5
@@ -178,7 +180,11 @@ def previous_run(root: str, spec: JobSpec, current: Run) -> Run | None:
     for run in list_runs(root):
         if run.model != slug or (run.run_id == current.run_id):
             continue
-        manifest = run.manifest(fs)
+        try:
+            manifest = run.manifest(fs)
+        except BadManifest as err:  # one broken run must not stop every nightly audit after it
+            warnings.warn(f"{err}; it is not a candidate baseline", DamagedPart, 2)
+            continue
         if manifest.get("job") != spec.name:
             continue
         when = _when(run, manifest)

@@ -9,31 +9,52 @@ Only runs with ``_SUCCESS`` are visible unless ``include_incomplete``. ``run_que
 one SELECT-like statement (no COPY, ATTACH, INSTALL, CREATE, SET...). The connection itself reads nothing but the
 root: once the views exist, DuckDB's external access is off except for the root's directory (or bucket prefix), no
 extension is installed or loaded, and the configuration is locked, so a query cannot read /etc/passwd, another
-directory, an https:// URL or another bucket.
+directory, an https:// URL or another bucket. In a local root with a link that leads outside it, the connection may
+read only the runs' parts (a glob under the root would list through the link).
+
+What a query reads is checked first: a complete run's ``_manifest.json`` must name one part per shard with its size
+and sha256, and each part must match them. A part that does not, or that the manifest does not name, and a run whose
+manifest is invalid, are left out with a ``DamagedPart`` warning naming them. A part's check is remembered
+(``pipeline.integrity.cache_dir``) until its file changes, so a second query does not hash it again. Queries run
+with a time limit and modest memory and spill limits (``connect``, ``run_query``).
 """
 
 from __future__ import annotations
 
 import fnmatch
+import itertools
 import json
 import os
 import re
 import secrets
 import tempfile
+import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import duckdb
 import pyarrow as pa
 
+from pipeline.integrity import (
+    BadManifest,
+    identity,
+    links_leaving,
+    load_checks,
+    manifest_parts,
+    save_checks,
+    sha256_of,
+)
 from pipeline.layout import (
     MANIFEST,
     PART_GLOB,
+    PARTITIONS,
     SUCCESS,
     filesystem,
     fresh_ls,
     is_local,
     parse_run_dir,
+    part_name,
     partition_pattern,
     run_glob,
     storage_error,
@@ -45,6 +66,11 @@ READ_ONLY_STATEMENTS = {"SELECT", "EXPLAIN"}
 # No extension is fetched or loaded: s3:// is read by the registered fsspec filesystem, and an https:// path must
 # fail, not install httpfs under $HOME/.duckdb.
 _CONFIG = {"autoinstall_known_extensions": False, "autoload_known_extensions": False}
+TIMEOUT_S = 300.0  # a query's time limit (atman query --timeout)
+MEMORY_LIMIT = "2GB"  # DuckDB's memory limit (atman query --memory-limit); its own default is 80 % of the RAM
+SPILL_LIMIT = "8GB"  # what a query may spill to its temp directory (--spill-limit); DuckDB's: 90 % of the free disk
+# a part's path ends in its run directory's levels and its own name: the partitions are read from there only
+_PART_PATH = "/".join(partition_pattern(p) for p in PARTITIONS) + "/[^/]+$"
 
 
 class QueryError(ValueError):
@@ -63,10 +89,21 @@ class Run:
     complete: bool
 
     def manifest(self, fs) -> dict:
+        """The run's manifest, {} where it has none; BadManifest naming the file where it is not a JSON object."""
         try:
-            return json.loads(fs.cat_file(f"{self.path}/{MANIFEST}"))
+            data = json.loads(fs.cat_file(f"{self.path}/{MANIFEST}"))
         except FileNotFoundError:
             return {}
+        except ValueError as err:  # not JSON, not UTF-8
+            raise BadManifest(f"{self.url}/{MANIFEST} is not valid JSON ({_short(err)}); {self.redo}") from None
+        if not isinstance(data, dict):
+            raise BadManifest(f"{self.url}/{MANIFEST} is not a JSON object; {self.redo}")
+        return data
+
+    @property
+    def redo(self) -> str:
+        """How to repair the run: its own job, rerun with its id, checks its parts and rewrites the manifest."""
+        return f"`atman run JOB --run-id {self.run_id}` redoes it"
 
 
 def list_runs(root: str, include_incomplete: bool = False) -> list[Run]:
@@ -83,9 +120,10 @@ def list_runs(root: str, include_incomplete: bool = False) -> list[Run]:
     return sorted(runs, key=lambda r: (r.run_date, r.run_id, r.model))
 
 
-def runs_to_query(root: str, include_incomplete: bool = False) -> list[Run]:
-    """The runs ``atman query`` reads; QueryError when there are none, so that a missing or empty root is not
-    answered with an empty result (``count(*)`` = 0 reads as "no rows matched", not as "wrong root")."""
+def runs_to_query(root: str, include_incomplete: bool = False, run_id: str | None = None) -> list[Run]:
+    """The runs ``atman query`` reads (only ``run_id``'s where given); QueryError when there are none, so that a
+    missing or empty root is not answered with an empty result (``count(*)`` = 0 reads as "no rows matched", not as
+    "wrong root")."""
     fs, base = filesystem(root)
     try:
         exists = fs.exists(base)
@@ -96,6 +134,10 @@ def runs_to_query(root: str, include_incomplete: bool = False) -> list[Run]:
         raise QueryError(f"root: cannot read {root} ({_short(err)})") from None
     if not exists:
         raise QueryError(f"root: {root} does not exist (give the output.root a job wrote to)")
+    if run_id is not None:
+        if not any(r.run_id == run_id for r in runs):
+            raise QueryError(f"run_id: no run {run_id!r} under {root} (`SELECT run_id FROM runs` lists them)")
+        runs = [r for r in runs if r.run_id == run_id]
     chosen = [r for r in runs if r.complete or include_incomplete]
     if chosen:
         return chosen
@@ -107,34 +149,107 @@ def runs_to_query(root: str, include_incomplete: bool = False) -> list[Run]:
 
 
 class DamagedPart(UserWarning):
-    """A part a run's manifest names is missing, has another size, or cannot be read: it is left out."""
+    """Something a query would read that is missing, damaged or cannot be verified (a part, a run's manifest): it is
+    left out, and the warning names it and says how to repair it."""
+
+
+class LinkOutside(UserWarning):
+    """A link under a local root that leads outside it: the connection then reads only the runs' verified parts."""
 
 
 def run_parts(fs, run: Run) -> list[str]:
-    """The parts of a run that its manifest names (a complete run), or that it has so far (an incomplete one): one
-    read and one listing per run, never a listing of the whole root. Parts that are missing or of another size than
-    written are left out with a ``DamagedPart`` warning naming them."""
-    sizes = {}
-    for info in fresh_ls(fs, run.path, detail=True):
-        sizes[info["name"].rsplit("/", 1)[-1]] = info.get("size")
-    named = run.manifest(fs).get("files") if run.complete else None
-    if named is None:  # incomplete (or written before manifests listed parts): what is there
-        named = [{"name": n, "bytes": b} for n, b in sizes.items() if fnmatch.fnmatch(n, PART_GLOB)]
-    out = []
-    for f in sorted(named, key=lambda f: f["name"]):
-        where = f"{run.url}/{f['name']}"
-        if f["name"] not in sizes:
-            warnings.warn(f"{where} is missing; its rows are left out (rerun the run to redo it)", DamagedPart, 2)
-        elif f.get("bytes") is not None and sizes[f["name"]] != f["bytes"]:
-            warnings.warn(
-                f"{where} is {sizes[f['name']]} bytes, {f['bytes']} were written; its rows are left out "
-                f"(`atman run JOB --run-id {run.run_id}` redoes it)",
-                DamagedPart,
-                2,
-            )
+    """The parts of a run that a query may read, as URLs; whatever is left out is named in a ``DamagedPart``
+    warning (see ``readable_parts``)."""
+    names, problems = readable_parts(fs, run)
+    for problem in problems:
+        warnings.warn(problem, DamagedPart, 2)
+    return [url(fs, f"{run.path}/{name}") for name in names]
+
+
+def readable_parts(fs, run: Run) -> tuple[list[str], list[str]]:
+    """The names of a run's parts that a query may read, and a line for each thing left out. A complete run: the
+    parts its manifest names that have the size and sha256 written there, the manifest checked for completeness (a
+    part for every shard, rows that add up, no part on disk it does not name). An incomplete one: the parts it has
+    so far, unverified (--include-incomplete). One read of the manifest and one listing per run, never a listing of
+    the whole root; a part is hashed only when it changed since it was last verified (``integrity.cache_dir``)."""
+    infos = {info["name"].rsplit("/", 1)[-1]: info for info in fresh_ls(fs, run.path, detail=True)}
+    if not run.complete:
+        return sorted(n for n, i in infos.items() if fnmatch.fnmatch(n, PART_GLOB) and not i.get("islink")), []
+    try:
+        manifest = run.manifest(fs)
+        entries = manifest_parts(manifest, f"{run.url}/{MANIFEST}", run.redo)
+    except BadManifest as err:
+        return [], [f"run {run.run_id} is left out: {err}"]
+    problems, present = _coverage(run, manifest, entries, infos), []
+    for f in sorted(entries, key=lambda f: f["name"]):
+        why = _mismatch(f, infos.get(f["name"]))
+        if why:
+            problems.append(f"{run.url}/{f['name']} {why}; its rows are left out ({run.redo})")
         else:
-            out.append(url(fs, f"{run.path}/{f['name']}"))
-    return out
+            present.append(f)
+    verified, wrong = _verify(fs, run, present, infos)
+    return verified, problems + wrong
+
+
+def _coverage(run: Run, manifest: dict, entries: list[dict], infos: dict) -> list[str]:
+    """What the manifest lacks: shards without a part, a row total its parts do not add up to, parts on disk it
+    does not name (they cannot be verified: left out)."""
+    problems, named = [], {f["shard"] for f in entries}
+    missing = manifest["shards"] - len(named)  # entries are unique and within 0..shards-1
+    if missing:
+        first = list(itertools.islice((s for s in range(manifest["shards"]) if s not in named), 5))
+        listed = ", ".join(f"{s} ({part_name(s)})" for s in first) + (", ..." if missing > len(first) else "")
+        problems.append(
+            f"{run.url}/{MANIFEST} names no part for {missing} of {manifest['shards']} shards: {listed}; "
+            f"their rows are missing ({run.redo})"
+        )
+    total = sum(f["rows"] for f in entries)
+    if total != manifest["rows"]:
+        problems.append(
+            f"{run.url}/{MANIFEST} counts {manifest['rows']} rows, its parts {total}: the answer may lack rows "
+            f"({run.redo})"
+        )
+    names = {f["name"] for f in entries}
+    for name in sorted(n for n in infos if fnmatch.fnmatch(n, PART_GLOB) and n not in names):
+        problems.append(
+            f"{run.url}/{name} is not in the run's manifest, so it cannot be verified; its rows are left out "
+            f"({run.redo})"
+        )
+    return problems
+
+
+def _mismatch(entry: dict, info: dict | None) -> str | None:
+    """Why a listed part is not the one the manifest names (without reading it), or None."""
+    if info is None:
+        return "is missing"
+    if info.get("islink") or info.get("type") not in (None, "file"):
+        return "is not a plain file (a link?), so not the part the run wrote"
+    if info.get("size") != entry["bytes"]:
+        return f"is {info.get('size')} bytes, {entry['bytes']} were written"
+    return None
+
+
+def _verify(fs, run: Run, entries: list[dict], infos: dict) -> tuple[list[str], list[str]]:
+    """The names of ``entries`` whose bytes have their manifest's sha256, and a line for each other. A part
+    verified before and unchanged since (same size, times, inode or ETag) is not read again."""
+    known = load_checks(run.url)
+    keys = {f["name"]: identity(infos[f["name"]], f["sha256"]) for f in entries}
+    todo = [f for f in entries if keys[f["name"]] is None or known.get(f["name"]) != keys[f["name"]]]
+    with ThreadPoolExecutor(max_workers=4) as pool:  # hashlib hashes large chunks without the GIL
+        found = pool.map(lambda f: sha256_of(fs, f"{run.path}/{f['name']}"), todo)
+        digests = dict(zip([f["name"] for f in todo], found, strict=True))
+    verified, wrong = [], []
+    for f in entries:
+        digest = digests.get(f["name"], f["sha256"])
+        if digest == f["sha256"]:
+            verified.append(f["name"])
+            continue
+        why = "cannot be read" if digest is None else "does not match its sha256 in the manifest (its bytes changed)"
+        wrong.append(f"{run.url}/{f['name']} {why}; its rows are left out ({run.redo})")
+    checks = {n: keys[n] for n in verified if keys[n] is not None}
+    if checks != known:
+        save_checks(run.url, checks)
+    return verified, wrong
 
 
 def connect(
@@ -143,40 +258,99 @@ def connect(
     *,
     run_id: str | None = None,
     runs: list[Run] | None = None,
+    memory_limit: str = MEMORY_LIMIT,
+    spill_limit: str = SPILL_LIMIT,
 ) -> duckdb.DuckDBPyConnection:
     """A DuckDB connection with the views ``explanations``, ``units``, ``image_units`` and ``runs`` over ``root``, or
     only over the runs named by ``run_id`` or given as ``runs`` (``show``, ``report`` and ``diff`` open just what
-    they are asked about). The connection can read nothing but ``root`` (see ``_confine``)."""
+    they are asked about). The connection can read nothing but ``root`` (see ``_confine``), uses at most
+    ``memory_limit`` of memory and spills at most ``spill_limit`` (DuckDB sizes: '2GB', '512MB'). What is left out
+    (``readable_parts``) is named in ``DamagedPart`` warnings; QueryError when nothing chosen is left to read."""
     fs, base = filesystem(root)
-    con = duckdb.connect(":memory:", config=_CONFIG | {"temp_directory": _private_temp_dir()})
+    con = _open(memory_limit, spill_limit)
     if runs is None:
         runs = [r for r in list_runs(root, include_incomplete) if run_id is None or r.run_id == run_id]
     runs = list(dict.fromkeys(runs))  # a run diffed against itself is read once
-    files = [f for run in runs for f in run_parts(fs, run)]
+    links = _outside_links(fs, base)
+    files, problems = [], []
+    for run in runs:
+        through = next((link for link in links if run.path.startswith(f"{link}/")), None)
+        if through:
+            problems.append(f"run {run.run_id} is left out: {run.url} is reached through {through}, a link outside")
+            continue
+        names, why = readable_parts(fs, run)
+        files += [url(fs, f"{run.path}/{name}") for name in names]
+        problems += why
+    for problem in problems:
+        warnings.warn(problem, DamagedPart, 2)
     if not is_local(fs):
         con.register_filesystem(fs)  # DuckDB cannot fetch its httpfs extension offline; s3fs does the reading
+    read = _explanations_view(con, root, files)
+    if not read and (problems or len(read) < len(files)):
+        first = problems[0] if problems else "every part is damaged"
+        raise QueryError(f"root: nothing left to read under {root}: {first}")
+    _derived_views(con, runs)
+    _confine(con, url(fs, f"{base.rstrip('/')}/"), read if links else None)
+    return con
+
+
+def _open(memory_limit: str, spill_limit: str) -> duckdb.DuckDBPyConnection:
+    limits = {"memory_limit": memory_limit, "max_temp_directory_size": spill_limit}
+    try:
+        return duckdb.connect(":memory:", config=_CONFIG | limits | {"temp_directory": _private_temp_dir()})
+    except duckdb.Error as err:
+        raise QueryError(
+            f"memory_limit / spill_limit: {memory_limit!r} / {spill_limit!r}: {_short(err)} (sizes like 2GB, 512MB)"
+        ) from None
+
+
+def _outside_links(fs, base: str) -> list[str]:
+    """The links under a local root that lead outside it, each named in a ``LinkOutside`` warning (none on S3)."""
+    if not is_local(fs):
+        return []
+    found = links_leaving(base)
+    for link, target in found:
+        warnings.warn(
+            f"{link} is a link to {target}, outside the root: ignored; queries of this root read only its runs' "
+            "parts (remove the link to read its other files)",
+            LinkOutside,
+            3,
+        )
+    return [link for link, _ in found]
+
+
+def _explanations_view(con: duckdb.DuckDBPyConnection, root: str, files: list[str]) -> list[str]:
+    """The view ``explanations`` over ``files``, model and run_date taken from each part's run directory (its last
+    three levels: a root inside a 'model=' directory changes nothing); the files it reads. A part DuckDB cannot read
+    (damaged bytes in an incomplete run's part, which no checksum guards) is named and left out."""
+    files = list(files)
+    groups = {p: i for i, p in enumerate(PARTITIONS, 1)}
     while files:
         listing = ", ".join(_quote(f) for f in files)
         source = f"read_parquet([{listing}], filename = true, union_by_name = true)"
         try:
             con.execute(
                 f"""CREATE OR REPLACE VIEW explanations AS
-                SELECT regexp_extract(filename, {_quote(partition_pattern("model"))}, 1) AS model,
-                       regexp_extract(filename, {_quote(partition_pattern("run_date"))}, 1) AS run_date,
+                SELECT regexp_extract(filename, {_quote(_PART_PATH)}, {groups["model"]}) AS model,
+                       regexp_extract(filename, {_quote(_PART_PATH)}, {groups["run_date"]}) AS run_date,
                        * EXCLUDE (filename)
                 FROM {source}"""
             )
-            break
-        except duckdb.Error as err:  # a part whose bytes are damaged (same size): name it, leave it out
+            return files
+        except duckdb.Error as err:
             bad = next((f for f in files if f in str(err)), None)
             if bad is None:
                 raise QueryError(f"root: cannot read the parts under {root} ({str(err).strip()})") from None
-            warnings.warn(f"{bad} cannot be read ({_short(err)}); its rows are left out", DamagedPart, 2)
+            warnings.warn(f"{bad} cannot be read ({_short(err)}); its rows are left out", DamagedPart, 3)
             files.remove(bad)
-    if not files:  # an empty root: the same columns, no rows
-        empty = pa.schema([pa.field("model", pa.string()), pa.field("run_date", pa.string()), *SCHEMA])
-        con.register("_empty_explanations", empty.empty_table())
-        con.execute("CREATE VIEW explanations AS SELECT * FROM _empty_explanations")
+    empty = pa.schema([pa.field("model", pa.string()), pa.field("run_date", pa.string()), *SCHEMA])
+    con.register("_empty_explanations", empty.empty_table())  # an empty root: the same columns, no rows
+    con.execute("CREATE OR REPLACE VIEW explanations AS SELECT * FROM _empty_explanations")
+    return []
+
+
+def _derived_views(con: duckdb.DuckDBPyConnection, runs: list[Run]) -> None:
+    """The views ``units``, ``image_units`` (over ``explanations``) and ``runs``."""
     con.execute(
         """CREATE VIEW units AS
         SELECT *, rank() OVER (PARTITION BY model, run_id, prompt_id ORDER BY score DESC) AS rank
@@ -214,8 +388,6 @@ def connect(
     )  # fmt: skip
     con.register("_runs", pa.Table.from_pylist(run_rows, schema=run_schema))
     con.execute("CREATE VIEW runs AS SELECT * FROM _runs")
-    _confine(con, url(fs, f"{base.rstrip('/')}/"))
-    return con
 
 
 def _private_temp_dir() -> str:
@@ -225,17 +397,22 @@ def _private_temp_dir() -> str:
     return os.path.join(tempfile.gettempdir(), f"atman-query-{secrets.token_hex(6)}")
 
 
-def _confine(con: duckdb.DuckDBPyConnection, root_dir: str) -> None:
-    """From here on the connection reads only under ``root_dir`` (a directory URL ending in '/'): external access
-    off but for it, then the configuration locked so that no query can turn it back on. The order matters: DuckDB
-    takes no new allowed directories once external access is off."""
-    con.execute("SET allowed_directories = ?", [[root_dir]])
+def _confine(con: duckdb.DuckDBPyConnection, root_dir: str, only: list[str] | None = None) -> None:
+    """From here on the connection reads only under ``root_dir`` (a directory URL ending in '/'), or only the files
+    ``only`` (a root with a link leading outside it): external access off but for them, then the configuration
+    locked so that no query can turn it back on. The order matters: DuckDB takes no new allowed directories once
+    external access is off."""
+    if only is None:
+        con.execute("SET allowed_directories = ?", [[root_dir]])
+    else:
+        con.execute("SET allowed_paths = ?", [only])
     con.execute("SET enable_external_access = false")
     con.execute("SET lock_configuration = true")
 
 
-def run_query(con: duckdb.DuckDBPyConnection, sql: str) -> pa.Table:
-    """Run one read-only statement; QueryError for anything else (or for SQL DuckDB rejects)."""
+def run_query(con: duckdb.DuckDBPyConnection, sql: str, timeout: float | None = TIMEOUT_S) -> pa.Table:
+    """Run one read-only statement, interrupted after ``timeout`` seconds (None or 0: no limit); QueryError for
+    anything else, for SQL DuckDB rejects, and for a query that runs out of time or memory."""
     try:
         statements = con.extract_statements(sql)
     except duckdb.Error as err:
@@ -245,6 +422,10 @@ def run_query(con: duckdb.DuckDBPyConnection, sql: str) -> pa.Table:
     kind = statements[0].type.name
     if kind not in READ_ONLY_STATEMENTS:
         raise QueryError(f"sql: only SELECT queries run here (got {kind}); the outputs are read-only")
+    timer = threading.Timer(timeout, con.interrupt) if timeout else None
+    if timer:
+        timer.daemon = True
+        timer.start()
     try:
         return con.sql(sql).to_arrow_table()
     except duckdb.PermissionException as err:  # connect() confined the connection to the root
@@ -252,8 +433,35 @@ def run_query(con: duckdb.DuckDBPyConnection, sql: str) -> pa.Table:
             f"sql: reads outside the output root are not allowed ({_refused(err)}); "
             "query the views explanations, units, image_units and runs"
         ) from None
+    except duckdb.InterruptException:
+        raise QueryError(f"sql: stopped after {timeout:g} s, the time limit (--timeout sets it; 0: none)") from None
+    except duckdb.OutOfMemoryException as err:
+        raise QueryError(
+            f"sql: the query needs more memory than allowed ({_short(err)}); --memory-limit and --spill-limit "
+            "raise the limits"
+        ) from None
     except duckdb.Error as err:
         raise QueryError(f"sql: {str(err).strip()}") from None
+    finally:
+        if timer:
+            timer.cancel()
+
+
+def read_run(location: str) -> pa.Table:
+    """The rows of the run directory ``location`` (local or s3://), read from the parts a query may read
+    (``readable_parts``; what is left out is named in ``DamagedPart`` warnings): the guarded reader for code that
+    reads a run's parts without DuckDB (``atman run --preview``)."""
+    import pyarrow.parquet as pq
+
+    fs, path = filesystem(location)
+    path = path.rstrip("/")
+    partitions = parse_run_dir(path)
+    if partitions is None:
+        raise ValueError(f"run: {location} is not a run directory ({run_glob('ROOT', 'MODEL', 'DATE', 'ID')})")
+    run = Run(*partitions, path, url(fs, path), fs.exists(f"{path}/{SUCCESS}"))
+    names = [part.rsplit("/", 1)[-1] for part in run_parts(fs, run)]
+    tables = [pq.read_table(f"{path}/{name}", filesystem=fs) for name in names]
+    return pa.concat_tables(tables, promote_options="default") if tables else SCHEMA.empty_table()
 
 
 def _refused(err: duckdb.Error) -> str:

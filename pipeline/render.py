@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -95,17 +96,22 @@ def render_summary(summary, console: Console | None = None) -> None:
 
 
 def render_preview(run_url: str, n: int, console: Console | None = None, top_k: int = 3) -> None:
-    """The top units of the first ``n`` ok rows of a written run (read back from its Parquet files)."""
+    """The top units of the first ``n`` ok rows of a written run, read back from its parts as queries read them
+    (verified against the manifest; a part left out is named in a warning line first)."""
+    import warnings
+
     import pyarrow.compute as pc
-    import pyarrow.dataset as ds
 
-    from pipeline.layout import filesystem
+    from pipeline.query import DamagedPart, read_run
 
-    fs, path = filesystem(run_url)
-    table = ds.dataset(path, filesystem=fs, format="parquet").to_table()
+    console = console or Console()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DamagedPart)
+        table = read_run(run_url)
+    for w in caught:
+        console.print(f"[yellow]warning:[/] {escape(str(w.message))}", highlight=False, soft_wrap=True)
     table = table.filter(pc.equal(table.column("status"), "ok")).sort_by("prompt_id").slice(0, n)
     for row in table.to_pylist():
-        console = console or Console()
         console.rule(f"{row['prompt_id']}  target {row['target']!r}", style="dim")
         render_row(row, console, top_k=top_k, header=False)
 

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
@@ -31,6 +32,9 @@ def pytest_configure(config) -> None:
     """Under pytest-xdist (`make test`: one worker per core) each worker, and every `atman` process it starts,
     computes on one thread: two workers with a thread per core each fight over the cores (measured: 21 min against
     the suite's serial 27 on the 2-core machine, where one thread each fills both cores)."""
+    # the verified-parts cache of every query a test runs (and every `atman` it starts): the session's own, not the
+    # machine user's ($TMPDIR/atman-<uid>); a test that checks the cache points it at its own tmp_path
+    os.environ.setdefault("ATMAN_CACHE_DIR", tempfile.mkdtemp(prefix="atman-test-cache-"))
     if os.environ.get("PYTEST_XDIST_WORKER"):
         import torch
 

@@ -259,3 +259,24 @@ def test_cli_query_needs_runs(tmp_path):
     assert "1 incomplete" in said and "--include-incomplete" in said
     out = _cli("query", str(unfinished), "SELECT count(*) AS n FROM runs", "--include-incomplete", "--format", "json")
     assert out.returncode == 0 and json.loads(out.stdout) == [{"n": 1}], out.stderr
+
+
+def test_a_flipped_byte_in_a_part_a_job_wrote_is_left_out(root, tmp_path):
+    """A part of a real run with one byte changed (same size): the query names it and answers without its rows."""
+    import shutil
+    import warnings
+
+    from pipeline.query import DamagedPart
+
+    copy = tmp_path / "out"
+    shutil.copytree(root, copy)
+    part = next(copy.glob("model=*/run_date=*/run_id=a/part-*.parquet"))
+    data = bytearray(part.read_bytes())
+    data[len(data) // 3] ^= 0xFF
+    part.write_bytes(bytes(data))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DamagedPart)
+        con = connect(str(copy))
+    assert [f"{part} does not match its sha256" in str(w.message) for w in caught] == [True]
+    rows = con.execute("SELECT run_id, count(*) FROM explanations GROUP BY 1 ORDER BY 1").fetchall()
+    assert rows == [("b", 2)], "run a had one part: none of its rows are read"
