@@ -237,12 +237,16 @@ def run(
     precision: Annotated[
         Precision | None, typer.Option(help="Sets the spec's method.precision (same as --set method.precision=...).")
     ] = None,
+    dry_run: Annotated[bool, typer.Option(help="Run nothing: print the estimate of `atman plan` instead.")] = False,
 ) -> None:
     """Run a job: explain every prompt of its input and write Parquet (resumable with --run-id)."""
     from pipeline.jobspec import JobSpecError, load_job
 
     _quiet_libraries()
     overrides = [*(set_ or []), *([f"method.precision={precision}"] if precision else [])]
+    if dry_run:
+        _plan(job, run_id, overrides, address, calibrate=True, as_json=False)
+        return
     try:
         spec = load_job(job, overrides)
     except JobSpecError as error:
@@ -308,32 +312,122 @@ def run(
 
 
 @app.command()
+def plan(
+    job: Annotated[str, typer.Argument(help="Job spec (YAML), e.g. jobs/examples/demo.yaml.")],
+    run_id: Annotated[
+        str | None, typer.Option(help="The run id the job will run under: the estimate is kept in its directory.")
+    ] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a spec field: --set method.factor=0.3 (repeatable).")
+    ] = None,
+    address: Annotated[
+        str, typer.Option(help="The run to estimate: local (embedded Ray) or inline (no Ray).")
+    ] = "local",
+    calibrate: Annotated[
+        bool, typer.Option(help="Time sample batches on this machine for the wall time; --no-calibrate: counts only.")
+    ] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the estimate as JSON.")] = False,
+) -> None:
+    """Estimate a job before running it: rows, shards, units, forward passes and forward-pass tokens per row (from
+    a sample of the input), and the wall time and GPU-hours (CPU actor-hours) from a short calibration on this
+    machine. The estimate is saved; the run's _manifest.json then compares it with what the run took."""
+    _quiet_libraries()
+    _plan(job, run_id, set_ or [], address, calibrate, as_json)
+
+
+def _plan(job: str, run_id: str | None, overrides: list[str], address: str, calibrate: bool, as_json: bool) -> None:
+    """`atman plan` (and `atman run --dry-run`): the estimate, printed and saved."""
+    from rich.table import Table
+
+    from pipeline.estimate import plan_job, save, summary_rows
+    from pipeline.jobspec import JobSpecError, load_job
+
+    try:
+        spec = load_job(job, overrides)
+        with err.status("planning: counting the input, loading the model, timing sample batches"):
+            estimate = plan_job(spec, address=address, calibrate=calibrate)
+        where = save(estimate, spec, run_id)
+    except (JobSpecError, ValueError) as error:  # ValueError: the address, the run id
+        fail(str(error))
+    if as_json:
+        Console().print_json(json.dumps(estimate))
+        return
+    table = Table(title=f"plan: {job}", show_header=False)
+    for label, text in summary_rows(estimate):
+        table.add_row(label, text)
+    out = Console()
+    out.print(table)
+    out.print(f"estimate saved: {where}", highlight=False, soft_wrap=True)
+
+
+@app.command()
 def query(
     root: Annotated[str, typer.Argument(help="Output root (local path or s3://bucket/prefix).")],
     sql: Annotated[str, typer.Argument(help="One SELECT over the views explanations, units and runs.")],
     format: Annotated[str, typer.Option("--format", help="table, json or csv.")] = "table",
     include_incomplete: Annotated[bool, typer.Option(help="Also read runs without _SUCCESS.")] = False,
+    run_id: Annotated[
+        str | None, typer.Option(help="Read only this run (an error when none of it can be read).")
+    ] = None,
+    timeout: Annotated[
+        float | None, typer.Option(help="Stop the query after this many seconds (default 300; 0: no limit).")
+    ] = None,
+    memory_limit: Annotated[
+        str | None, typer.Option(help="DuckDB's memory limit, e.g. 4GB (default 2GB); past it a query spills.")
+    ] = None,
+    spill_limit: Annotated[
+        str | None, typer.Option(help="Most a query may spill to its temp directory, e.g. 20GB (default 8GB).")
+    ] = None,
+    strict: Annotated[
+        bool, typer.Option(help="Exit 3 with no answer when any part or run is left out (damaged, unverifiable).")
+    ] = False,
 ) -> None:
     """SQL (DuckDB, read-only) over every run under ROOT: `explanations` (one row per prompt and run, with
     columns model and run_date), `units` (one row per prompt, run and unit, with its rank) and `runs`. Queries
-    read nothing outside ROOT; a ROOT without runs is an error, not an empty answer."""
-    from pipeline.query import DamagedPart, QueryError, connect, run_query, runs_to_query
+    read nothing outside ROOT; a ROOT without runs is an error, not an empty answer. Parts are verified against
+    their run's manifest (sha256) first: one that does not match is left out with a warning, and the answer is
+    marked partial (exit 0; --strict: exit 3)."""
+    from pipeline.query import (
+        MEMORY_LIMIT,
+        SPILL_LIMIT,
+        TIMEOUT_S,
+        DamagedPart,
+        LinkOutside,
+        QueryError,
+        connect,
+        run_query,
+        runs_to_query,
+    )
 
     if format not in ("table", "json", "csv"):
         fail(f"format: {format!r} is not table, json or csv")
+    limits = {"memory_limit": memory_limit or MEMORY_LIMIT, "spill_limit": spill_limit or SPILL_LIMIT}
     try:
-        runs = runs_to_query(root, include_incomplete)
+        runs = runs_to_query(root, include_incomplete, run_id)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", DamagedPart)
-            con = connect(root, runs=runs)
-        for w in caught:
-            err.print(f"[yellow]warning:[/] {w.message}", highlight=False, soft_wrap=True)
-        table = run_query(con, sql)
+            warnings.simplefilter("always", LinkOutside)
+            try:
+                con = connect(root, runs=runs, **limits)
+            finally:
+                for w in caught:
+                    err.print(f"[yellow]warning:[/] {escape(str(w.message))}", highlight=False, soft_wrap=True)
+        left_out = sum(issubclass(w.category, DamagedPart) for w in caught)
+        if left_out and strict:
+            fail(f"--strict: {left_out} problem(s) above leave rows out of the answer; no answer given", code=3)
+        table = run_query(con, sql, TIMEOUT_S if timeout is None else timeout)
     except QueryError as error:
         fail(str(error))
     from pipeline.render import print_table
 
     print_table(table, format, Console())
+    if left_out:
+        err.print(
+            f"[yellow]warning:[/] partial answer: {left_out} problem(s) above left rows out of it "
+            "(--strict makes this an error)",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 @app.command()
@@ -347,11 +441,14 @@ def show(
     ] = None,
 ) -> None:
     """One prompt of a run in the terminal: units coloured by score, target, base CE, status, top units."""
-    from pipeline.query import connect
+    from pipeline.query import QueryError, connect
     from pipeline.render import render_row
 
     where = "prompt_id = $pid" + (" AND run_id = $rid" if run_id else "")
-    con = connect(root, run_id=run_id)
+    try:
+        con = connect(root, run_id=run_id)
+    except QueryError as error:  # nothing of the run can be read (each reason was warned about)
+        fail(str(error))
     rows = con.execute(
         f"SELECT * FROM explanations WHERE {where} ORDER BY run_date DESC, written_at DESC LIMIT 1",
         {"pid": prompt_id, **({"rid": run_id} if run_id else {})},

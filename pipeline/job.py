@@ -1,13 +1,14 @@
 """``atman run``: plan the input into shards, explain the unfinished ones (Ray actors), publish the run.
 
 The data plane (``pipeline/shards.py``): the driver lists the input and plans; workers read, validate and stage
-the rows, one task per file; ids are settled over all rows out of core (DuckDB); each shard is explained by one
-actor call and published as one part, then a marker records it. The driver holds the plan and the progress record,
-never the rows: its memory does not grow with the corpus.
+the rows, one task per file (or per piece of a large one); ids are settled over all rows out of core (DuckDB);
+each shard is explained by one actor call and published as one part, then a marker records it. The driver holds
+the plan and the progress record, never the rows: its memory does not grow with the corpus.
 
 Guarantees (tested in tests/test_job*.py):
 - every input row ends as exactly one output row (ok / skipped / error), checked before ``_SUCCESS``;
 - a part is named by its shard and published whole, so a retried shard replaces its own part;
+- a shard whose actor is lost (its process killed, its node lost) goes to a live actor (``_Pool``);
 - a rerun of a run id reads the progress record (not every part), verifies each finished part's size and sha256,
   and redoes only unfinished or damaged shards (``retry_errors`` also redoes the rows that ended in ``error``);
 - a run is one snapshot of its input: a rerun on a changed input exits 2 naming what changed;
@@ -20,6 +21,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import errno
+import functools
 import hashlib
 import json
 import logging
@@ -46,6 +49,7 @@ from pipeline.layout import (
     new_run_id,
     part_name,
     publish,
+    remove_temps,
     scratch_dir,
     storage_error,
     valid_run_id,
@@ -62,10 +66,11 @@ from pipeline.shards import (
     input_changes,
     load_progress,
     make_plan,
+    plan_problem,
     remove_staging,
     resolve,
     save_progress,
-    scan_file,
+    stage_input,
     staging_ready,
 )
 
@@ -145,15 +150,17 @@ def run_job(
         if not storage_error(err):
             raise
         raise JobSpecError(
-            f"output.root: {spec.output.root!r}: cannot read it ({type(err).__name__}: {first_line(err)})"
+            f"output.root: {spec.output.root!r} {_root_problem(err)} ({type(err).__name__}: {first_line(err)})"
         ) from None
-    executor = _executor(spec, paths, address)
+    executor = _executor(spec, paths, address, notice)
     try:
         with _stop_on_signals(), Lease(paths) as lease, executor:
+            if lease.taken_over:
+                notice(f"run {run_id}: took over the lease of an earlier driver, {lease.taken_over}")
             listing = list_input(spec.input)
             for name in listing.ignored:
                 notice(f"input: not read: {name} (hidden, or not jsonl/csv/parquet, plain or compressed)")
-            plan = _load_plan(paths)
+            plan = _load_plan(paths, notice)
             if plan is not None and (changes := input_changes(plan, listing)):
                 raise JobSpecError(
                     f"input.path: the input changed since run {run_id} started ({'; '.join(changes[:3])}); a run "
@@ -162,20 +169,17 @@ def run_job(
             checked = plan is None  # a new run checks the model before it stages the input
             if plan is None:
                 _check_model(spec, address)
-                plan = _stage(executor, spec, paths, listing)
+                plan = _stage(executor, spec, paths, listing, spec.input.split_bytes, notice)
             _check_stop()
-            progress, leftover = load_progress(paths)
-            progress = {s: r for s, r in progress.items() if s < len(plan.shards)}
+            staged = functools.partial(_staged, executor, spec, paths, listing, plan, notice)
+            progress, leftover, problems = load_progress(paths, plan, notice, staged)  # checked against the plan
             redone = []
-            problems = damaged(paths, progress)
-            for shard, record in progress.items():  # finalize refused it: without this every rerun would too
-                if shard not in problems and record["rows"] != plan.shard_rows_of(shard):
-                    problems[shard] = f"its part holds {record['rows']} of its {plan.shard_rows_of(shard)} input rows"
+            problems |= damaged(paths, progress)
             for shard, why in sorted(problems.items()):
                 redone.append(f"shard {shard}: {why}; it is explained again")
                 notice(redone[-1])
-                del progress[shard]
-            if leftover:  # markers of a driver that stopped before folding them in
+                progress.pop(shard, None)
+            if leftover or problems:  # markers of a driver that stopped before folding them in; dropped records
                 save_progress(paths, progress, leftover)
             pending = [
                 s
@@ -184,12 +188,8 @@ def run_job(
             ]
             if pending and not checked:
                 _check_model(spec, address)
-            if pending and not staging_ready(paths, plan):  # removed when the run completed: stage it again
-                again = _stage(executor, spec, paths, listing, save=False)
-                if again.blocks != plan.blocks:
-                    raise JobSpecError(
-                        f"input.path: the input of run {run_id} reads differently now; start a new run without --run-id"
-                    )
+            if pending:
+                staged()
             if pending and paths.fs.exists(paths.success):
                 paths.fs.rm(paths.success)  # the run is about to change: it is not complete until finalize says so
             todo = sum(progress[s]["counts"]["error"] if s in progress else plan.shard_rows_of(s) for s in pending)
@@ -216,13 +216,48 @@ def run_job(
         if cause is not None:
             raise cause from None
         raise RunIncomplete(
-            f"the run stopped ({type(err).__name__}: {first_line(err)}); finished shards are kept: "
-            f"rerun with --run-id {run_id} to finish it"
+            f"the run stopped ({_write_problem(err) or ''}{type(err).__name__}: {first_line(err)}); finished "
+            f"shards are kept: rerun with --run-id {run_id} to finish it"
         ) from err
     summary.processed, summary.unit_passes = processed, passes
     summary.seconds = time.perf_counter() - started
     summary.redone, summary.ignored = redone, list(listing.ignored)
     return summary
+
+
+_CANNOT_WRITE = {
+    errno.ENOSPC: ("no space left on the device", "free space there"),
+    errno.EDQUOT: ("the disk quota is exceeded", "free space there"),
+    errno.EROFS: ("a read-only file system", "make it writable"),
+    errno.EACCES: ("permission denied", "make it writable"),
+    errno.EPERM: ("permission denied", "make it writable"),
+}
+
+
+def _root_problem(err: BaseException) -> str:
+    """What stopped the driver making the run's directory: a root that cannot be written is not one that is gone
+    or that cannot be read."""
+    code = getattr(err, "errno", None)
+    if code in _CANNOT_WRITE:
+        what, fix = _CANNOT_WRITE[code]
+        return f"cannot be written ({what}): {fix}, or choose another output.root"
+    if isinstance(err, FileNotFoundError):
+        return "does not exist and cannot be made (a bucket is not made for you): create it, or fix output.root"
+    return "cannot be reached or read"
+
+
+def _write_problem(err: BaseException) -> str | None:
+    """For an error of writing (disk full, read-only, denied) in the driver or a worker: which path it was and what
+    to do, as the start of the message; else None."""
+    err = getattr(err, "cause", None) or err  # a Ray task's error wraps the worker's
+    code = getattr(err, "errno", None)
+    if code not in _CANNOT_WRITE:
+        return None
+    what, fix = _CANNOT_WRITE[code]
+    where = getattr(err, "filename", None)
+    if where is None:
+        return f"{what} writing a file of the run, its staging or Ray's scratch directory: {fix}; "
+    return f"{what} writing {where}: {fix}; "
 
 
 def _check_model(spec: JobSpec, address: str) -> None:
@@ -236,22 +271,54 @@ def _check_model(spec: JobSpec, address: str) -> None:
         raise JobSpecError(f"model.id: {str(err).removeprefix('model: ')}") from None
 
 
-def _load_plan(paths: RunPaths) -> Plan | None:
+def _load_plan(paths: RunPaths, notice) -> Plan | None:
+    """The run's plan; None for a new run, and for an unreadable plan from which no part was written yet (the input
+    is staged again). An unreadable plan with parts is exit 2: without it no part can be matched to its rows."""
     try:
-        return Plan.from_json(paths.fs.cat_file(paths.plan))
+        data = paths.fs.cat_file(paths.plan)
     except FileNotFoundError:
         return None
+    try:
+        plan = Plan.from_json(data)
+        why = plan_problem(plan)
+    except (ValueError, KeyError, TypeError, IndexError) as err:
+        why = f"{type(err).__name__}: {first_line(err)}"
+    if why is None:
+        return plan
+    parts = paths.parts()
+    if parts:
+        raise JobSpecError(
+            f"run_id: the plan of run {paths.run_id} ({paths.plan}) is unreadable ({why}), and {len(parts)} parts "
+            "were written from it: they cannot be matched to their input rows without it. Start a new run without "
+            f"--run-id, or remove {paths.dir} and rerun with --run-id {paths.run_id} to explain it all again"
+        )
+    notice(f"{paths.plan} is unreadable ({why}); no part was written from it yet: the input is staged again")
+    return None
 
 
-def _stage(executor, spec: JobSpec, paths: RunPaths, listing, save: bool = True) -> Plan:
-    """Scan every input file into staging blocks (where the work runs), settle the ids, cut the shards."""
-    blocks = executor.scan(listing, BLOCK_ROWS)
+def _stage(executor, spec: JobSpec, paths: RunPaths, listing, split_bytes: int, notice, save: bool = True) -> Plan:
+    """Scan every input file into staging blocks (where the work runs; a file larger than ``split_bytes`` in
+    pieces, a task each; a rerun passes its plan's), settle the ids, cut the shards."""
+    run, compression = dataclasses.asdict(paths), spec.output.compression
+    blocks = stage_input(listing, spec.input, run, BLOCK_ROWS, compression, split_bytes, executor.scan, notice)
     executor.resolve([b.name for b in blocks])
     res = spec.resources
-    plan = make_plan(listing, blocks, res.shard_rows, res.actors, res.batch_rows)
+    plan = make_plan(listing, blocks, res.shard_rows, res.actors, res.batch_rows, split_bytes)
     if save:
         publish(paths.fs, paths.plan, plan.to_json())
     return plan
+
+
+def _staged(executor, spec: JobSpec, paths: RunPaths, listing, plan: Plan, notice) -> None:
+    """Make sure the plan's staged input is there: it is removed when the run completes, and staged again (the
+    same blocks, or exit 2) when a rerun has work to do or parts to check."""
+    if staging_ready(paths, plan):
+        return
+    again = _stage(executor, spec, paths, listing, plan.split_bytes, notice, save=False)
+    if again.blocks != plan.blocks:
+        raise JobSpecError(
+            f"input.path: the input of run {paths.run_id} reads differently now; start a new run without --run-id"
+        )
 
 
 _SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -356,8 +423,8 @@ def _job_spec_error(err: BaseException) -> JobSpecError | None:
 # --- execution ---------------------------------------------------------------------------------------------------
 
 
-def _executor(spec: JobSpec, paths: RunPaths, address: str):
-    return _Inline(spec, paths) if address == "inline" else _Ray(spec, paths, address)
+def _executor(spec: JobSpec, paths: RunPaths, address: str, notice: Callable[[str], None] | None = None):
+    return _Inline(spec, paths) if address == "inline" else _Ray(spec, paths, address, notice)
 
 
 class _Inline:
@@ -374,13 +441,9 @@ class _Inline:
     def __exit__(self, *exc) -> None:
         self.worker = None
 
-    def scan(self, listing, block_rows: int):
-        spec_json, compression = self.spec.input.model_dump_json(), self.spec.output.compression
-        return [
-            b
-            for i, f in enumerate(listing.files)
-            for b in scan_file(spec_json, self.run, dataclasses.asdict(f), i, block_rows, compression)
-        ]
+    def scan(self, calls: list[tuple]) -> list:
+        """Run the staging calls ``(function, *args)`` (scans of files and pieces, their first pass) in order."""
+        return [fn(*args) for fn, *args in calls]
 
     def resolve(self, blocks: list[str]) -> int:
         return resolve(self.run, blocks)
@@ -397,11 +460,12 @@ class _Inline:
 
 
 class _Ray:
-    """Ray: scans as tasks (one per file), the id pass as one task, shards on a pool of actors (two in flight
-    each, so reading and publishing one shard overlap explaining the other)."""
+    """Ray: scans as tasks (one per file, or per piece of a large file), the id pass as one task, shards on a pool
+    of actors (two in flight each, so reading and publishing one shard overlap explaining the other)."""
 
-    def __init__(self, spec: JobSpec, paths: RunPaths, address: str) -> None:
+    def __init__(self, spec: JobSpec, paths: RunPaths, address: str, notice: Callable[[str], None] | None = None):
         self.spec, self.paths, self.address = spec, paths, address
+        self.notice = notice or (lambda text: log.warning("%s", text))
         self.run = dataclasses.asdict(paths)
         self.started_here = False
         self.scratch: str | None = None
@@ -447,15 +511,17 @@ class _Ray:
         if self.scratch:
             shutil.rmtree(self.scratch, ignore_errors=True)
 
-    def scan(self, listing, block_rows: int):
+    def scan(self, calls: list[tuple]) -> list:
+        """The staging calls ``(function, *args)`` (scans of files and pieces, their first pass) as tasks, a CPU
+        each; their results in order."""
         ray = self._ensure()
-        task = ray.remote(scan_file).options(num_cpus=1, max_retries=2)
-        spec_json, compression = self.spec.input.model_dump_json(), self.spec.output.compression
-        refs = [
-            task.remote(spec_json, self.run, dataclasses.asdict(f), i, block_rows, compression)
-            for i, f in enumerate(listing.files)
-        ]
-        return [b for blocks in _get_all(ray, refs) for b in blocks]
+        tasks: dict = {}
+        refs = []
+        for fn, *args in calls:
+            if fn not in tasks:
+                tasks[fn] = ray.remote(fn).options(num_cpus=1, max_retries=2)
+            refs.append(tasks[fn].remote(*args))
+        return _get_all(ray, refs)
 
     def resolve(self, blocks: list[str]) -> int:
         ray = self._ensure()
@@ -471,40 +537,39 @@ class _Ray:
             num_cpus=res.cpus_per_actor,
             num_gpus=res.gpus_per_actor or None,
             max_restarts=res.max_restarts,
-            max_task_retries=res.max_restarts,
-            max_concurrency=3,  # two shards (one explaining, one reading or publishing) and the progress poll
+            max_task_retries=0,  # a lost actor's shards go to a live actor (_Pool), not to wait for its restart
+            max_concurrency=4,  # two shards (one explaining, one reading or publishing), progress poll, probe
         )
         actors = [actor.remote(self.spec.model_dump_json(), self.run) for _ in range(min(res.actors, len(pending)))]
-        queue = deque(pending)
-        inflight: dict = {}
 
-        def submit(a) -> None:
-            if queue:
-                shard = queue.popleft()
-                inflight[a.explain_shard.remote(shard, plan.segments(shard), retry_errors)] = a
+        def call(a, shard: int):
+            return a.explain_shard.remote(shard, plan.segments(shard), retry_errors)
 
+        pool = _Pool(ray, actors, call, deque(pending), res.max_restarts, self.notice)
         try:
-            yield from self._dispatch(ray, actors, submit, inflight, lease, on_partial)
+            yield from self._dispatch(ray, pool, lease, on_partial)
         finally:
             for a in actors:
                 with contextlib.suppress(Exception):
                     ray.kill(a)
 
     @staticmethod
-    def _dispatch(ray, actors, submit, inflight, lease, on_partial):
-        for a in actors:
-            submit(a)
-            submit(a)
+    def _dispatch(ray, pool: _Pool, lease, on_partial):
+        pool.start()
         polled = time.monotonic()
         polls: list = []
-        while inflight:
+        while pool.busy():
             lease.check()
             _check_stop()
-            ready, _ = ray.wait(list(inflight), num_returns=1, timeout=0.5)
+            refs = pool.waiting()
+            ready = ray.wait(refs, num_returns=1, timeout=0.5)[0] if refs else []
+            if not refs:  # every actor lost, each waiting for Ray to restart it
+                time.sleep(0.5)
             for ref in ready:
-                a = inflight.pop(ref)
-                yield ray.get(ref)
-                submit(a)
+                record = pool.settle(ref)
+                if record is not None:
+                    yield record
+            pool.probe_lost()
             if time.monotonic() - polled > 1.0:  # rows done inside shards still running, across all actors
                 done = ray.wait(polls, num_returns=len(polls), timeout=0)[0] if polls else []
                 partial = 0
@@ -513,8 +578,119 @@ class _Ray:
                         partial += sum(ray.get(p).values())
                 if done:
                     on_partial(partial)
-                polls = [a.progress.remote() for a in actors]
+                polls = [pool.actors[i].progress.remote() for i in pool.up]
                 polled = time.monotonic()
+
+
+class _Pool:
+    """The run's actors and the shards in flight on them (two each). Ray restarts a lost actor (its process killed,
+    its node lost) up to ``max_restarts`` times, where there is room for it: a cluster that lost a node may have
+    none. So a shard whose actor is lost does not wait for that restart: it goes back to the front of the queue
+    for the live actors, and the user is told (a shard lost more than ``max_restarts`` times stops the run). A lost
+    actor is probed every second; once Ray has restarted it, it takes shards again."""
+
+    PROBE_S = 1.0
+
+    def __init__(self, ray, actors: list, call, queue: deque, max_restarts: int, notice) -> None:
+        self.ray, self.actors, self.call, self.queue = ray, actors, call, queue
+        self.max_restarts, self.notice = max_restarts, notice
+        self.shards: dict = {}  # ref -> (actor, shard, the actor's life it was given to)
+        self.probes: dict = {}  # ref -> actor
+        self.up: set[int] = set()
+        self.lost: dict[int, float] = {}  # lost actor -> when to probe it next
+        self.where = ["node unknown"] * len(actors)
+        self.life = [0] * len(actors)  # counts the actor's losses: a late failure from an earlier life is no news
+        self.losses: dict[int, int] = {}  # shard -> how often its actor was lost while it had it
+
+    def start(self) -> None:
+        for i in range(len(self.actors)):
+            self._probe(i)  # where it runs, for the notices
+            self._fill(i)
+
+    def busy(self) -> bool:
+        return bool(self.shards or self.queue)
+
+    def waiting(self) -> list:
+        return [*self.probes, *self.shards]
+
+    def settle(self, ref) -> dict | None:
+        """The marker of a finished shard; None for an answered probe, or a shard whose actor was lost."""
+        if ref in self.probes:
+            self._probed(self.probes.pop(ref), ref)
+            return None
+        i, shard, life = self.shards.pop(ref)
+        try:
+            record = self.ray.get(ref)
+        except self.ray.exceptions.RayActorError as err:
+            if err.actor_init_failed:
+                raise
+            self._lose(i, shard, err, life)
+            return None
+        self.lost.pop(i, None)  # it answered: whatever made it look lost has passed
+        self._fill(i)
+        return record
+
+    def probe_lost(self) -> None:
+        now = time.monotonic()
+        for i, due in self.lost.items():
+            if due <= now and i not in self.probes.values():
+                self._probe(i)
+
+    def _fill(self, i: int) -> None:
+        self.up.add(i)
+        while self.queue and sum(a == i for a, _, _ in self.shards.values()) < 2:
+            shard = self.queue.popleft()
+            self.shards[self.call(self.actors[i], shard)] = (i, shard, self.life[i])
+
+    def _probe(self, i: int) -> None:
+        self.probes[self.actors[i].__ray_call__.remote(_whereabouts)] = i
+
+    def _lose(self, i: int, shard: int, err: BaseException, life: int) -> None:
+        self.losses[shard] = times = self.losses.get(shard, 0) + 1
+        if times > self.max_restarts:
+            raise RuntimeError(
+                f"shard {shard}: its actor was lost {times} times while explaining it ({type(err).__name__}; "
+                f"resources.max_restarts: {self.max_restarts})"
+            ) from err
+        if i in self.up and life == self.life[i]:
+            self.up.discard(i)
+            self.lost[i] = time.monotonic() + self.PROBE_S
+            self.life[i] += 1
+        self.queue.appendleft(shard)
+        self.notice(
+            f"shard {shard}: its actor {i} ({self.where[i]}) was lost ({type(err).__name__}); the shard is explained "
+            f"again by {'another actor' if self.up else 'the first actor Ray restarts'}"
+        )
+        for j in sorted(self.up):
+            self._fill(j)
+
+    def _probed(self, i: int, ref) -> None:
+        try:
+            where = self.ray.get(ref)
+        except self.ray.exceptions.ActorDiedError as err:
+            if err.actor_init_failed:
+                raise
+            self.up.discard(i)
+            self.lost.pop(i, None)
+            self.notice(f"actor {i} ({self.where[i]}) is gone: Ray will not restart it (resources.max_restarts)")
+            if not self.up and not self.lost:
+                raise RuntimeError(f"every actor of the run is gone (the last: {type(err).__name__})") from err
+            return
+        except self.ray.exceptions.RayActorError:  # unavailable: being restarted, or not yet known to be lost
+            if i in self.lost:
+                self.lost[i] = time.monotonic() + self.PROBE_S
+            return
+        self.where[i] = where
+        if self.lost.pop(i, None) is not None:
+            self.notice(f"actor {i} was restarted ({where}); it explains shards again")
+            self._fill(i)
+
+
+def _whereabouts(_worker) -> str:
+    """Where an actor runs (called in it through Ray's ``__ray_call__``): its node's id (short) and address."""
+    import ray
+
+    return f"node {ray.get_runtime_context().get_node_id()[:8]} at {ray.util.get_node_ip_address()}"
 
 
 def _get_all(ray, refs: list) -> list:
@@ -595,6 +771,8 @@ def finalize(spec: JobSpec, paths: RunPaths, plan: Plan, progress: dict[int, dic
         if path.rsplit("/", 1)[-1] not in named:  # e.g. a part of an earlier layout: its rows would count twice
             notice(f"removing {path}: no shard of this run writes it")
             fs.rm(path)
+    for path in remove_temps(fs, paths.dir) + remove_temps(fs, paths.markers):  # every worker has finished
+        log.info("removed %s, left by an interrupted write", path)
     counts = {s: sum(r["counts"][s] for r in progress.values()) for s in STATUSES}
     files = [
         {k: progress[s][k] for k in ("part", "bytes", "sha256", "rows", "counts")} | {"shard": s}
@@ -628,6 +806,10 @@ def finalize(spec: JobSpec, paths: RunPaths, plan: Plan, progress: dict[int, dic
         "finished_at": finished_at.isoformat(),
         "libraries": {"python": platform.python_version(), **_versions()},
     }
+    from pipeline.estimate import estimate_block  # `atman plan`'s saved estimate of this job, beside the actual
+
+    if (estimate := estimate_block(spec, paths, plan, progress, started_at, finished_at)) is not None:
+        manifest["estimate"] = estimate
     publish(fs, paths.manifest, json.dumps(manifest, indent=2).encode())
     publish(fs, paths.success, b"")
     remove_staging(paths)

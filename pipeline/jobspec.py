@@ -69,6 +69,11 @@ class InputSpec(_Strict):
     """Optional column with one image per row, shown before the prompt (vision-language models): a path (absolute,
     or relative to the input file's folder), an s3:// URI, or the image's bytes (a Parquet binary column). A null
     value makes a text-only row."""
+    split_bytes: int = Field(64 << 20, ge=1 << 10)
+    """Bytes of one input file that one task reads (at least 1024): a larger plain JSONL or CSV file is read in
+    pieces of about this size, cut at line starts, a larger Parquet file in pieces of whole row groups, each by
+    a task of its own. Rows, ids and messages are those of a whole-file read. Compressed files and saved datasets
+    are read whole, as is a CSV whose quoted fields hold line breaks where a piece would start."""
 
 
 METHOD_FIELDS = (
@@ -114,7 +119,8 @@ class ResourcesSpec(_Strict):
     loses is explained again whole). Small inputs get smaller shards, about four per actor."""
     cpus_per_actor: float = Field(1, gt=0)
     max_restarts: int = Field(3, ge=0)
-    """How often a dead actor is restarted (and its tasks retried) before the run fails."""
+    """How often Ray restarts a lost actor (its process killed, its node lost), where there is room for it. Its
+    shards go to a live actor meanwhile; a shard lost with its actor more often than this stops the run."""
 
     @field_validator("gpus_per_actor")
     @classmethod

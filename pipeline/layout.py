@@ -17,6 +17,7 @@ spelled here only; the query layer, the audit and the job ask this module for th
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import io
 import os
@@ -246,18 +247,45 @@ class RunPaths:
 # --- writing ------------------------------------------------------------------------------------------------------
 
 
+TMP_PREFIX = ".tmp-"
+"""What ``publish`` names a local file while it is written: ``.tmp-<pid>-<random>-<name>``, renamed when whole."""
+
+
 def publish(fs, path: str, data: bytes) -> None:
-    """Write a file whole: a local file appears by rename; an object store publishes a PUT atomically."""
-    if is_local(fs):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = os.path.join(os.path.dirname(path), f".tmp-{os.getpid()}-{secrets.token_hex(3)}-{os.path.basename(path)}")
+    """Write a file whole: a local file appears by rename; an object store publishes a PUT atomically. A failed
+    local write (a full disk) removes its temporary file and names ``path`` in its error (the OS names none)."""
+    if not is_local(fs):
+        fs.pipe_file(path, data)
+        return
+    folder, name = os.path.split(path)
+    tmp = os.path.join(folder, f"{TMP_PREFIX}{os.getpid()}-{secrets.token_hex(3)}-{name}")
+    try:
+        os.makedirs(folder, exist_ok=True)
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    else:
-        fs.pipe_file(path, data)
+    except BaseException as err:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if isinstance(err, OSError) and err.errno is not None:
+            raise OSError(err.errno, err.strerror or str(err), path) from None  # its subclass, with the path
+        raise
+
+
+def remove_temps(fs, folder: str) -> list[str]:
+    """Remove the temporary files that writes interrupted in ``folder`` (a process killed, a full disk) left, except
+    this process's own (one may be in flight: the lease's renewal); returns their paths. Local only: an object
+    store publishes a file whole."""
+    if not is_local(fs) or not os.path.isdir(folder):
+        return []
+    mine = f"{TMP_PREFIX}{os.getpid()}-"
+    stale = [n for n in os.listdir(folder) if n.startswith(TMP_PREFIX) and not n.startswith(mine)]
+    for name in stale:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(folder, name))
+    return [os.path.join(folder, n) for n in stale]
 
 
 def parquet_bytes(table, compression: str) -> bytes:

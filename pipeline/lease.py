@@ -4,7 +4,11 @@ A driver takes the lease before it reads or writes anything of the run, renews i
 works and removes it when it stops. A second driver on the same run id (a cron overlapping a manual rerun) exits 2
 naming the holder. A lease is taken over when it expired (its driver stopped renewing: it was killed, or its
 machine lost) or when its driver is a process of this machine that no longer exists (a SIGKILLed driver's rerun
-need not wait for the expiry).
+need not wait for the expiry). "This machine" is the same hostname, kernel boot and pid namespace: a pid says
+nothing about a container of the same hostname beside this one or elsewhere, whose lease is waited out.
+
+``ATMAN_LEASE_TTL_S`` (seconds, default ``TTL_S``): how long a lease lives unrenewed, so how long a rerun waits for
+a driver lost on another machine; the lease is renewed every sixth of it. Tests set it short.
 
 Creation is exclusive where the store can do it: ``O_EXCL`` on a local disk, a conditional PUT (``If-None-Match``)
 on S3. Where an S3-compatible server ignores the condition, the lease is read back after writing, and every renewal
@@ -27,6 +31,7 @@ from pipeline.layout import RunPaths, is_local, publish
 
 TTL_S = 120.0
 RENEW_S = 20.0
+TTL_ENV = "ATMAN_LEASE_TTL_S"
 
 
 class RunLocked(JobSpecError):
@@ -50,13 +55,56 @@ def _started(pid: int) -> float | None:
         return None
 
 
+def _gone(pid: int, started: float | None) -> bool:
+    """Process ``pid`` of this machine is provably not the driver that started at ``started``: there is none, it is
+    a zombie (killed, not reaped by its parent: it runs nothing), or it started at another time (the pid reused)."""
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return True
+        return bool(started) and abs(proc.create_time() - started) > 1
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.AccessDenied:  # it exists; whose it is cannot be told
+        return False
+
+
+def _machine() -> str | None:
+    """This kernel's boot id and this process's pid namespace (Linux; None elsewhere): a pid is comparable only
+    between processes that share both."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f"{f.read().strip()}/{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return None
+
+
+def _ttl() -> float:
+    raw = os.environ.get(TTL_ENV, "").strip()
+    if not raw:
+        return TTL_S
+    try:
+        ttl = float(raw)
+    except ValueError:
+        ttl = 0.0
+    if not ttl > 0 or ttl == float("inf"):
+        raise JobSpecError(f"{TTL_ENV}: {raw!r} is not a number of seconds > 0 (default {TTL_S:g}); fix or unset it")
+    return ttl
+
+
 class Lease:
-    def __init__(self, paths: RunPaths, ttl_s: float = TTL_S, renew_s: float = RENEW_S) -> None:
+    def __init__(self, paths: RunPaths, ttl_s: float | None = None, renew_s: float | None = None) -> None:
+        """``ttl_s``: ``ATMAN_LEASE_TTL_S``, else ``TTL_S``; ``renew_s``: a sixth of it, at most ``RENEW_S``."""
         self.paths = paths
-        self.ttl_s, self.renew_s = ttl_s, renew_s
-        self.host, self.pid = socket.gethostname(), os.getpid()
+        self.ttl_s = _ttl() if ttl_s is None else ttl_s
+        self.renew_s = min(RENEW_S, self.ttl_s / 6) if renew_s is None else renew_s
+        self.host, self.pid, self.machine = socket.gethostname(), os.getpid(), _machine()
         self.owner = f"{self.host}:{self.pid}:{secrets.token_hex(4)}"
         self.lost: str | None = None
+        self.taken_over: str | None = None
+        """Whose lease this one replaced and why it could (said to the user by the job), or None."""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -83,6 +131,7 @@ class Lease:
                         "or start a new run without --run-id"
                     )
                 self._remove(held)
+                self.taken_over = f"{held.get('owner', '?')} (since {held.get('since', '?')}): {why}"
             if self._create() and (self.read() or {}).get("owner") == self.owner:
                 self._thread = threading.Thread(target=self._renew_loop, name="atman-lease", daemon=True)
                 self._thread.start()
@@ -122,6 +171,7 @@ class Lease:
                 "owner": self.owner,
                 "host": self.host,
                 "pid": self.pid,
+                "machine": self.machine,
                 "process_started": _started(self.pid),
                 "since": since or now.isoformat(),
                 "expires_at": (now + dt.timedelta(seconds=self.ttl_s)).isoformat(),
@@ -159,10 +209,9 @@ class Lease:
             return "it is unreadable"
         if expires < _now():
             return f"it expired at {held['expires_at']}"
-        if held.get("host") == self.host and isinstance(held.get("pid"), int):
-            started = _started(held["pid"])
-            if started is None or (held.get("process_started") and abs(started - held["process_started"]) > 1):
-                return f"its driver (pid {held['pid']} on this machine) is gone"
+        here = held.get("host") == self.host and held.get("machine", self.machine) == self.machine  # older: no machine
+        if here and isinstance(held.get("pid"), int) and _gone(held["pid"], held.get("process_started")):
+            return f"its driver (pid {held['pid']} on this machine) is gone"
         return None
 
     def _remove(self, held: dict) -> None:

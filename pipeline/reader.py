@@ -13,6 +13,7 @@ non-string prompt, duplicate id, ...) becomes a row with ``input_error`` set, wr
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -34,12 +35,17 @@ COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zst": "zstd"}
 _GLOB_CHARS = "*?["
 ROW_BITS = 40
 """A row's ordinal is ``file_index << ROW_BITS | row``: input order over all files, one integer."""
+MAX_ROW_BYTES = 4 << 20
+"""A JSONL line (or a prompt, in characters) longer than this is a skipped row, dropped as it is read: 4 MiB of
+text is about a million tokens, past the context of the models this explains, and holding it cost the whole job
+(a 50 MB line: copied by the reader, staged, tokenised by the worker, written back as the output's prompt)."""
 
 STAGED_SCHEMA = pa.schema(
     [
         pa.field("prompt_id", pa.string()),  # null until resolve_ids chooses one (a row without a usable id)
         *(f for f in INPUT_SCHEMA if f.name != "prompt_id"),
         pa.field("ordinal", pa.int64(), nullable=False),
+        pa.field("id_generated", pa.bool_()),  # the id is stable_id's (the row has none): it yields to given ids
     ]
 )
 FIXUP_SCHEMA = pa.schema(
@@ -82,6 +88,27 @@ class InputListing:
 
     def fingerprint(self) -> list[dict]:
         return [asdict(f) for f in self.files]
+
+
+@dataclass(frozen=True)
+class Piece:
+    """A part of one input file that a task of its own reads (pipeline/pieces.py cuts it). JSONL/CSV: the bytes
+    [start, stop), from a line start to a line start; Parquet: the row groups [start, stop)."""
+
+    start: int
+    stop: int
+    row: int
+    """The number its first row has in a whole-file read: its line (from 1; JSONL/CSV) or row (from 0; Parquet)."""
+    lines: int | None = None
+    """JSONL/CSV: how many lines start in it; None for the file's last piece."""
+
+
+class PieceOverrun(Exception):
+    """A CSV record (a quoted field with a line break) runs past the end of its piece: the file is read whole."""
+
+
+class PromptColumnMissing(JobSpecError):
+    """No line of a JSONL file (or of one piece of it) has the prompt key."""
 
 
 def read_input(spec: InputSpec) -> pa.Table:
@@ -206,15 +233,19 @@ def _compression(name: str) -> str | None:
 # --- rows of one file ------------------------------------------------------------------------------------------
 
 
-def iter_requests(spec: InputSpec, file: InputFile, index: int) -> Iterator[dict]:
-    """The requests of one file (STAGED_SCHEMA dicts), streamed. ``prompt_id`` is None where the row has no usable
-    id (``resolve_ids`` chooses one); repeats of an id are not marked here (they may be in another file)."""
+def iter_requests(spec: InputSpec, file: InputFile, index: int, piece: Piece | None = None) -> Iterator[dict]:
+    """The requests of one file (STAGED_SCHEMA dicts), or of one ``piece`` of it, streamed: rows, ordinals and
+    messages are those of a whole-file read. ``prompt_id`` is None where the row has no usable id (``resolve_ids``
+    chooses one); repeats of an id are not marked here (they may be in another file)."""
     fs, _ = filesystem(spec.path)
     reader = {"jsonl": _jsonl_records, "csv": _csv_records, "parquet": _parquet_records, "hf": _hf_records}
     folder = url(fs, posixpath.dirname(file.path) if file.kind != "hf" else file.path)  # relative image paths' base
     try:
-        for row, source, record, problem in reader[file.kind](fs, file, spec):
-            request = _request(source, record, problem, spec, folder)
+        for row, source, record, problem in reader[file.kind](fs, file, spec, piece):
+            try:
+                request = _request(source, record, problem, spec, folder)
+            except RecursionError:  # a value nested past Python's limit (a metadata or span column): one row
+                request = _request(source, None, f"{source}: a value nested too deeply to read", spec, folder)
             request["ordinal"] = (index << ROW_BITS) | row
             yield request
     except JobSpecError:
@@ -225,28 +256,55 @@ def iter_requests(spec: InputSpec, file: InputFile, index: int) -> Iterator[dict
         raise JobSpecError(f"input.path: {file.name}: cannot read it ({type(err).__name__}: {err})") from None
 
 
-def _open(fs, file: InputFile):
-    return fs.open(file.path, "rb", compression=_compression(file.path))
+def _open(fs, file: InputFile, at: int | None = None):
+    """The file, to read from its start; or (``at``: a piece of a plain file) from that offset, each read
+    fetching the bytes it asks for: a store's read-ahead (s3fs: 50 MB) would fetch as much again past a piece."""
+    if at is None:
+        return fs.open(file.path, "rb", compression=_compression(file.path))
+    f = fs.open(file.path, "rb", cache_type="none")
+    f.seek(at)
+    return f
 
 
-def _lines(f, chunk: int = 8 << 20) -> Iterator[bytes]:
+def _lines(f, chunk: int = 8 << 20, size: int | None = None, limit: int = MAX_ROW_BYTES) -> Iterator[bytes | int]:
     """The lines of a binary file, each with its b"\n", read in large chunks: iterating an S3 file line by line
-    (fsspec's readline) took 38 minutes for a 74 MB file that this reads in seconds."""
-    rest = b""
-    while data := f.read(chunk):
+    (fsspec's readline) took 38 minutes for a 74 MB file that this reads in seconds. ``size``: read no more than
+    that many bytes (a piece, which ends at a line start). A line longer than ``limit`` comes as its length (an
+    int): its bytes are dropped as they are read, never joined."""
+    rest, long = b"", 0  # long: bytes so far of a line past the limit
+    while data := f.read(chunk if size is None else min(chunk, size)):
+        if size is not None:
+            size -= len(data)
+        if long:
+            end = data.find(b"\n")
+            if end < 0:
+                long += len(data)
+                continue
+            yield long + end
+            long, data = 0, data[end + 1 :]
         lines = (rest + data).split(b"\n")
         rest = lines.pop()
         for line in lines:
-            yield line + b"\n"
-    if rest:
-        yield rest
+            yield line + b"\n" if len(line) <= limit else len(line)
+        if len(rest) > limit:
+            long, rest = len(rest), b""
+    if long or rest:
+        yield long or rest
 
 
-def _jsonl_records(fs, file: InputFile, spec: InputSpec) -> Iterator[tuple[int, str, dict | None, str | None]]:
+def _jsonl_records(
+    fs, file: InputFile, spec: InputSpec, piece: Piece | None = None
+) -> Iterator[tuple[int, str, dict | None, str | None]]:
     seen_prompt_column = any_rows = False
     name = file.path
-    with _open(fs, file) as f:
-        for number, raw in enumerate(_lines(f), start=1):
+    with _open(fs, file, None if piece is None else piece.start) as f:
+        lines = _lines(f, size=None if piece is None else piece.stop - piece.start)
+        for number, raw in enumerate(lines, start=1 if piece is None else piece.row):
+            if isinstance(raw, int):  # too long to read
+                any_rows = True
+                too_long = f"line {number}: {raw:,} bytes, longer than a row may be ({MAX_ROW_BYTES:,}); not read"
+                yield number, f"{name}:{number}", None, too_long
+                continue
             if number == 1:
                 raw = raw.removeprefix(b"\xef\xbb\xbf")  # a byte-order mark is not part of the first row
             if not raw.strip():
@@ -269,22 +327,29 @@ def _jsonl_records(fs, file: InputFile, spec: InputSpec) -> Iterator[tuple[int, 
             except json.JSONDecodeError as err:
                 yield number, source, None, f"line {number}: not valid JSON ({err.msg} at column {err.colno})"
                 continue
+            except RecursionError:  # one poison row (5,000 nested arrays) once stopped the whole job
+                yield number, source, None, f"line {number}: JSON nested too deeply to read"
+                continue
             if not isinstance(record, dict):
                 yield number, source, None, f"line {number}: a JSON object is expected, got {type(record).__name__}"
                 continue
             seen_prompt_column |= spec.prompt_column in record
             yield number, source, record, None
-    if any_rows and not seen_prompt_column:
-        raise JobSpecError(
+    if any_rows and not seen_prompt_column:  # of a piece: the file's other pieces may have it (shards.stage_input)
+        raise PromptColumnMissing(
             f"input.prompt_column: no line of {name} has a {spec.prompt_column!r} key; "
             "set input.prompt_column to the key that holds the prompt"
         )
 
 
-def _csv_records(fs, file: InputFile, spec: InputSpec) -> Iterator[tuple[int, str, dict | None, str | None]]:
+def _csv_records(
+    fs, file: InputFile, spec: InputSpec, piece: Piece | None = None
+) -> Iterator[tuple[int, str, dict | None, str | None]]:
     name = file.path
-    with _open(fs, file) as raw:
-        text = io.TextIOWrapper(io.BufferedReader(raw, 8 << 20), encoding="utf-8-sig", newline="")
+    later = piece is not None and piece.start > 0  # a later piece reads only the header here
+    with _open(fs, file, 0 if later else None) as raw, contextlib.ExitStack() as stack:
+        buffer = 1 << 16 if later else 8 << 20
+        text = io.TextIOWrapper(io.BufferedReader(raw, buffer), encoding="utf-8-sig", newline="")
         reader = csv.reader(text)
         try:
             header = next(reader)
@@ -295,37 +360,47 @@ def _csv_records(fs, file: InputFile, spec: InputSpec) -> Iterator[tuple[int, st
         except UnicodeDecodeError as err:
             raise _not_utf8(name, err) from None
         _check_columns(name, header, spec)
-        while True:
+        first, end = 0, None  # a row's line is first + reader.line_num; a piece's last line
+        if piece is not None:
+            end = None if piece.lines is None else piece.row + piece.lines - 1
+        if later:
+            at = stack.enter_context(_open(fs, file, piece.start))
+            reader = csv.reader(io.TextIOWrapper(io.BufferedReader(at, 8 << 20), encoding="utf-8", newline=""))
+            first = piece.row - 1
+        while not _piece_done(name, first + reader.line_num, end):
             try:
                 fields = next(reader)
             except StopIteration:
                 break
             except csv.Error as err:
-                yield (
-                    reader.line_num,
-                    f"{name}:{reader.line_num}",
-                    None,
-                    f"line {reader.line_num}: unreadable CSV ({err})",
-                )
+                line = first + reader.line_num
+                yield line, f"{name}:{line}", None, f"line {line}: unreadable CSV ({err})"
                 continue
             except UnicodeDecodeError as err:
                 raise _not_utf8(name, err) from None
-            source = f"{name}:{reader.line_num}"
+            line = first + reader.line_num
+            source = f"{name}:{line}"
             if not fields:
                 continue
             if len(fields) != len(header):
-                yield (
-                    reader.line_num,
-                    source,
-                    None,
-                    f"line {reader.line_num}: {len(fields)} fields, the header has {len(header)}",
-                )
+                yield line, source, None, f"line {line}: {len(fields)} fields, the header has {len(header)}"
                 continue
             # CSV has no null: an empty cell of an optional column means "absent"
             record = {
                 k: (v if v != "" or k == spec.prompt_column else None) for k, v in zip(header, fields, strict=True)
             }
-            yield reader.line_num, source, record, None
+            yield line, source, record, None
+
+
+def _piece_done(name: str, line: int, end: int | None) -> bool:
+    """Whether a CSV piece has read its last line (``end``; None: the file's). A record that reads past it holds
+    a quoted line break across the piece's end: the piece's rows, and the next piece's start, are not those of a
+    whole-file read."""
+    if end is None or line < end:
+        return False
+    if line > end:
+        raise PieceOverrun(f"{name}: a CSV record runs from line {end} past the end of its piece")
+    return True
 
 
 def _not_utf8(name: str, err: UnicodeDecodeError) -> JobSpecError:
@@ -335,21 +410,32 @@ def _not_utf8(name: str, err: UnicodeDecodeError) -> JobSpecError:
     )
 
 
-def _parquet_records(fs, file: InputFile, spec: InputSpec) -> Iterator[tuple[int, str, dict | None, str | None]]:
-    name = file.path
+def open_parquet(fs, name: str) -> pq.ParquetFile:
+    """A Parquet file, its footer read; one that is not readable is a JobSpecError naming it."""
     try:
-        pf = pq.ParquetFile(name, filesystem=fs)
+        return pq.ParquetFile(name, filesystem=fs)
     except (pa.ArrowInvalid, OSError) as err:
         raise JobSpecError(f"input.path: {name} is not a readable Parquet file ({err})") from None
+
+
+def _parquet_records(
+    fs, file: InputFile, spec: InputSpec, piece: Piece | None = None
+) -> Iterator[tuple[int, str, dict | None, str | None]]:
+    name = file.path
+    pf = open_parquet(fs, name)
     _check_columns(name, pf.schema_arrow.names, spec)
-    i = 0
-    for batch in pf.iter_batches(batch_size=4096):
+    i = 0 if piece is None else piece.row
+    groups = None if piece is None else list(range(piece.start, piece.stop))
+    for batch in pf.iter_batches(batch_size=4096, row_groups=groups):
         for record in batch.to_pylist():
             yield i, f"{name}:{i}", record, None
             i += 1
 
 
-def _hf_records(fs, file: InputFile, spec: InputSpec) -> Iterator[tuple[int, str, dict | None, str | None]]:
+def _hf_records(
+    fs, file: InputFile, spec: InputSpec, piece: None = None
+) -> Iterator[tuple[int, str, dict | None, str | None]]:
+    """A saved dataset is read whole (``piece`` is always None)."""
     import datasets
 
     datasets.disable_progress_bars()
@@ -391,20 +477,24 @@ def _check_columns(name: str, columns: Iterable[str], spec: InputSpec) -> None:
 def resolve_ids(con, relation: str) -> pa.Table:
     """FIXUP_SCHEMA rows, by ordinal: the id of every row of ``relation`` (STAGED_SCHEMA columns, any size: DuckDB
     works out of core) that has no usable id (``row@<file:line>``) or repeats an earlier row's id
-    (``<id>#dup@<file:line>``, first occurrence in input order keeps the id). A chosen id that some row already has
-    (or that an earlier choice took) gets ``#2``, ``#3``...: an input cannot forge one (a real id equal to a marker
-    once made the run delete a whole part, issue 13)."""
+    (``<id>#dup@<file:line>``, first occurrence in input order keeps the id). A generated id (``id_generated``: a
+    hash of prompt and target) yields to an id the input gives: equal to one, it is not a duplicate but a new id
+    (``<hash>#2``); two generated ids are equal only for the same prompt and target, a duplicate. A chosen id that
+    some row already has (or that an earlier choice took) gets ``#2``, ``#3``...: an input cannot forge one (a real
+    id equal to a marker once made the run delete a whole part, issue 13)."""
     con.execute(
         f"""CREATE OR REPLACE TEMP TABLE _fix AS
         SELECT ordinal, 'row@' || source AS base, NULL::VARCHAR AS dup_of, NULL::VARCHAR AS first_source
         FROM {relation} WHERE prompt_id IS NULL
         UNION ALL
-        SELECT ordinal, prompt_id || '#dup@' || source, prompt_id, first_source FROM (
-            SELECT ordinal, prompt_id, source,
-                   first_value(source) OVER (PARTITION BY prompt_id ORDER BY ordinal) AS first_source,
-                   row_number() OVER (PARTITION BY prompt_id ORDER BY ordinal) AS n
-            FROM {relation} WHERE prompt_id IS NOT NULL
-        ) WHERE n > 1"""
+        SELECT ordinal, CASE WHEN n = 1 THEN prompt_id ELSE prompt_id || '#dup@' || source END,
+               CASE WHEN n > 1 THEN prompt_id END, CASE WHEN n > 1 THEN first_source END FROM (
+            SELECT ordinal, prompt_id, source, gen,
+                   first_value(source) OVER (PARTITION BY prompt_id, gen ORDER BY ordinal) AS first_source,
+                   row_number() OVER (PARTITION BY prompt_id, gen ORDER BY ordinal) AS n,
+                   bool_or(NOT gen) OVER (PARTITION BY prompt_id) AS given
+            FROM (SELECT *, coalesce(id_generated, false) AS gen FROM {relation} WHERE prompt_id IS NOT NULL)
+        ) WHERE n > 1 OR (gen AND given)"""
     )
     clashes = con.execute(
         f"""SELECT ordinal, base FROM _fix
@@ -466,10 +556,16 @@ def apply_fixups(staged: pa.Table, fixups: pa.Table) -> pa.Table:
         )
     }
     ids, errors = staged.column("prompt_id").to_pylist(), staged.column("input_error").to_pylist()
+    generated = staged.column("id_generated").to_pylist() if "id_generated" in staged.column_names else ids
     for i, ordinal in enumerate(staged.column("ordinal").to_pylist()):
         if ordinal in fix:
             ids[i], dup, first = fix[ordinal]
-            if dup is not None:
+            if dup is not None and generated[i] is True:
+                errors[i] = (
+                    f"the same prompt and target as the row at {first} (neither has an id: both get {dup!r}, "
+                    "made from them); this row is not explained"
+                )
+            elif dup is not None:
                 errors[i] = f"duplicate id {dup!r} (first at {first}); this row is not explained"
     at, field_of = staged.schema.get_field_index, STAGED_SCHEMA.field
     staged = staged.set_column(at("prompt_id"), field_of("prompt_id"), pa.array(ids, pa.string()))
@@ -492,6 +588,8 @@ def _request(source: str, record: dict | None, problem: str | None, spec: InputS
         problems.append(
             f"prompt: {spec.prompt_column!r} must be a string, got {type(prompt).__name__} {_short(prompt)}"
         )
+    elif len(prompt) > MAX_ROW_BYTES:  # past any context: not tokenised, not copied into the output
+        problems.append(f"prompt: {len(prompt):,} characters, longer than a prompt may be ({MAX_ROW_BYTES:,})")
     elif not prompt.strip():
         problems.append("prompt: empty")
     elif (bad := _not_unicode(prompt)) is not None:
@@ -529,6 +627,7 @@ def _request(source: str, record: dict | None, problem: str | None, spec: InputS
     raw_id = record.get(spec.id_column) if spec.id_column else None
     if raw_id is None or (isinstance(raw_id, str) and not raw_id.strip()):
         row["prompt_id"] = stable_id(prompt, target) if row["prompt"] is not None else None
+        row["id_generated"] = row["prompt_id"] is not None
     elif isinstance(raw_id, str) and (bad := _not_unicode(raw_id)) is not None:
         row["prompt_id"] = None
         problems.append(f"id: {bad}")

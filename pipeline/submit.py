@@ -62,7 +62,8 @@ def submit(
     base_dir: Path | None = None,
 ) -> Submission:
     """Submit ``spec`` (validated, overrides applied) as one Ray job. Raises JobSpecError for a spec a cluster
-    cannot run, FileExistsError when the submission id exists already, ConnectionError for an unreachable address.
+    cannot run, FileExistsError when the submission id exists already, ConnectionError for an unreachable address
+    or a head that does not take the job (its job agent not up after ``AGENT_WAIT_S``: exit 1, submit again).
     ``resume``: when the run's submission ended FAILED or STOPPED, submit it again as ``<id>-attempt<N>`` (same
     run id, so the job writes only what is missing)."""
     base_dir = base_dir or Path.cwd()
@@ -105,9 +106,18 @@ def submit(
             except RuntimeError as err:
                 if "already exists" in str(err):
                     raise FileExistsError(f"submission {sid!r} exists already: each run is submitted once") from None
+                if "No available agent" not in str(err):
+                    raise ConnectionError(
+                        f"address: the Ray Jobs API at {address} refused submission {sid!r} ({first_line(err)}); "
+                        "nothing was submitted: see the head's dashboard log, then submit again"
+                    ) from None
                 # a head that has just started answers before its job agent is up: wait for it, briefly
-                if "No available agent" not in str(err) or time.monotonic() > deadline:
-                    raise
+                if time.monotonic() > deadline:
+                    raise ConnectionError(
+                        f"address: the Ray head at {address} answers, but its job agent was not up after "
+                        f"{AGENT_WAIT_S} s (a head that has just started needs a while, a busy one longer); nothing "
+                        "was submitted: wait a minute and run the same command again"
+                    ) from None
                 time.sleep(2)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

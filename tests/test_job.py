@@ -294,7 +294,8 @@ def test_finalize_refuses_a_shard_with_rows_lost(tmp_path, tiny_model_dir, monke
     assert not (run_dir / SUCCESS).exists() and not (run_dir / MANIFEST).exists()
     monkeypatch.setattr(ExplainWorker, "explain_shard", real)
     again = run_job(spec, "lost", address="inline")
-    assert again.redone == ["shard 1: its part holds 1 of its 2 input rows; it is explained again"]
+    said = "shard 1: its entry in _progress.json says rows: 1, the plan gives the shard 2; it is explained again"
+    assert again.redone == [said]
     assert again.processed == 2 and again.counts["ok"] == len(GOOD) and (run_dir / SUCCESS).exists()
     assert sorted(_read(again.location).column("prompt_id").to_pylist()) == sorted(str(r["id"]) for r in GOOD)
 
