@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -34,7 +36,9 @@ def pytest_configure(config) -> None:
     the suite's serial 27 on the 2-core machine, where one thread each fills both cores)."""
     # the verified-parts cache of every query a test runs (and every `atman` it starts): the session's own, not the
     # machine user's ($TMPDIR/atman-<uid>); a test that checks the cache points it at its own tmp_path
-    os.environ.setdefault("ATMAN_CACHE_DIR", tempfile.mkdtemp(prefix="atman-test-cache-"))
+    if "ATMAN_CACHE_DIR" not in os.environ:  # set once, by the controller: its workers inherit it
+        os.environ["ATMAN_CACHE_DIR"] = tempfile.mkdtemp(prefix="atman-test-cache-")
+        atexit.register(shutil.rmtree, os.environ["ATMAN_CACHE_DIR"], ignore_errors=True)
     if os.environ.get("PYTEST_XDIST_WORKER"):
         import torch
 
