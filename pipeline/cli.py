@@ -341,9 +341,12 @@ def _plan(job: str, run_id: str | None, overrides: list[str], address: str, cali
 
     from pipeline.estimate import plan_job, save, summary_rows
     from pipeline.jobspec import JobSpecError, load_job
+    from pipeline.layout import valid_run_id
 
     try:
         spec = load_job(job, overrides)
+        if run_id:
+            valid_run_id(run_id)  # before the minutes of planning
         with err.status("planning: counting the input, loading the model, timing sample batches"):
             estimate = plan_job(spec, address=address, calibrate=calibrate)
         where = save(estimate, spec, run_id)
@@ -402,6 +405,7 @@ def query(
     if format not in ("table", "json", "csv"):
         fail(f"format: {format!r} is not table, json or csv")
     limits = {"memory_limit": memory_limit or MEMORY_LIMIT, "spill_limit": spill_limit or SPILL_LIMIT}
+    con = None
     try:
         runs = runs_to_query(root, include_incomplete, run_id)
         with warnings.catch_warnings(record=True) as caught:
@@ -417,6 +421,8 @@ def query(
             fail(f"--strict: {left_out} problem(s) above leave rows out of the answer; no answer given", code=3)
         table = run_query(con, sql, TIMEOUT_S if timeout is None else timeout)
     except QueryError as error:
+        if con is not None:  # closed here: DuckDB tearing down a failed connection at exit can abort the process
+            con.close()
         fail(str(error))
     from pipeline.render import print_table
 

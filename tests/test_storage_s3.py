@@ -115,7 +115,7 @@ def test_unreachable_s3_exits_2_naming_the_input(tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **server.env(), "AWS_MAX_ATTEMPTS": "1"}
     out = subprocess.run([ATMAN, "run", "job.yaml"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 2, out.stderr
-    assert "output.root: 's3://bucket/out': cannot read it" in out.stderr and "Traceback" not in out.stderr
+    assert "output.root: 's3://bucket/out' cannot be reached or read" in out.stderr and "Traceback" not in out.stderr
     assert KEY not in out.stdout + out.stderr and SECRET not in out.stdout + out.stderr
     (tmp_path / "job2.yaml").write_text("name: s3down\ninput: {path: 's3://bucket/in.jsonl'}\noutput: {root: out}\n")
     out = subprocess.run(
