@@ -675,7 +675,7 @@ def estimate_block(spec: JobSpec, paths: RunPaths, plan, progress: dict, started
     (a damaged estimate file does not fail a finished run)."""
     try:
         key = job_key(spec, plan.input)
-        for fs, path in (estimate_path(spec, key, paths.run_id), estimate_path(spec, key, None)):
+        for fs, path in ((paths.fs, f"{paths.dir}/{ESTIMATE}"), estimate_path(spec, key, None)):
             try:
                 est = json.loads(fs.cat_file(path))
             except FileNotFoundError:
@@ -731,12 +731,20 @@ def summary_rows(est: dict) -> list[tuple[str, str]]:
         return [*lines, ("time", f"not estimated: {est['not_calibrated']}")]
     c, f = est["compute"], fitted
     device = f"{c['device']}{' ' + c['gpu'] if c.get('gpu') else ''} ({c['dtype']}, {c['precision']})"
-    rates = (
-        f"{f['seconds_per_token'] * 1e6:,.2f} us per forward-pass token + {f['seconds_per_row'] * 1e3:,.1f} ms per row"
-    )
+    rates = [f"{_short(f['seconds_per_token'])} per forward-pass token"]
+    rates += [f"{_short(f['seconds_per_call'])} per forward call"] if f["seconds_per_call"] else []
+    rates += [f"{_short(f['seconds_per_row'])} per row besides", f"warm-up {f['warmup_s']:.1f} s"]
     timed = f"{f['batches']} batches ({f['rows']} rows) timed"
-    lines.append(("calibration", f"{device}: {timed}, {rates}, warm-up {f['warmup_s']:.1f} s"))
+    lines.append(("calibration", f"{device}: {timed}: {', '.join(rates)}"))
     lines += [(f"  {p['step']}", f"{p['s']:,.1f} s ({p['how']})") for p in est["seconds"]]
     hours = ("GPU-hours", est["gpu_hours"]) if res["gpus_per_actor"] else ("CPU actor-hours", est["actor_hours"])
     lines += [("wall time", f"{est['wall_s']:,.0f} s ({est['wall_s'] / 3600:.2f} h)"), (hours[0], f"{hours[1]:,.3f}")]
     return lines
+
+
+def _short(seconds: float) -> str:
+    """Seconds with three significant digits in a unit that suits them (us, ms, s)."""
+    for unit, scale in (("s", 1.0), ("ms", 1e-3)):
+        if seconds >= scale:
+            return f"{seconds / scale:.3g} {unit}"
+    return f"{seconds / 1e-6:.3g} us"

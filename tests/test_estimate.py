@@ -268,3 +268,18 @@ def test_shards_follow_the_plans_rule():
     res = JobSpec.model_validate({"name": "s", "input": {"path": "x"}, "resources": {"batch_rows": 3}}).resources
     assert estimate.shard_sizes(9, res) == [3, 3, 3] and estimate.shard_sizes(0, res) == []
     assert sum(estimate.shard_sizes(123_457, res)) == 123_457
+
+
+def test_help_names_plan_and_dry_run():
+    runner = CliRunner()
+    plan = runner.invoke(app, ["plan", "--help"], env={"COLUMNS": "250"})
+    assert plan.exit_code == 0 and "--no-calibrate" in plan.output and "--run-id" in plan.output
+    run = runner.invoke(app, ["run", "--help"], env={"COLUMNS": "250"})
+    assert run.exit_code == 0 and "--dry-run" in run.output
+
+
+def test_a_bad_run_id_is_refused_before_planning(tmp_path, monkeypatch):
+    monkeypatch.setattr(estimate, "plan_job", lambda *a, **k: pytest.fail("planned before checking the run id"))
+    (tmp_path / "job.yaml").write_text(json.dumps({"name": "x", "input": {"path": str(tmp_path / "in.jsonl")}}))
+    result = CliRunner().invoke(app, ["plan", str(tmp_path / "job.yaml"), "--run-id", "bad/id"])
+    assert result.exit_code == 2 and "run_id: 'bad/id'" in " ".join(result.output.split()), result.output
