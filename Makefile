@@ -17,7 +17,7 @@ PYTEST_ARGS ?=
 # LOCKED=0 (make test-latest): install from pyproject's ranges instead of the lock.
 LOCKED ?= 1
 
-.PHONY: install demo test test-latest test-models eval lint lock format bench bench-scale bench-gpu gpu-wheels clean
+.PHONY: install demo test durations test-latest test-models eval lint lock format bench bench-scale bench-gpu gpu-wheels clean
 
 install: $(STAMP)
 
@@ -61,10 +61,16 @@ test-latest:
 demo: $(STAMP)
 	$(BIN)/atman run jobs/examples/demo.yaml --preview 3
 
-# One pytest-xdist worker per core, whole files per worker (their module fixtures, e.g. a job run, are made once).
+# One pytest-xdist worker per core, whole files per worker (their module fixtures, e.g. a job run, are made once),
+# the longest files first (tests/durations.py; `make durations` measures them again).
 TEST_WORKERS ?= 2
+XDIST := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 test: $(STAMP)
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS)
+
+durations: $(STAMP)
+	$(BIN)/python -m pytest $(XDIST) --junitxml=.durations.xml $(PYTEST_ARGS)
+	$(BIN)/python tests/durations.py .durations.xml
 
 # The embedded models beyond the default (marker model2, kept out of `make test`): Gemma 3 270M converts once in
 # about a minute, then its checks against the oracle take minutes on 2 cores.

@@ -16,6 +16,7 @@ from hypothesis import settings
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from durations import longest_first  # noqa: E402
 from tiny_models import FAMILIES, tiny_model  # noqa: E402
 
 from pipeline import LoadedModel, load_model  # noqa: E402
@@ -44,6 +45,11 @@ def pytest_configure(config) -> None:
 
         os.environ["OMP_NUM_THREADS"] = "1"
         torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Whole files, longest first: see tests/durations.py."""
+    longest_first(items)
 
 
 def in_ci() -> bool:
