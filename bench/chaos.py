@@ -24,6 +24,8 @@ Every round is checked: the output's prompt ids (read from the parts the manifes
 each once, and `_SUCCESS` is there. The cost of a fault: extra wall seconds (all attempts and waits, minus W), the
 attempts, and the rows the reruns explained (the drivers' "explained now"; a driver killed mid-run reports nothing,
 so rows it explained and lost show only in the extra wall).
+A fault that comes after its run has finished tests nothing (the moments are drawn from the clean run's wall, so a
+clean run slowed by other work draws moments too late): the benchmark then exits 1 naming those rounds.
 """
 
 from __future__ import annotations
@@ -247,6 +249,11 @@ def main() -> None:
         print(markdown(report))
     if not all(r["exactly_once"] for r in rounds):
         raise SystemExit("a round did not end exactly once (see the table)")
+    if missed := [i for i, r in enumerate(rounds, 1) if r["did"] == "the run had finished"]:
+        raise SystemExit(  # a clean run slowed by other work gives moments the faulted runs never reach
+            f"round(s) {missed}: the fault came after the run had finished, so it tested nothing; run again on a "
+            "quieter machine (the moments are drawn from the clean run's wall time)"
+        )
 
 
 def _cpu_name() -> str:
