@@ -22,19 +22,17 @@ LOCKED ?= 1
 install: $(STAMP)
 
 # torch first (the lock leaves it out: CPU hosts take the pinned local build, GPU hosts keep their CUDA build), then
-# every locked package by hash and without resolving, then this package itself without dependencies. --no-compile:
-# Python compiles a module when it is first imported, so only what runs is compiled (measured: the installs took
-# 45.8 s instead of 104.5 s precompiling every module of torch, Ray and transformers).
+# every locked package by hash and without resolving, then this package itself without dependencies.
 $(STAMP): pyproject.toml $(TORCH_CONSTRAINTS) $(LOCK) $(NODEPS) Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet pip==$(PIP_VERSION)
-	$(BIN)/python -m pip install --quiet --no-compile -c $(TORCH_CONSTRAINTS) torch
+	$(BIN)/python -m pip install --quiet -c $(TORCH_CONSTRAINTS) torch
 ifeq ($(LOCKED),1)
-	$(BIN)/python -m pip install --quiet --no-compile --no-deps --require-hashes -r $(LOCK) -r $(NODEPS)
-	$(BIN)/python -m pip install --quiet --no-compile --no-deps --no-build-isolation -e .
+	$(BIN)/python -m pip install --quiet --no-deps --require-hashes -r $(LOCK) -r $(NODEPS)
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 else
-	$(BIN)/python -m pip install --quiet --no-compile --upgrade -c $(TORCH_CONSTRAINTS) -e '.[dev]'
-	$(BIN)/python -m pip install --quiet --no-compile --no-deps -r $(NODEPS_IN)
+	$(BIN)/python -m pip install --quiet --upgrade -c $(TORCH_CONSTRAINTS) -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --no-deps -r $(NODEPS_IN)
 endif
 	touch $(STAMP)
 
