@@ -787,7 +787,7 @@ def eval_squad(
     ] = ",".join(DEFAULT_METHODS),
     model: Annotated[str, typer.Option(help="Embedded alias, Hugging Face id or local directory.")] = DEFAULT_MODEL,
     granularity: Annotated[EvalGranularity, _method_option("granularity")] = ENGINE.granularity,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the JSON result (DESIGN.md shape).")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
     out: Annotated[str | None, typer.Option(help="Also write the JSON result to this file.")] = None,
     records: Annotated[str | None, _RECORDS] = None,
     dtype: Annotated[DType, _DTYPE] = "auto",

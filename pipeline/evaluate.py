@@ -300,7 +300,7 @@ def average_recall(x: np.ndarray, y: np.ndarray) -> float:
 def evaluate(lm, examples: list[Example], methods: list[str], granularity: str = UNITS, seed: int = 0,
              on_example: Callable[[int, int], None] | None = None, records: str | None = None,
              precision: str = "auto") -> dict:  # fmt: skip
-    """The DESIGN.md JSON shape: n, model, methods {name: metrics}, examples [...].
+    """The result, as `atman eval squad --json` prints it: n, model, methods {name: metrics}, examples [...].
 
     ``records``: a JSONL file that keeps every finished example (one line each, written when it finishes), so a
     run of hours that stops can go on where it stopped: an example already there with this model and units is not

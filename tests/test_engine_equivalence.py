@@ -1,4 +1,4 @@
-"""The fast engine equals the naive method as ATMAN.md writes it (fp32, max |delta score| <= 1e-4)."""
+"""The fast engine equals the naive method as docs/METHOD.md states it (fp32, max |delta score| <= 1e-4)."""
 
 from __future__ import annotations
 

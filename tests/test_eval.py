@@ -1,4 +1,4 @@
-"""`atman eval squad`: the paper's metrics, identical units for every method, the JSON shape of DESIGN.md."""
+"""`atman eval squad`: the paper's metrics, identical units for every method, the JSON `--json` prints."""
 
 from __future__ import annotations
 

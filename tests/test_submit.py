@@ -46,11 +46,11 @@ def test_submit_the_demo_job_round_trip(ray_head, tmp_path, tiny_model_dir):  # 
     assert unknown.returncode == 2 and "atman-demo-nope" in unknown.stderr
 
 
-def test_submit_refuses_what_a_cluster_cannot_run(ray_head):  # noqa: F811
+def test_submit_refuses_what_a_cluster_cannot_run(ray_head, tmp_path):  # noqa: F811
     relative = _cli("submit", "jobs/examples/demo.yaml", "--address", ray_head)
     assert relative.returncode == 2 and "output.root: 'out/' is a relative local path" in relative.stderr
     unreachable = _cli("submit", "jobs/examples/demo.yaml", "--address", "http://127.0.0.1:9", "--set",
-                       "output.root=/tmp/x", timeout=120)  # fmt: skip
+                       f"output.root={tmp_path}", timeout=120)  # fmt: skip
     assert unreachable.returncode == 1 and "address: cannot reach the Ray Jobs API" in unreachable.stderr
 
 

@@ -85,7 +85,7 @@ class AtManConfig(BaseModel):
     """`sdpa` (PyTorch's scaled_dot_product_attention with a dense suppression mask) or `flex` (FlexAttention: the
     suppression applied inside the fused kernel as a score modification, no dense mask; compiled on CUDA)."""
     engine: Literal["fast", "reference"] = "fast"
-    """`fast` (batched, prefix reuse, target-only logits) or `reference`, the naive method as ATMAN.md writes it
+    """`fast` (batched, prefix reuse, target-only logits) or `reference`, the naive method as docs/METHOD.md states it
     (one unit per pass, full recompute, eager attention): the oracle the fast engine is tested against."""
 
     @classmethod
