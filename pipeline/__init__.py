@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from pipeline.models import DEFAULT_MODEL, LoadedModel, load_model
 
 from pipeline import atman as _atman  # itself lazy: no torch yet
+from pipeline.atman import views as _views  # the engine's Explanation shows itself through views registered here
 
 _WHERE = {
     **_atman._WHERE,
@@ -38,3 +39,18 @@ def __getattr__(name: str):
     if name in _WHERE:
         return getattr(import_module(_WHERE[name]), name)
     raise AttributeError(f"module 'pipeline' has no attribute {name!r}")
+
+
+def _terminal_view(explanation, console=None, top_k: int = 5) -> None:
+    from pipeline.render import render_explanation
+
+    render_explanation(explanation, console=console, top_k=top_k)
+
+
+def _html_view(explanation) -> str:
+    from pipeline.report import explanation_html
+
+    return explanation_html(explanation)
+
+
+_views.VIEWS.update(terminal=_terminal_view, html=_html_view)

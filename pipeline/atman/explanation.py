@@ -11,6 +11,7 @@ import numpy as np
 
 from pipeline.atman.images import ImagePatch
 from pipeline.atman.units import ScoredUnit, UnitSpan, top_units
+from pipeline.atman.views import view
 
 CHAT_AUTO_APPLIED = "auto: prompt ends in '?'"
 """``chat_reason`` when the automatic rule wrapped the prompt in the chat template (the case users must be told)."""
@@ -196,15 +197,11 @@ class Explanation:
 
     def show(self, console=None, top_k: int = 5) -> None:
         """Terminal heatmap: the prompt with each unit coloured by score (red supports, blue opposes)."""
-        from pipeline.render import render_explanation
-
-        render_explanation(self, console=console, top_k=top_k)
+        view("terminal")(self, console=console, top_k=top_k)
 
     def _repr_html_(self) -> str:
         """Notebooks (Jupyter, VS Code) show the HTML report's heatmap and top units."""
-        from pipeline.report import explanation_html
-
-        return explanation_html(self)
+        return view("html")(self)
 
 
 def _same(a, b) -> bool:
