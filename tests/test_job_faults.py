@@ -9,6 +9,7 @@ or killed: Ray workers below the raylet of the `ray_cluster` fixture, or the pro
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -59,7 +60,13 @@ def _ray_processes(scratch: str) -> list[str]:
     """Processes of the Ray a driver started for this run (they name its scratch directory)."""
     from pipeline.watchdog import ours
 
-    return [" ".join(p.cmdline())[:80] for p in psutil.process_iter() if p.pid != os.getpid() and ours(p, scratch)]
+    found = []
+    for p in psutil.process_iter():
+        # a process may exit (or become a zombie, which is dead) between ``ours`` and reading its command line
+        with contextlib.suppress(psutil.Error):
+            if p.pid != os.getpid() and ours(p, scratch):
+                found.append(" ".join(p.cmdline())[:80])
+    return found
 
 
 def _wait_for(predicate, timeout: float, what: str):
