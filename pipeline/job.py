@@ -42,6 +42,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
 
+from pipeline.errors import RunIncomplete
 from pipeline.jobspec import JobSpec, JobSpecError
 from pipeline.layout import (
     RunPaths,
@@ -79,15 +80,6 @@ log = logging.getLogger(__name__)
 LIBRARIES = ("atman-pipeline", "torch", "transformers", "ray", "pyarrow", "datasets", "s3fs")
 FOLD_EVERY_S = 10.0
 """How often the driver folds shard markers into the progress record while a run works."""
-
-
-class RunIncomplete(RuntimeError):
-    """The run stopped before every input row was written (it is not marked _SUCCESS); the message says how to
-    resume it. ``exit_code``: 1, or 128 + the signal that stopped it."""
-
-    def __init__(self, message: str, exit_code: int = 1) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 class Stopped(BaseException):

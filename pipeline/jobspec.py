@@ -25,11 +25,12 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
 
 from pipeline.atman.config import AtManConfig
+from pipeline.errors import BadInput
 from pipeline.messages import describe
 from pipeline.models import DEFAULT_MODEL, DType
 
 
-class JobSpecError(ValueError):
+class JobSpecError(BadInput):
     """A job spec that cannot run; the message names the field (or file) and the fix."""
 
 

@@ -26,20 +26,13 @@ import socket
 import threading
 import time
 
+from pipeline.errors import LeaseLost, RunLocked
 from pipeline.jobspec import JobSpecError
 from pipeline.layout import RunPaths, is_local, publish
 
 TTL_S = 120.0
 RENEW_S = 20.0
 TTL_ENV = "ATMAN_LEASE_TTL_S"
-
-
-class RunLocked(JobSpecError):
-    """Another driver holds the run's lease; the message names it and says what to do."""
-
-
-class LeaseLost(RuntimeError):
-    """Another driver took this driver's lease (it was taken over after expiring)."""
 
 
 def _now() -> dt.datetime:
