@@ -17,9 +17,22 @@ PYTEST_ARGS ?=
 # LOCKED=0 (make test-latest): install from pyproject's ranges instead of the lock.
 LOCKED ?= 1
 
-.PHONY: install demo test durations test-latest test-models eval lint lock format bench bench-scale bench-gpu gpu-wheels clean
+.PHONY: install browser demo test durations test-latest test-models eval lint lock format bench bench-scale bench-gpu gpu-wheels clean
 
-install: $(STAMP)
+install: $(STAMP) browser
+
+# Headless Chromium for the HTML tests (tests/browser.py only looks for it): on PATH already, nothing happens; as root
+# with apt-get (CI's fresh Debian/Ubuntu container) it is installed, the package lists updated only when the plain
+# install fails; elsewhere a line says what to do and make goes on: those tests then skip (fail under CI=true).
+CHROMIUM_HINT := run \`make install\` as root on Debian/Ubuntu, or put chromium / chromium-browser on PATH
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -q chromium || (apt-get update -q && apt-get install -y -q chromium) || \
+	    echo "make: apt-get install chromium failed; the browser tests will skip: $(CHROMIUM_HINT)"; \
+	else echo "make: chromium is missing and installing it needs root and apt-get; the browser tests will skip:" \
+	  "$(CHROMIUM_HINT)"; fi
 
 # torch first (the lock leaves it out: CPU hosts take the pinned local build, GPU hosts keep their CUDA build), then
 # every locked package by hash and without resolving, then this package itself without dependencies.
@@ -65,10 +78,10 @@ demo: $(STAMP)
 # the longest files first (tests/durations.py; `make durations` measures them again).
 TEST_WORKERS ?= 2
 XDIST := -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest $(XDIST) $(PYTEST_ARGS)
 
-durations: $(STAMP)
+durations: $(STAMP) browser
 	$(BIN)/python -m pytest $(XDIST) --junitxml=.durations.xml $(PYTEST_ARGS)
 	$(BIN)/python tests/durations.py .durations.xml
 

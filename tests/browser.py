@@ -1,5 +1,10 @@
-"""Headless Chromium for the HTML tests: Debian's `chromium`, installed by the test setup when missing. Without it
-the tests that need it skip, except in CI (``CI=true``), where they fail."""
+"""Headless Chromium for the HTML tests: Debian's `chromium`, which `make install` (so `make test`) installs where
+it can (root and apt-get). The fixture only finds it: without it the tests that need it skip, except in CI
+(``CI=true``), where they fail.
+
+Screenshots are written into the test's tmp dir. ``ATMAN_TEST_ARTIFACTS=DIR`` also copies them to DIR, to look at
+after the run: nothing asserts on how a page looks, so a person has to, but a test run writes into the repository
+(or anywhere outside its tmp dirs) only when asked to."""
 
 from __future__ import annotations
 
@@ -44,22 +49,24 @@ def console_errors(log: str) -> list[str]:
     return [line for line in log.splitlines() if re.search(r"CONSOLE.*(error|Uncaught)|Uncaught ", line, re.I)]
 
 
-INSTALL = "`apt-get install chromium` as root on Debian/Ubuntu, or put `chromium` / `chromium-browser` on PATH"
+INSTALL = (
+    "`make install` as root on Debian/Ubuntu (it runs `apt-get install chromium`), or put `chromium` / "
+    "`chromium-browser` on PATH"
+)
+ARTIFACTS_ENV = "ATMAN_TEST_ARTIFACTS"
 
 
 @pytest.fixture(scope="session")
 def browser() -> Browser:
     binary = shutil.which("chromium") or shutil.which("chromium-browser")
-    if binary is None and shutil.which("apt-get") and os.geteuid() == 0:
-        # a fresh image has no package lists yet: update them only when the plain install fails
-        install = subprocess.run(
-            ["sh", "-c", "apt-get install -y -q chromium || (apt-get update -q && apt-get install -y -q chromium)"],
-            capture_output=True, text=True, timeout=480, env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"},
-        )  # fmt: skip
-        binary = shutil.which("chromium")
-        if binary is None:
-            missing_tool(f"chromium is missing and `apt-get install chromium` failed: {install.stderr.strip()[-300:]}",
-                         INSTALL)  # fmt: skip
     if binary is None:
-        missing_tool("chromium is missing and cannot be installed here (needs root and apt-get)", INSTALL)
+        missing_tool("chromium is missing", INSTALL)
     return Browser(binary)
+
+
+def keep(png: Path) -> None:
+    """Copy a screenshot to ``$ATMAN_TEST_ARTIFACTS`` when it is set (see the module's docstring)."""
+    where = os.environ.get(ARTIFACTS_ENV)
+    if where:
+        Path(where).mkdir(parents=True, exist_ok=True)
+        shutil.copy(png, Path(where) / png.name)
