@@ -165,15 +165,15 @@ def test_images_on_s3(tmp_path, s3_server, s3_bucket, tokenizer):  # noqa: F811
 
 def test_report_draws_the_image_maps_in_a_browser(image_run, browser, tmp_path):  # noqa: F811
     """`atman report` on the image run: each image row shows its map as an inline PNG (tinted by score, the
-    strongest box most), the page loads in headless Chromium without errors; a screenshot is kept."""
+    strongest box most), the page loads in headless Chromium without errors; a screenshot is taken (kept with
+    ATMAN_TEST_ARTIFACTS)."""
     import base64
     import re
-    import shutil
     import subprocess
     import sys
     from pathlib import Path
 
-    from browser import console_errors
+    from browser import console_errors, keep
 
     spec, _, rows, *_ = image_run
     page = tmp_path / "report.html"
@@ -197,9 +197,7 @@ def test_report_draws_the_image_maps_in_a_browser(image_run, browser, tmp_path):
     assert 'data-ready="1"' in body and 'data-errors="0"' in body and console_errors(log) == []
     png = browser.screenshot(page, tmp_path / "report-images.png", tmp_path)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    artifacts = Path(__file__).parent.parent / "test-artifacts"
-    artifacts.mkdir(exist_ok=True)
-    shutil.copy(png, artifacts / "report-images.png")
+    keep(png)  # ATMAN_TEST_ARTIFACTS: for a person to look at after the run
 
 
 def test_show_prints_the_image_units_and_writes_the_map(image_run, tmp_path):

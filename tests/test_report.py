@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from browser import browser, console_errors  # noqa: F401 - fixture
+from browser import browser, console_errors, keep  # noqa: F401 - fixture
 from test_query import PROMPTS, make_run
 
 ATMAN = str(Path(sys.executable).parent / "atman")
-ARTIFACTS = Path(__file__).parent.parent / "test-artifacts"
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +51,7 @@ def test_report_loads_without_errors_and_shows_every_prompt(root, browser, tmp_p
     assert "Errors and skipped rows (1)" in dom and "prompt: empty" in dom
     png = browser.screenshot(page, tmp_path / "report.png", tmp_path)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
-    ARTIFACTS.mkdir(exist_ok=True)
-    shutil.copy(png, ARTIFACTS / "report.png")  # for inspection after `make test`
+    keep(png)  # ATMAN_TEST_ARTIFACTS: for a person to look at after the run
 
 
 def test_large_runs_paginate_and_cap(root, browser, tmp_path):  # noqa: F811
