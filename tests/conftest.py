@@ -4,7 +4,6 @@ import atexit
 import os
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
@@ -31,20 +30,37 @@ settings.register_profile("explore", derandomize=False, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "atman"))
 
 
+@pytest.hookimpl(trylast=True)  # after pytest's tmp_path plugin made config._tmp_path_factory
 def pytest_configure(config) -> None:
     """Under pytest-xdist (`make test`: one worker per core) each worker, and every `atman` process it starts,
     computes on one thread: two workers with a thread per core each fight over the cores (measured: 21 min against
     the suite's serial 27 on the 2-core machine, where one thread each fills both cores)."""
-    # the verified-parts cache of every query a test runs (and every `atman` it starts): the session's own, not the
-    # machine user's ($TMPDIR/atman-<uid>); a test that checks the cache points it at its own tmp_path
-    if "ATMAN_CACHE_DIR" not in os.environ:  # set once, by the controller: its workers inherit it
-        os.environ["ATMAN_CACHE_DIR"] = tempfile.mkdtemp(prefix="atman-test-cache-")
-        atexit.register(shutil.rmtree, os.environ["ATMAN_CACHE_DIR"], ignore_errors=True)
+    if not os.environ.get("PYTEST_XDIST_WORKER"):  # the controller, before it starts its workers: they inherit it
+        _run_caches(config)
     if os.environ.get("PYTEST_XDIST_WORKER"):
         import torch
 
         os.environ["OMP_NUM_THREADS"] = "1"
         torch.set_num_threads(1)
+
+
+MODELS_ENV = "ATMAN_TEST_CACHE"
+
+
+def _run_caches(config) -> None:
+    """The caches of every process this run starts (its xdist workers, each `atman` subprocess, Ray's workers all
+    inherit os.environ): this run's own, in its pytest base temp dir, never the machine user's. ``ATMAN_CACHE``,
+    the converted embedded models (SmolLM2's conversion: about 30 s, once per run, the xdist workers sharing it
+    through the models' file lock), and ``ATMAN_CACHE_DIR``, the queries' verified parts; a test that checks a
+    cache points it at its own tmp_path. Removed at exit: the converted model is about 540 MB, and pytest keeps
+    the base temp dirs of the last runs (so a run killed before this also leaves nothing for long).
+    ``ATMAN_TEST_CACHE=DIR``: keep the converted models in DIR instead, across runs (no conversion after the
+    first run), when asked for."""
+    root = config._tmp_path_factory.getbasetemp() / "atman-cache"
+    root.mkdir()
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
+    os.environ["ATMAN_CACHE"] = os.environ.get(MODELS_ENV) or str(root / "models")
+    os.environ["ATMAN_CACHE_DIR"] = str(root / "parts")
 
 
 def pytest_collection_modifyitems(config, items) -> None:
