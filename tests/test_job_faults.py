@@ -2,9 +2,14 @@
 
 The kill point is a point of progress, not a time: the kill lands once K of the run's 6 shards are published,
 with the other shards' rows (at least 8 prompts of the embedded model, one forward batch per unit pass) still to
-explain. Each test checks that it did land mid-run (what was written at the kill, that the run was still going,
-what was written after it) rather than trusting the timing. Only this test session's own processes are looked at
-or killed: Ray workers below the raylet of the `ray_cluster` fixture, or the processes of a driver's scratch dir.
+explain. The actor publishes the parts (and after each its marker, which records the shard as done), so the moment
+the test sees the K-th part (or marker) it stops that actor (SIGSTOP) before it looks again and kills: what it
+reads then is what was written at the kill, however fast the host explains (before, a fast host could finish
+shards between the look and the kill). The only window left is between seeing the part and the SIGSTOP, one system
+call; the test polls every 10 ms and checks that the kill did land mid-run (what was written at the kill, that the
+run was still going, what was written after it) rather than trusting the timing. Only this test session's own
+processes are looked at, stopped or killed: Ray workers below the raylet of the `ray_cluster` fixture, or the
+processes of a driver's scratch dir.
 """
 
 from __future__ import annotations
@@ -69,14 +74,58 @@ def _ray_processes(scratch: str) -> list[str]:
     return found
 
 
-def _wait_for(predicate, timeout: float, what: str):
+def _actors(scratch: str) -> list[psutil.Process]:
+    """The ExplainWorker actors of the Ray a driver started for this run (the processes that publish its parts)."""
+    from pipeline.watchdog import ours
+
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if (p.info["cmdline"] or [""])[0].startswith("ray::ExplainWorker") and ours(p, scratch):
+                found.append(p)
+    return found
+
+
+def _signal(procs: list[psutil.Process], sig: signal.Signals) -> None:
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.send_signal(sig)
+
+
+def _wait_for(predicate, timeout: float, what: str, every: float = 0.05):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
-        time.sleep(0.05)
+        time.sleep(every)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def _recorded(root: Path) -> int:
+    """Rows of the shards the run recorded as done: a part is published first, then its marker (``_progress/``),
+    which the driver folds into ``_progress.json``; a part without its marker is explained again by a rerun."""
+    rows: dict[int, int] = {}
+    for run_dir in root.glob("model=*/run_date=*/run_id=*"):
+        with contextlib.suppress(FileNotFoundError):
+            rows |= {r["shard"]: r["rows"] for r in json.loads((run_dir / "_progress.json").read_text())["shards"]}
+        for path in (run_dir / "_progress").glob("*.json"):
+            with contextlib.suppress(FileNotFoundError):  # folded meanwhile: read above, or at the next look
+                record = json.loads(path.read_text())
+                rows[record["shard"]] = record["rows"]
+    return sum(rows.values())
+
+
+def _stop_writers_once(proc: subprocess.Popen, scratch: str, ready, what: str) -> list[psutil.Process]:
+    """Once ``ready()`` (or the driver ``proc`` ended), its actors stopped (SIGSTOP): nothing is published from
+    then on until they get SIGCONT. The actors are found first (their search walks every process), then ``ready``
+    is polled every 10 ms, so the SIGSTOP follows what it waited for within milliseconds."""
+    actors = _wait_for(lambda: _actors(scratch) or proc.poll() is not None, 180, "the run's actor", every=0.2)
+    if actors is True:
+        return []
+    _wait_for(lambda: ready() or proc.poll() is not None, 180, what, every=0.01)
+    _signal(actors, signal.SIGSTOP)
+    return actors
 
 
 def _ids(location: str) -> list[str]:
@@ -98,9 +147,13 @@ def test_actor_killed_mid_run_loses_and_doubles_nothing(tmp_path, ray_cluster):
     result: dict = {}
     thread = threading.Thread(target=lambda: result.update(summary=run_job(spec, "a1")), daemon=True)
     thread.start()
-    victim = _wait_for(lambda: _parts(out) and actors(), 150, "the first part")[0]
-    at_kill, killed_at = _parts(out), time.time_ns()
-    os.kill(victim.pid, signal.SIGKILL)
+    victim = _wait_for(actors, 150, "the run's actor", every=0.2)[0]  # its search walks every process: found first
+    try:
+        _wait_for(lambda: _parts(out), 150, "the first part", every=0.01)
+    finally:
+        os.kill(victim.pid, signal.SIGSTOP)  # it publishes the parts: none from here on (see the module's docstring)
+        at_kill, killed_at = _parts(out), time.time_ns()
+        os.kill(victim.pid, signal.SIGKILL)
     running = thread.is_alive()
     assert running and _rows(at_kill) <= N - 8, f"the kill landed mid-run ({_rows(at_kill)} of {N} rows written)"
     replacement = _wait_for(lambda: [p for p in actors() if p.pid != victim.pid], 90, "a restarted actor")
@@ -129,18 +182,24 @@ def _cli_job(tmp_path: Path, run_id: str) -> tuple[list[str], dict]:
 
 def test_driver_killed_then_rerun_completes_the_run(tmp_path):
     cmd, env = _cli_job(tmp_path, "d1")
+    out = tmp_path / "out"
+    scratch = scratch_path(str(out), DEFAULT_MODEL, "d1")
     first = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    stopped: list[psutil.Process] = []
     try:
-        _wait_for(lambda: len(_parts(tmp_path / "out")) >= 2 or first.poll() is not None, 180, "two parts")
+        stopped = _stop_writers_once(first, scratch, lambda: _recorded(out) >= 4, "two shards recorded")
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(first.pid, signal.SIGSTOP)  # the driver too: what it had written at the kill stays as read
+        written, recorded = _rows(_parts(out)), _recorded(out)
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=30)
-    run_dir = _parts(tmp_path / "out")[0].parent
-    written = _rows(_parts(tmp_path / "out"))
+        _signal(stopped, signal.SIGCONT)  # the actor goes on, as after any kill, until its Ray stops it
+    run_dir = _parts(out)[0].parent
     assert first.returncode == -signal.SIGKILL, "killed while running"
-    assert 4 <= written < N and not (run_dir / "_SUCCESS").exists(), "killed mid-run, not marked complete"
-    scratch = scratch_path(str(tmp_path / "out"), DEFAULT_MODEL, "d1")
+    assert 4 <= recorded <= written < N and not (run_dir / "_SUCCESS").exists(), "killed mid-run, not complete"
     _wait_for(lambda: not _ray_processes(scratch), 60, "the watchdog to stop the killed driver's Ray")
+    recorded = _recorded(out)  # the actor may have recorded a shard more before its Ray was stopped
 
     second = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr
@@ -148,19 +207,25 @@ def test_driver_killed_then_rerun_completes_the_run(tmp_path):
     ids = _ids(str(run_dir))
     assert sorted(ids) == sorted(p["id"] for p in PROMPTS), "every input id exactly once"
     explained_now = int(second.stdout.split("explained now:")[1].split(")")[0])
-    assert explained_now <= N - written, "the rerun explains only what the killed run had not written"
+    assert explained_now == N - recorded, "the rerun explains exactly what the killed run had not recorded"
     assert not _ray_processes(scratch), "nothing of either driver's Ray is left"
 
 
 def test_sigterm_stops_cleanly_and_says_how_to_resume(tmp_path):
     """How Kubernetes and Ray stop a job: no stack dump, a resume hint, exit 128 + 15, nothing left running."""
     cmd, env = _cli_job(tmp_path, "t1")
+    scratch = scratch_path(str(tmp_path / "out"), DEFAULT_MODEL, "t1")
     first = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    stopped: list[psutil.Process] = []
     try:
-        _wait_for(lambda: _parts(tmp_path / "out") or first.poll() is not None, 180, "a part")
+        # the actor stays stopped until the driver has ended: it cannot finish the run while the driver reacts
+        stopped = _stop_writers_once(first, scratch, lambda: _parts(tmp_path / "out"), "a part")
     finally:
         first.send_signal(signal.SIGTERM)
-        _, stderr = first.communicate(timeout=60)
+        try:
+            _, stderr = first.communicate(timeout=60)
+        finally:
+            _signal(stopped, signal.SIGCONT)
     assert first.returncode == 128 + signal.SIGTERM, stderr
     text = " ".join(stderr.split())
     assert "the run was stopped (SIGTERM)" in text and "rerun with --run-id t1" in text, stderr
@@ -168,7 +233,7 @@ def test_sigterm_stops_cleanly_and_says_how_to_resume(tmp_path):
     run_dir = _parts(tmp_path / "out")[0].parent
     assert _rows(_parts(tmp_path / "out")) < N and not (run_dir / "_SUCCESS").exists(), "stopped mid-run"
     assert not (run_dir / "_lease.json").exists(), "the lease is given back"
-    assert not _ray_processes(scratch_path(str(tmp_path / "out"), DEFAULT_MODEL, "t1"))
+    assert not _ray_processes(scratch)
     second = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr
     assert sorted(_ids(str(run_dir))) == sorted(p["id"] for p in PROMPTS)
