@@ -6,7 +6,8 @@ declares ``cpus`` CPUs and a custom resource ``node<i>: 1`` (a test may pin work
 every node under this machine's address even when told 127.0.0.1 (it resolves loopback to the host's IP); the
 nodes are told apart by node id. ``kill_node(i)`` is a node lost: SIGKILL to its raylet and every process below it.
 ``stop()`` stops exactly this cluster's processes (by temp dir, as tests/ray_head.py does; `ray stop` would stop
-every Ray of the machine). Usable outside pytest::
+every Ray of the machine). Ports: tests/ports.py; a node whose `ray start` fails is started again on fresh ones.
+Usable outside pytest::
 
     with RayCluster(workers=2, env=s3.env()) as cluster:
         subprocess.run(["atman", "run", "job.yaml", "--address", "auto"], env=cluster.driver_env())
@@ -20,7 +21,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 import psutil
+from ports import ATTEMPTS, free_port
 
 BIN = Path(sys.executable).parent
 # every port a node opens, distinct per node: the defaults (agent 52365, metrics, runtime-env agent, workers
@@ -40,12 +41,6 @@ NODE_PORTS = (
     "metrics-export-port",
     "runtime-env-agent-port",
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RayCluster:
@@ -64,7 +59,10 @@ class RayCluster:
             "HF_HUB_OFFLINE": "1",
             "RAY_DISABLE_FAILURE_SIGNAL_HANDLER": "1",
         }
-        self.port = _free_port()
+        self._head_port(free_port())
+
+    def _head_port(self, port: int) -> None:
+        self.port = port
         self.address = f"127.0.0.1:{self.port}"
 
     def temp_dir(self, node: int) -> str:
@@ -73,17 +71,30 @@ class RayCluster:
 
     def start(self) -> RayCluster:
         try:
-            self._wait(0, self._start_node(0))
-            starting = [(i, self._start_node(i)) for i in range(1, self.workers + 1)]  # at once: ~10 s each
-            for i, proc in starting:
-                self._wait(i, proc)
+            self._start_nodes([0])
+            self._start_nodes(list(range(1, self.workers + 1)))  # at once: ~10 s each
         except BaseException:
             self.stop()
             raise
         return self
 
+    def _start_nodes(self, nodes: list[int]) -> None:
+        """Start ``nodes`` together, each on fresh ports; one whose `ray start` failed (a port taken since it was
+        found free is one cause) is stopped and started again, ATTEMPTS times in all."""
+        for attempt in range(1, ATTEMPTS + 1):
+            if 0 in nodes and attempt > 1:
+                self._head_port(free_port())
+            starting = [(i, self._start_node(i)) for i in nodes]
+            failed = {i: err for i, proc in starting if (err := self._wait(i, proc))}
+            if not failed:
+                return
+            for i in failed:
+                self._stop_node(i)
+            nodes = sorted(failed)
+        raise RuntimeError(next(iter(failed.values())))
+
     def _start_node(self, node: int) -> subprocess.Popen:
-        ports = {name: _free_port() for name in NODE_PORTS}
+        ports = {name: free_port() for name in NODE_PORTS}
         cmd = [
             str(BIN / "ray"), "start", "--node-ip-address=127.0.0.1", f"--temp-dir={self.temp_dir(node)}",
             "--disable-usage-stats", "--min-worker-port=0", "--max-worker-port=0", "--include-log-monitor=false",
@@ -92,20 +103,27 @@ class RayCluster:
         ]  # fmt: skip
         if node == 0:
             cmd += ["--head", f"--port={self.port}", f"--num-cpus={self.head_cpus}", "--include-dashboard=false",
-                    "--no-monitor", f"--ray-client-server-port={_free_port()}"]  # fmt: skip
+                    "--no-monitor", f"--ray-client-server-port={free_port()}"]  # fmt: skip
         else:
             cmd += [f"--address={self.address}", f"--num-cpus={self.cpus}", f'--resources={{"node{node}": 1}}']
         return subprocess.Popen(cmd, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
     @staticmethod
-    def _wait(node: int, proc: subprocess.Popen) -> None:
+    def _wait(node: int, proc: subprocess.Popen) -> str | None:
+        """Why the `ray start` of ``node`` failed, or None once it started."""
         try:
             _, err = proc.communicate(timeout=120)
         except subprocess.TimeoutExpired:
             proc.kill()
             _, err = proc.communicate()
         if proc.returncode != 0:
-            raise RuntimeError(f"ray start of node {node} failed ({proc.returncode}): {err[-2000:]}")
+            return f"ray start of node {node} failed ({proc.returncode}): {err[-2000:]}"
+        return None
+
+    def _stop_node(self, node: int) -> None:
+        """What a failed start of ``node`` left: its processes, its temp dir."""
+        self.kill_node(node)
+        shutil.rmtree(self.temp_dir(node), ignore_errors=True)
 
     def node_id(self, node: int) -> str:
         """Node ``node``'s Ray node id (hex), as its raylet logged it."""
