@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -106,9 +107,18 @@ def test_missing_s3_input_exits_2_without_leaking_credentials(tmp_path, s3_serve
 
 def test_unreachable_s3_exits_2_naming_the_input(tmp_path):
     """No server at the endpoint: the job names the store it cannot reach, no traceback, no credentials printed."""
-    from seaweed import KEY, SECRET, S3Server
+    from seaweed import S3Server
 
-    server = S3Server(endpoint="http://127.0.0.1:9")  # nothing listens on port 9
+    # a port of this test's own, bound and never listening: connections to it are refused, and no one else's server
+    # can take it meanwhile (nothing said that nothing listens on a fixed port, even 9, of a shared machine)
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        _run_unreachable(S3Server(endpoint=f"http://127.0.0.1:{held.getsockname()[1]}"), tmp_path)
+
+
+def _run_unreachable(server, tmp_path: Path) -> None:
+    from seaweed import KEY, SECRET
+
     (tmp_path / "job.yaml").write_text(
         "name: s3down\ninput: {path: 's3://bucket/in.jsonl'}\noutput: {root: 's3://bucket/out'}\n"
     )
