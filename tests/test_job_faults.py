@@ -209,7 +209,7 @@ def test_driver_killed_then_rerun_completes_the_run(tmp_path):
     explained_now = int(second.stdout.split("explained now:")[1].split(")")[0])
     assert explained_now <= N - recorded, (  # at most: the actor went on after the kill (SIGCONT)
         f"the rerun explains only what the killed run had not recorded: {explained_now} rows; {recorded} were "
-        f"recorded at the kill, {before} before the rerun"
+        f"recorded at the kill, {before} before the rerun; it said: {second.stderr[-2000:]}"
     )
     assert not _ray_processes(scratch), "nothing of either driver's Ray is left"
 
