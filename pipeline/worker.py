@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.errors import UnsupportedModel
 from pipeline.jobspec import JobSpec
 from pipeline.layout import RunPaths, filesystem, parquet_bytes, part_name, publish
 from pipeline.schema import SCHEMA
@@ -80,7 +81,7 @@ class ExplainWorker:
             device="cpu" if gpus == 0 else "auto",
         )  # fmt: skip
         self.config = self.spec.method.atman_config()
-        self.explainer = Explainer(self.lm, self.config)
+        self.explainer = _refusing(Explainer, self.lm, self.config)
         self.method_params = json.dumps(self.explainer.params(), sort_keys=True)  # precision resolved
         self.compute = compute_record(self.explainer)
         self._lock = threading.Lock()
@@ -215,8 +216,8 @@ class ExplainWorker:
             else:
                 group[0].result = self._row(group[0].request, "error", _message(err))
             return
-        except UnsupportedModelError:
-            raise  # the model, not the row: the run stops before writing anything (the driver exits 2)
+        except UnsupportedModelError as err:  # the model, not the row: the run stops before writing anything
+            raise UnsupportedModel(str(err)) from None  # light and typed: the driver tells it from others by type
         except Exception as err:  # noqa: BLE001
             if len(group) > 1:  # find the row that fails; the others still get explained
                 for row in group:
@@ -296,6 +297,17 @@ def _name_image(req: dict, message: str) -> str:
     if not message.startswith("images[0]: "):
         return message
     return f"image: {req.get('image_ref') or 'the inline image'}: {message.removeprefix('images[0]: ')}"
+
+
+def _refusing(make, *args):
+    """``make(*args)``, the engine's refusal of the model raised as ``UnsupportedModel``: an error the driver can
+    unpickle without torch, so it reaches ``run_job`` as itself (exit 2 naming model.id)."""
+    from pipeline.atman.attention import UnsupportedModelError
+
+    try:
+        return make(*args)
+    except UnsupportedModelError as err:
+        raise UnsupportedModel(str(err)) from None
 
 
 def _message(err: BaseException) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -254,12 +255,12 @@ def test_finalize_refuses_a_run_with_shards_missing(tmp_path, tiny_model_dir, mo
 
     _write(tmp_path / "in.jsonl", GOOD)
     spec = _spec(tiny_model_dir, tmp_path / "in.jsonl", tmp_path / "out", shard_rows=2)
-    real = pipeline.job._explain
+    real = pipeline.job.explain_phase
 
-    def drops_the_last(executor, paths, plan, pending, *args, **kwargs):
-        return real(executor, paths, plan, pending[:-1], *args, **kwargs)
+    def drops_the_last(attempt, plan, work, *args, **kwargs):
+        return real(attempt, plan, dataclasses.replace(work, pending=work.pending[:-1]), *args, **kwargs)
 
-    monkeypatch.setattr(pipeline.job, "_explain", drops_the_last)
+    monkeypatch.setattr(pipeline.job, "explain_phase", drops_the_last)
     with pytest.raises(pipeline.job.RunIncomplete) as stopped:
         run_job(spec, "miss", address="inline")
     assert str(stopped.value) == (
@@ -268,7 +269,7 @@ def test_finalize_refuses_a_run_with_shards_missing(tmp_path, tiny_model_dir, mo
     assert stopped.value.exit_code == 1
     (run_dir,) = (tmp_path / "out").glob("model=*/run_date=*/run_id=miss")
     assert not (run_dir / SUCCESS).exists() and not (run_dir / MANIFEST).exists()
-    monkeypatch.setattr(pipeline.job, "_explain", real)
+    monkeypatch.setattr(pipeline.job, "explain_phase", real)
     again = run_job(spec, "miss", address="inline")
     assert again.processed == 2 and again.counts["ok"] == len(GOOD) and (run_dir / SUCCESS).exists()
 
