@@ -298,7 +298,7 @@ class Probe:
         """Explain batches (in ``spread`` order) as the worker does until ``budget_s`` has passed, at least
         ``MIN_BATCHES``; per batch its rows, seconds, the sweep's seconds, tokens and forward calls, and the seconds
         to build and compress its output rows as a part."""
-        from pipeline.schema import SCHEMA
+        from pipeline.parts import SCHEMA
 
         worker = self.worker
         explainer, config = worker.explainer, worker.config

@@ -58,8 +58,8 @@ from pipeline.layout import (
 from pipeline.lease import Lease
 from pipeline.messages import first_line
 from pipeline.models import check_model
+from pipeline.parts import SCHEMA_VERSION, STATUSES
 from pipeline.reader import list_input
-from pipeline.schema import SCHEMA_VERSION, STATUSES
 from pipeline.shards import (
     BLOCK_ROWS,
     Plan,

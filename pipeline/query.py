@@ -60,7 +60,7 @@ from pipeline.layout import (
     storage_error,
     url,
 )
-from pipeline.schema import SCHEMA
+from pipeline.parts import SCHEMA
 
 READ_ONLY_STATEMENTS = {"SELECT", "EXPLAIN"}
 # No extension is fetched or loaded: s3:// is read by the registered fsspec filesystem, and an https:// path must

@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from pipeline.jobspec import JobSpec
 from pipeline.layout import RunPaths, filesystem, parquet_bytes, part_name, publish
-from pipeline.schema import SCHEMA
+from pipeline.parts import SCHEMA
 from pipeline.shards import marker, read_shard, write_marker
 
 log = logging.getLogger(__name__)

@@ -22,8 +22,8 @@ import pytest
 from rich.console import Console
 
 from pipeline.layout import MANIFEST, SUCCESS, parquet_bytes, part_name, run_glob
+from pipeline.parts import SCHEMA
 from pipeline.query import DamagedPart, QueryError, connect, run_query
-from pipeline.schema import SCHEMA
 
 ATMAN = str(Path(sys.executable).parent / "atman")
 COUNT = "SELECT count(*) AS n, count(DISTINCT prompt_id) AS ids FROM explanations"

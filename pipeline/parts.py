@@ -1,7 +1,12 @@
-"""The output schema (README "Output schema"): one row per (prompt, target), plain Arrow types only.
+"""The part format: the Parquet files ``part-s<shard>.parquet`` a run writes, one row per prompt (README "Output
+schema"). Everything that writes or reads a part goes through here, so the format has one definition: its schema,
+the rows the worker writes (``ok_row``, ``skipped_row``, ``error_row``), their bytes (``encode``), the checksum a
+part is trusted by (``sha256``: of the bytes as stored, written in the marker and the manifest), and reading a
+part back (``read_part``).
 
-v2 adds the image columns (null on text rows), nothing else: a v1 reader reads v2 parts, and ``atman query`` reads
-v1 and v2 parts together (missing columns are null)."""
+Plain Arrow types only. v2 adds the image columns (null on text rows), nothing else: a v1 reader reads v2 parts,
+and ``atman query`` reads v1 and v2 parts together (missing columns are null).
+"""
 
 from __future__ import annotations
 
@@ -45,19 +50,5 @@ SCHEMA = pa.schema(
         pa.field("image_scores", pa.list_(pa.float32())),
     ]
 )
-
-# What the reader hands to the actors: one row per input row, problems already named.
-INPUT_SCHEMA = pa.schema(
-    [
-        pa.field("prompt_id", pa.string(), nullable=False),
-        pa.field("prompt", pa.string()),
-        pa.field("target", pa.string()),
-        pa.field("explain_span", pa.string()),  # JSON [[start, end], ...] or null
-        pa.field("chat", pa.bool_()),
-        pa.field("metadata", pa.string()),
-        pa.field("source", pa.string()),
-        pa.field("input_error", pa.string()),  # set: the row is written as 'skipped' with this reason
-        pa.field("image_ref", pa.string()),  # input.image_column as a path / URI (relative ones resolved)
-        pa.field("image_bytes", pa.binary()),  # input.image_column as the image's bytes
-    ]
-)
+V2_COLUMNS = ("image", "image_width", "image_height", "image_box", "image_view", "image_scores")
+"""The columns v2 added: a v1 part lacks them."""
