@@ -47,7 +47,7 @@ from pipeline.layout import (
     shard_name,
     url,
 )
-from pipeline.parts import STATUSES
+from pipeline.parts import STATUSES, file_sha256, sha256
 from pipeline.pieces import split
 from pipeline.reader import (
     STAGED_SCHEMA,
@@ -357,7 +357,7 @@ def marker(
         "part": part_name(shard),
         "rows": rows.num_rows,
         "bytes": len(data),
-        "sha256": hashlib.sha256(data).hexdigest(),
+        "sha256": sha256(data),
         "md5": hashlib.md5(data).hexdigest(),  # what S3 lists as the ETag of a single PUT: checked without a read
         "counts": {s: statuses.count(s) for s in STATUSES},
         "explained": explained,
@@ -583,20 +583,12 @@ def damaged(paths: RunPaths, records: dict[int, dict], checksums: bool = True) -
                 to_hash.append(shard)
     if to_hash:
         with ThreadPoolExecutor(max_workers=4) as pool:
-            digests = pool.map(lambda s: _sha256(fs, paths.part(records[s]["part"])), to_hash)
+            digests = pool.map(lambda s: file_sha256(fs, paths.part(records[s]["part"])), to_hash)
             for shard, digest in zip(to_hash, digests, strict=True):
                 if digest != records[shard]["sha256"]:
                     name = records[shard]["part"]
                     bad[shard] = f"{name} does not match its checksum (its bytes changed after it was written)"
     return bad
-
-
-def _sha256(fs, path: str) -> str:
-    digest = hashlib.sha256()
-    with fs.open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def remove_staging(paths: RunPaths) -> None:
