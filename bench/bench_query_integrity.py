@@ -126,7 +126,7 @@ def in_process_seconds(root: Path, run: Path, cache: Path, repeat: int) -> dict:
 
     import fsspec
 
-    from pipeline.integrity import sha256_of
+    from pipeline.parts import sha256_of
     from pipeline.query import connect
 
     os.environ["ATMAN_CACHE_DIR"] = str(cache)

@@ -11,12 +11,29 @@ and ``atman query`` reads v1 and v2 parts together (missing columns are null).
 from __future__ import annotations
 
 import datetime as dt
+import fnmatch
 import hashlib
+import itertools
+import json
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import pyarrow as pa
 
-from pipeline.layout import parquet_bytes
+from pipeline.integrity import BadManifest, identity, load_checks, manifest_parts, save_checks
+from pipeline.layout import (
+    MANIFEST,
+    PART_GLOB,
+    SUCCESS,
+    filesystem,
+    fresh_ls,
+    parquet_bytes,
+    parse_run_dir,
+    part_name,
+    run_glob,
+    url,
+)
 
 SCHEMA_VERSION = 2
 STATUSES = ("ok", "skipped", "error")
@@ -58,6 +75,25 @@ SCHEMA = pa.schema(
 )
 V2_COLUMNS = ("image", "image_width", "image_height", "image_box", "image_view", "image_scores")
 """The columns v2 added: a v1 part lacks them."""
+_SQL_TYPES = {pa.string(): "VARCHAR", pa.int32(): "INTEGER", pa.int64(): "BIGINT", pa.float32(): "FLOAT",
+              pa.bool_(): "BOOLEAN"}  # fmt: skip
+
+
+def sql_type(column: str, element: bool = False) -> str:
+    """DuckDB's name for the type of ``column`` of SCHEMA (``element``: of one item of the list it holds), so that
+    SQL standing in for a missing column (a v1 part has no image columns) has the types a v2 part has."""
+    kind = SCHEMA.field(column).type
+    if element:
+        kind = kind.value_type
+    return _sql(kind)
+
+
+def _sql(kind: pa.DataType) -> str:
+    if pa.types.is_list(kind):
+        return f"{_sql(kind.value_type)}[]"
+    if pa.types.is_timestamp(kind):
+        return "TIMESTAMP WITH TIME ZONE"
+    return _SQL_TYPES[kind]
 
 
 # --- rows: what the worker writes for each request ---------------------------------------------------------------
@@ -158,3 +194,172 @@ def file_sha256(fs, path: str) -> str:
         while chunk := f.read(8 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def sha256_of(fs, path: str) -> str | None:
+    """``file_sha256``, None where the part cannot be read."""
+    try:
+        return file_sha256(fs, path)
+    except OSError:
+        return None
+
+
+# --- reading: only what the run recorded, byte for byte (the damaged-part guard) -----------------------------------
+# Every reader of a run's parts (the query views, `atman run --preview`, `atman report`, `atman show`, the audit) goes
+# through ``readable_parts``: a part is read only where its bytes are those its run recorded.
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run directory under a root."""
+
+    model: str
+    run_date: str
+    run_id: str
+    path: str  # without protocol
+    url: str  # as a user writes it (s3://... or a local path)
+    complete: bool
+
+    def manifest(self, fs) -> dict:
+        """The run's manifest, {} where it has none; BadManifest naming the file where it is not a JSON object."""
+        try:
+            data = json.loads(fs.cat_file(f"{self.path}/{MANIFEST}"))
+        except FileNotFoundError:
+            return {}
+        except ValueError as err:  # not JSON, not UTF-8
+            raise BadManifest(f"{self.url}/{MANIFEST} is not valid JSON ({_short(err)}); {self.redo}") from None
+        if not isinstance(data, dict):
+            raise BadManifest(f"{self.url}/{MANIFEST} is not a JSON object; {self.redo}")
+        return data
+
+    @property
+    def redo(self) -> str:
+        """How to repair the run: its own job, rerun with its id, checks its parts and rewrites the manifest."""
+        return f"`atman run JOB --run-id {self.run_id}` redoes it"
+
+
+class DamagedPart(UserWarning):
+    """Something a reader of parts would read that is missing, damaged or cannot be verified (a part, a run's
+    manifest): it is left out, and the warning names it and says how to repair it."""
+
+
+def run_parts(fs, run: Run) -> list[str]:
+    """The parts of a run that a query may read, as URLs; whatever is left out is named in a ``DamagedPart``
+    warning (see ``readable_parts``)."""
+    names, problems = readable_parts(fs, run)
+    for problem in problems:
+        warnings.warn(problem, DamagedPart, 2)
+    return [url(fs, f"{run.path}/{name}") for name in names]
+
+
+def readable_parts(fs, run: Run) -> tuple[list[str], list[str]]:
+    """The names of a run's parts that a query may read, and a line for each thing left out. A complete run: the
+    parts its manifest names that have the size and sha256 written there, the manifest checked for completeness (a
+    part for every shard, rows that add up, no part on disk it does not name). An incomplete one: the parts it has
+    so far, unverified (--include-incomplete). One read of the manifest and one listing per run, never a listing of
+    the whole root; a part is hashed only when it changed since it was last verified (``integrity.cache_dir``)."""
+    infos = {info["name"].rsplit("/", 1)[-1]: info for info in fresh_ls(fs, run.path, detail=True)}
+    if not run.complete:
+        return sorted(n for n, i in infos.items() if fnmatch.fnmatch(n, PART_GLOB) and not i.get("islink")), []
+    try:
+        manifest = run.manifest(fs)
+        entries = manifest_parts(manifest, f"{run.url}/{MANIFEST}", run.redo)
+    except BadManifest as err:
+        return [], [f"run {run.run_id} is left out: {err}"]
+    problems, present = _coverage(run, manifest, entries, infos), []
+    for f in sorted(entries, key=lambda f: f["name"]):
+        why = _mismatch(f, infos.get(f["name"]))
+        if why:
+            problems.append(f"{run.url}/{f['name']} {why}; its rows are left out ({run.redo})")
+        else:
+            present.append(f)
+    verified, wrong = _verify(fs, run, present, infos)
+    return verified, problems + wrong
+
+
+def _coverage(run: Run, manifest: dict, entries: list[dict], infos: dict) -> list[str]:
+    """What the manifest lacks: shards without a part, a row total its parts do not add up to, parts on disk it
+    does not name (they cannot be verified: left out)."""
+    problems, named = [], {f["shard"] for f in entries}
+    missing = manifest["shards"] - len(named)  # entries are unique and within 0..shards-1
+    if missing:
+        first = list(itertools.islice((s for s in range(manifest["shards"]) if s not in named), 5))
+        listed = ", ".join(f"{s} ({part_name(s)})" for s in first) + (", ..." if missing > len(first) else "")
+        problems.append(
+            f"{run.url}/{MANIFEST} names no part for {missing} of {manifest['shards']} shards: {listed}; "
+            f"their rows are missing ({run.redo})"
+        )
+    total = sum(f["rows"] for f in entries)
+    if total != manifest["rows"]:
+        problems.append(
+            f"{run.url}/{MANIFEST} counts {manifest['rows']} rows, its parts {total}: the answer may lack rows "
+            f"({run.redo})"
+        )
+    names = {f["name"] for f in entries}
+    for name in sorted(n for n in infos if fnmatch.fnmatch(n, PART_GLOB) and n not in names):
+        problems.append(
+            f"{run.url}/{name} is not in the run's manifest, so it cannot be verified; its rows are left out "
+            f"({run.redo})"
+        )
+    return problems
+
+
+def _mismatch(entry: dict, info: dict | None) -> str | None:
+    """Why a listed part is not the one the manifest names (without reading it), or None."""
+    if info is None:
+        return "is missing"
+    if info.get("islink") or info.get("type") not in (None, "file"):
+        return "is not a plain file (a link?), so not the part the run wrote"
+    if info.get("size") != entry["bytes"]:
+        return f"is {info.get('size')} bytes, {entry['bytes']} were written"
+    return None
+
+
+def _verify(fs, run: Run, entries: list[dict], infos: dict) -> tuple[list[str], list[str]]:
+    """The names of ``entries`` whose bytes have their manifest's sha256, and a line for each other. A part
+    verified before and unchanged since (same size, times, inode or ETag) is not read again."""
+    known = load_checks(run.url)
+    keys = {f["name"]: identity(infos[f["name"]], f["sha256"]) for f in entries}
+    todo = [f for f in entries if keys[f["name"]] is None or known.get(f["name"]) != keys[f["name"]]]
+    with ThreadPoolExecutor(max_workers=4) as pool:  # hashlib hashes large chunks without the GIL
+        found = pool.map(lambda f: sha256_of(fs, f"{run.path}/{f['name']}"), todo)
+        digests = dict(zip([f["name"] for f in todo], found, strict=True))
+    verified, wrong = [], []
+    for f in entries:
+        digest = digests.get(f["name"], f["sha256"])
+        if digest == f["sha256"]:
+            verified.append(f["name"])
+            continue
+        why = "cannot be read" if digest is None else "does not match its sha256 in the manifest (its bytes changed)"
+        wrong.append(f"{run.url}/{f['name']} {why}; its rows are left out ({run.redo})")
+    checks = {n: keys[n] for n in verified if keys[n] is not None}
+    if checks != known:
+        save_checks(run.url, checks)
+    return verified, wrong
+
+
+def read_run(location: str) -> pa.Table:
+    """The rows of the run directory ``location`` (local or s3://), read from the parts a query may read
+    (``readable_parts``; what is left out is named in ``DamagedPart`` warnings): the guarded reader for code that
+    reads a run's parts without DuckDB (``atman run --preview``)."""
+    fs, path = filesystem(location)
+    path = path.rstrip("/")
+    partitions = parse_run_dir(path)
+    if partitions is None:
+        raise ValueError(f"run: {location} is not a run directory ({run_glob('ROOT', 'MODEL', 'DATE', 'ID')})")
+    run = Run(*partitions, path, url(fs, path), fs.exists(f"{path}/{SUCCESS}"))
+    names = [part.rsplit("/", 1)[-1] for part in run_parts(fs, run)]
+    tables = [read_part(fs, f"{path}/{name}") for name in names]
+    return pa.concat_tables(tables, promote_options="default") if tables else SCHEMA.empty_table()
+
+
+def read_part(fs, path: str, columns: list[str] | None = None) -> pa.Table:
+    """One part as stored (``columns``: only those), unchecked: callers read what ``readable_parts`` verified, or
+    check it themselves. pyarrow.ArrowInvalid or OSError where it is not readable Parquet."""
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path, filesystem=fs, columns=columns)
+
+
+def _short(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0][:200]

@@ -21,11 +21,10 @@ import time
 from dataclasses import dataclass
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline.jobspec import JobSpec
 from pipeline.layout import RunPaths, filesystem, part_name, publish
-from pipeline.parts import Provenance, encode, error_row, ok_row, skipped_row
+from pipeline.parts import Provenance, encode, error_row, ok_row, read_part, skipped_row
 from pipeline.shards import marker, read_shard, write_marker
 
 log = logging.getLogger(__name__)
@@ -135,7 +134,7 @@ class ExplainWorker:
         if not self.fs.exists(path):
             return []
         try:
-            return pq.read_table(path, filesystem=self.fs).to_pylist()
+            return read_part(self.fs, path).to_pylist()
         except (pa.ArrowInvalid, OSError):  # damaged: nothing of it is kept
             return []
 
