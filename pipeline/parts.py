@@ -1,8 +1,10 @@
 """The part format: the Parquet files ``part-s<shard>.parquet`` a run writes, one row per prompt (README "Output
 schema"). Everything that writes or reads a part goes through here, so the format has one definition: its schema,
 the rows the worker writes (``ok_row``, ``skipped_row``, ``error_row``), their bytes (``encode``), the checksum a
-part is trusted by (``sha256``: of the bytes as stored, written in the marker and the manifest), and reading a
-part back (``read_part``).
+part is trusted by (``sha256``: of the bytes as stored, written in its progress record and the run's manifest), and
+reading parts back through the damaged-part guard (``readable_parts``, ``read_run``, ``read_part``): a part is read
+only where its bytes are those its run recorded for it, in the manifest of a complete run or the progress records
+of an incomplete one. The staging blocks a run reads its input from are the input side's format (pipeline/reader.py).
 
 Plain Arrow types only. v2 adds the image columns (null on text rows), nothing else: a v1 reader reads v2 parts,
 and ``atman query`` reads v1 and v2 parts together (missing columns are null).
@@ -15,6 +17,7 @@ import fnmatch
 import hashlib
 import itertools
 import json
+import re
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -24,7 +27,9 @@ import pyarrow as pa
 from pipeline.integrity import BadManifest, identity, load_checks, manifest_parts, save_checks
 from pipeline.layout import (
     MANIFEST,
+    MARKERS,
     PART_GLOB,
+    PROGRESS,
     SUCCESS,
     filesystem,
     fresh_ls,
@@ -208,6 +213,8 @@ def sha256_of(fs, path: str) -> str | None:
 # Every reader of a run's parts (the query views, `atman run --preview`, `atman report`, `atman show`, the audit) goes
 # through ``readable_parts``: a part is read only where its bytes are those its run recorded.
 
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
 
 @dataclass(frozen=True)
 class Run:
@@ -255,25 +262,76 @@ def run_parts(fs, run: Run) -> list[str]:
 def readable_parts(fs, run: Run) -> tuple[list[str], list[str]]:
     """The names of a run's parts that a query may read, and a line for each thing left out. A complete run: the
     parts its manifest names that have the size and sha256 written there, the manifest checked for completeness (a
-    part for every shard, rows that add up, no part on disk it does not name). An incomplete one: the parts it has
-    so far, unverified (--include-incomplete). One read of the manifest and one listing per run, never a listing of
-    the whole root; a part is hashed only when it changed since it was last verified (``integrity.cache_dir``)."""
+    part for every shard, rows that add up, no part on disk it does not name). An incomplete one (--include-incomplete,
+    ``atman report --run-id``, a preview): its parts so far, each one a worker has recorded as finished checked the
+    same way against that record (``recorded_parts``). One read of the manifest and one listing per run, never a
+    listing of the whole root; a part is hashed only when it changed since it was last verified
+    (``integrity.cache_dir``)."""
     infos = {info["name"].rsplit("/", 1)[-1]: info for info in fresh_ls(fs, run.path, detail=True)}
     if not run.complete:
-        return sorted(n for n, i in infos.items() if fnmatch.fnmatch(n, PART_GLOB) and not i.get("islink")), []
+        return _unfinished(fs, run, infos)
     try:
         manifest = run.manifest(fs)
         entries = manifest_parts(manifest, f"{run.url}/{MANIFEST}", run.redo)
     except BadManifest as err:
         return [], [f"run {run.run_id} is left out: {err}"]
-    problems, present = _coverage(run, manifest, entries, infos), []
+    verified, problems = _checked(fs, run, entries, infos, "the manifest")
+    return verified, _coverage(run, manifest, entries, infos) + problems
+
+
+def _unfinished(fs, run: Run, infos: dict) -> tuple[list[str], list[str]]:
+    """An incomplete run's parts: those with a progress record are checked against it; one without (a shard being
+    written, its marker not yet there) is read unverified, as every part of an incomplete run was before records
+    were checked."""
+    names = sorted(n for n, i in infos.items() if fnmatch.fnmatch(n, PART_GLOB) and not i.get("islink"))
+    records = recorded_parts(fs, run.path)
+    entries = [{"name": n, "bytes": records[n]["bytes"], "sha256": records[n]["sha256"]} for n in names if n in records]
+    verified, problems = _checked(fs, run, entries, infos, "its progress record")
+    return sorted(verified + [n for n in names if n not in records]), problems
+
+
+def recorded_parts(fs, run_dir: str) -> dict[str, dict]:
+    """Part name -> the progress record a worker wrote for it (its size and sha256 among them) in the run directory
+    ``run_dir``: the consolidated ``_progress.json``, overlaid with the markers written since. A record without a
+    valid size and sha256 is no record; {} where the run has none."""
+    records = []
+    try:
+        records += json.loads(fs.cat_file(f"{run_dir}/{PROGRESS}")).get("shards") or []
+    except (OSError, ValueError, AttributeError):
+        pass  # no record yet, or one being rebuilt by the run's next driver
+    try:
+        markers = sorted(fresh_ls(fs, f"{run_dir}/{MARKERS}"))
+    except OSError:
+        markers = []
+    for path in markers:
+        try:
+            records.append(json.loads(fs.cat_file(path)))
+        except (OSError, ValueError):
+            continue  # a temporary file of a write, or a marker the driver will find unreadable
+    return {r["part"]: r for r in records if _is_record(r)}
+
+
+def _is_record(record) -> bool:
+    return (
+        isinstance(record, dict)
+        and isinstance(record.get("part"), str)
+        and isinstance(record.get("bytes"), int)
+        and isinstance(record.get("sha256"), str)
+        and _SHA256.fullmatch(record["sha256"]) is not None
+    )
+
+
+def _checked(fs, run: Run, entries: list[dict], infos: dict, where: str) -> tuple[list[str], list[str]]:
+    """The names of ``entries`` (name, bytes, sha256 as ``where`` records them) whose files are those, and a line
+    for each other."""
+    problems, present = [], []
     for f in sorted(entries, key=lambda f: f["name"]):
         why = _mismatch(f, infos.get(f["name"]))
         if why:
             problems.append(f"{run.url}/{f['name']} {why}; its rows are left out ({run.redo})")
         else:
             present.append(f)
-    verified, wrong = _verify(fs, run, present, infos)
+    verified, wrong = _verify(fs, run, present, infos, where)
     return verified, problems + wrong
 
 
@@ -315,8 +373,8 @@ def _mismatch(entry: dict, info: dict | None) -> str | None:
     return None
 
 
-def _verify(fs, run: Run, entries: list[dict], infos: dict) -> tuple[list[str], list[str]]:
-    """The names of ``entries`` whose bytes have their manifest's sha256, and a line for each other. A part
+def _verify(fs, run: Run, entries: list[dict], infos: dict, where: str) -> tuple[list[str], list[str]]:
+    """The names of ``entries`` whose bytes have the sha256 ``where`` records, and a line for each other. A part
     verified before and unchanged since (same size, times, inode or ETag) is not read again."""
     known = load_checks(run.url)
     keys = {f["name"]: identity(infos[f["name"]], f["sha256"]) for f in entries}
@@ -330,7 +388,7 @@ def _verify(fs, run: Run, entries: list[dict], infos: dict) -> tuple[list[str], 
         if digest == f["sha256"]:
             verified.append(f["name"])
             continue
-        why = "cannot be read" if digest is None else "does not match its sha256 in the manifest (its bytes changed)"
+        why = "cannot be read" if digest is None else f"does not match its sha256 in {where} (its bytes changed)"
         wrong.append(f"{run.url}/{f['name']} {why}; its rows are left out ({run.redo})")
     checks = {n: keys[n] for n in verified if keys[n] is not None}
     if checks != known:
@@ -353,12 +411,22 @@ def read_run(location: str) -> pa.Table:
     return pa.concat_tables(tables, promote_options="default") if tables else SCHEMA.empty_table()
 
 
-def read_part(fs, path: str, columns: list[str] | None = None) -> pa.Table:
-    """One part as stored (``columns``: only those), unchecked: callers read what ``readable_parts`` verified, or
-    check it themselves. pyarrow.ArrowInvalid or OSError where it is not readable Parquet."""
+class PartChanged(ValueError):
+    """A part whose bytes are not those its run recorded (``read_part``'s ``expected``); the message names it."""
+
+
+def read_part(fs, path: str, columns: list[str] | None = None, expected: str | None = None) -> pa.Table:
+    """One part (``columns``: only those). With ``expected``, the sha256 its run recorded for it, the bytes are read
+    once and checked first (PartChanged); without, the caller reads what ``readable_parts`` verified.
+    pyarrow.ArrowInvalid or OSError where it is not readable Parquet."""
     import pyarrow.parquet as pq
 
-    return pq.read_table(path, filesystem=fs, columns=columns)
+    if expected is None:
+        return pq.read_table(path, filesystem=fs, columns=columns)
+    data = fs.cat_file(path)
+    if sha256(data) != expected:
+        raise PartChanged(f"{path} does not match its sha256 {expected} (its bytes changed)")
+    return pq.read_table(pa.BufferReader(data), columns=columns)
 
 
 def _short(err: BaseException) -> str:

@@ -13,11 +13,12 @@ directory, an https:// URL or another bucket. In a local root with a link that l
 read only the runs' parts (a glob under the root would list through the link).
 
 What a query reads is checked first (``pipeline.parts.readable_parts``, the guard every reader of parts uses): a
-complete run's ``_manifest.json`` must name one part per shard with its size
-and sha256, and each part must match them. A part that does not, or that the manifest does not name, and a run whose
-manifest is invalid, are left out with a ``DamagedPart`` warning naming them. A part's check is remembered
-(``pipeline.integrity.cache_dir``) until its file changes, so a second query does not hash it again. Queries run
-with a time limit and modest memory and spill limits (``connect``, ``run_query``).
+complete run's ``_manifest.json`` must name one part per shard with its size and sha256, and each part must match
+them. A part that does not, or that the manifest does not name, and a run whose manifest is invalid, are left out
+with a ``DamagedPart`` warning naming them; an incomplete run's parts are checked against the progress records its
+workers wrote (one not yet recorded is read unverified). A part's check is remembered (``integrity.cache_dir``)
+until its file changes, so a second query does not hash it again. Queries run with a time limit and modest memory
+and spill limits (``connect``, ``run_query``).
 """
 
 from __future__ import annotations
