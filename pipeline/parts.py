@@ -37,6 +37,7 @@ from pipeline.layout import (
     parse_run_dir,
     part_name,
     run_glob,
+    shard_name,
     url,
 )
 
@@ -214,6 +215,7 @@ def sha256_of(fs, path: str) -> str | None:
 # through ``readable_parts``: a part is read only where its bytes are those its run recorded.
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+_MARKER = re.compile(r"s\d+\.json")  # layout.shard_name's, not a temporary file of a write
 
 
 @dataclass(frozen=True)
@@ -294,21 +296,38 @@ def recorded_parts(fs, run_dir: str) -> dict[str, dict]:
     """Part name -> the progress record a worker wrote for it (its size and sha256 among them) in the run directory
     ``run_dir``: the consolidated ``_progress.json``, overlaid with the markers written since. A record without a
     valid size and sha256 is no record; {} where the run has none."""
-    records = []
     try:
-        records += json.loads(fs.cat_file(f"{run_dir}/{PROGRESS}")).get("shards") or []
-    except (OSError, ValueError, AttributeError):
-        pass  # no record yet, or one being rebuilt by the run's next driver
-    try:
-        markers = sorted(fresh_ls(fs, f"{run_dir}/{MARKERS}"))
+        markers = sorted(p for p in fresh_ls(fs, f"{run_dir}/{MARKERS}") if _MARKER.fullmatch(p.rsplit("/", 1)[-1]))
     except OSError:
         markers = []
-    for path in markers:
-        try:
-            records.append(json.loads(fs.cat_file(path)))
-        except (OSError, ValueError):
-            continue  # a temporary file of a write, or a marker the driver will find unreadable
+    records = _progress_entries(fs, run_dir) + [_json(fs, path) for path in markers]
     return {r["part"]: r for r in records if _is_record(r)}
+
+
+def recorded_part(fs, run_dir: str, shard: int) -> dict | None:
+    """The progress record of one shard's part (``recorded_parts``, without listing or reading the other markers):
+    its marker where one is left, else its entry in ``_progress.json``; None where it has none."""
+    record = _json(fs, f"{run_dir}/{MARKERS}/{shard_name(shard)}.json")
+    if _is_record(record) and record["part"] == part_name(shard):
+        return record
+    entries = (r for r in _progress_entries(fs, run_dir) if _is_record(r) and r["part"] == part_name(shard))
+    return next(entries, None)
+
+
+def _progress_entries(fs, run_dir: str) -> list:
+    """The entries of the run's ``_progress.json``; [] where it has none (no shard finished yet) or cannot be read
+    (the run's next driver rebuilds it)."""
+    progress = _json(fs, f"{run_dir}/{PROGRESS}")
+    entries = progress.get("shards") if isinstance(progress, dict) else None
+    return entries if isinstance(entries, list) else []
+
+
+def _json(fs, path: str):
+    """The JSON value of a small file; None where it is missing or not JSON (a marker being written)."""
+    try:
+        return json.loads(fs.cat_file(path))
+    except (OSError, ValueError):
+        return None
 
 
 def _is_record(record) -> bool:

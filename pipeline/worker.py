@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from pipeline.jobspec import JobSpec
 from pipeline.layout import RunPaths, filesystem, part_name, publish
-from pipeline.parts import Provenance, encode, error_row, ok_row, read_part, recorded_parts, skipped_row
+from pipeline.parts import Provenance, encode, error_row, ok_row, read_part, recorded_part, skipped_row
 from pipeline.shards import marker, read_shard, write_marker
 
 log = logging.getLogger(__name__)
@@ -129,13 +129,12 @@ class ExplainWorker:
 
     def _published(self, shard: int) -> list[dict]:
         """The rows of the shard's part as published, where its bytes are those its progress record names; nothing
-        of a part without a record or with other bytes is kept (``parts.recorded_parts``)."""
-        name = part_name(shard)
-        record = recorded_parts(self.fs, self.run.dir).get(name)
+        of a part without a record or with other bytes is kept (``parts.recorded_part``)."""
+        record = recorded_part(self.fs, self.run.dir, shard)
         if record is None:
             return []
         try:
-            return read_part(self.fs, self.run.part(name), expected=record["sha256"]).to_pylist()
+            return read_part(self.fs, self.run.part(part_name(shard)), expected=record["sha256"]).to_pylist()
         except (ValueError, OSError):  # damaged (pyarrow.ArrowInvalid, PartChanged) or gone: nothing of it is kept
             return []
 
