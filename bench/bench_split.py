@@ -126,12 +126,12 @@ def staged_digest(run: dict, blocks: list[str]) -> str:
 
     import pyarrow.parquet as pq
 
-    from pipeline.layout import RunPaths
+    from pipeline.layout import FIXUPS, RunPaths
 
     paths = RunPaths(**run)
     digest = hashlib.sha256()
-    fixups = f"{paths.staging}/_fixups.parquet"
-    for name in [*blocks, "_fixups.parquet"] if paths.fs.exists(fixups) else blocks:  # row by row: any blocks
+    fixups = f"{paths.staging}/{FIXUPS}"
+    for name in [*blocks, FIXUPS] if paths.fs.exists(fixups) else blocks:  # row by row: any blocks
         table = pq.read_table(f"{paths.staging}/{name}", filesystem=paths.fs)
         cols = [c for c in ("ordinal", "prompt_id", "source", "input_error") if c in table.column_names]
         for row in zip(*table.select(cols).to_pydict().values(), strict=True):

@@ -298,7 +298,7 @@ class Probe:
         """Explain batches (in ``spread`` order) as the worker does until ``budget_s`` has passed, at least
         ``MIN_BATCHES``; per batch its rows, seconds, the sweep's seconds, tokens and forward calls, and the seconds
         to build and compress its output rows as a part."""
-        from pipeline.schema import SCHEMA
+        from pipeline.parts import encode
 
         worker = self.worker
         explainer, config = worker.explainer, worker.config
@@ -325,7 +325,7 @@ class Probe:
                 t0 = time.perf_counter()
                 rows = worker.explain_rows(batches[i])
                 t1 = time.perf_counter()
-                parquet_bytes(pa.Table.from_pylist(rows, schema=SCHEMA), worker.spec.output.compression)
+                encode(rows, worker.spec.output.compression)
                 publish_s = time.perf_counter() - t1
                 seconds = t1 - t0 - spent.pop("count_s")
                 out.append({"rows": len(rows), "seconds": seconds, "publish_s": publish_s, **spent})

@@ -50,8 +50,8 @@ from pipeline.layout import RunPaths, new_run_id, part_name, publish, remove_tem
 from pipeline.lease import Lease
 from pipeline.messages import first_line
 from pipeline.models import check_model
+from pipeline.parts import SCHEMA_VERSION, STATUSES
 from pipeline.reader import InputListing, list_input
-from pipeline.schema import SCHEMA_VERSION, STATUSES
 from pipeline.shards import (
     BLOCK_ROWS,
     Plan,

@@ -28,7 +28,6 @@ import pyarrow.parquet as pq
 
 from pipeline.jobspec import InputSpec, JobSpecError
 from pipeline.layout import filesystem, storage_error, url
-from pipeline.schema import INPUT_SCHEMA
 
 EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zst": "zstd"}
@@ -40,6 +39,23 @@ MAX_ROW_BYTES = 4 << 20
 text is about a million tokens, past the context of the models this explains, and holding it cost the whole job
 (a 50 MB line: copied by the reader, staged, tokenised by the worker, written back as the output's prompt)."""
 
+# --- the input side's formats: one place for what the reader hands on and what staging stores ------------------
+
+INPUT_SCHEMA = pa.schema(
+    [
+        pa.field("prompt_id", pa.string(), nullable=False),
+        pa.field("prompt", pa.string()),
+        pa.field("target", pa.string()),
+        pa.field("explain_span", pa.string()),  # JSON [[start, end], ...] or null
+        pa.field("chat", pa.bool_()),
+        pa.field("metadata", pa.string()),
+        pa.field("source", pa.string()),
+        pa.field("input_error", pa.string()),  # set: the row is written as 'skipped' with this reason
+        pa.field("image_ref", pa.string()),  # input.image_column as a path / URI (relative ones resolved)
+        pa.field("image_bytes", pa.binary()),  # input.image_column as the image's bytes
+    ]
+)
+"""What the reader hands to the actors: one row per input row, problems already named."""
 STAGED_SCHEMA = pa.schema(
     [
         pa.field("prompt_id", pa.string()),  # null until resolve_ids chooses one (a row without a usable id)
@@ -48,6 +64,8 @@ STAGED_SCHEMA = pa.schema(
         pa.field("id_generated", pa.bool_()),  # the id is stable_id's (the row has none): it yields to given ids
     ]
 )
+"""A staging block's rows (``_staging/``, ``layout.block_name``): INPUT_SCHEMA before ids are settled, in input
+order (``ordinal``)."""
 FIXUP_SCHEMA = pa.schema(
     [
         pa.field("ordinal", pa.int64(), nullable=False),
@@ -56,6 +74,7 @@ FIXUP_SCHEMA = pa.schema(
         pa.field("first_source", pa.string()),  # where that id is first seen
     ]
 )
+"""``_staging/`` + ``layout.FIXUPS``: the id ``resolve_ids`` chose for each row that needed one, by ordinal."""
 
 
 def stable_id(prompt: str, target: str | None) -> str:

@@ -34,9 +34,11 @@ import pyarrow.parquet as pq
 
 from pipeline.jobspec import InputSpec, JobSpecError
 from pipeline.layout import (
+    FIXUPS,
     MARKERS,
     PROGRESS,
     RunPaths,
+    block_name,
     fresh_ls,
     is_local,
     parquet_bytes,
@@ -45,6 +47,7 @@ from pipeline.layout import (
     shard_name,
     url,
 )
+from pipeline.parts import STATUSES, file_sha256, sha256
 from pipeline.pieces import split
 from pipeline.reader import (
     STAGED_SCHEMA,
@@ -57,13 +60,11 @@ from pipeline.reader import (
     iter_requests,
     resolve_ids,
 )
-from pipeline.schema import STATUSES
 
 log = logging.getLogger(__name__)
 
 BLOCK_ROWS = 1000
 """Rows per staging block: the grain at which shards are cut."""
-FIXUPS = "_fixups.parquet"
 PLAN_VERSION = 3
 """3 adds ``split_bytes``; a version 2 plan (every file scanned whole) still loads."""
 
@@ -161,11 +162,10 @@ def scan_file(
     fs = paths.fs
     scanned = Scanned([])
     rows: list[dict] = []
-    prefix = f"f{index:06d}-" if piece is None else f"f{index:06d}-p{part:06d}-"
 
     def flush() -> None:
         table = pa.Table.from_pylist(rows, schema=STAGED_SCHEMA)
-        name = f"{prefix}b{len(scanned.blocks):06d}.parquet"
+        name = block_name(index, len(scanned.blocks), None if piece is None else part)
         publish(fs, f"{paths.staging}/{name}", parquet_bytes(table, compression))
         ordinals = table.column("ordinal")
         scanned.blocks.append(Block(name, table.num_rows, ordinals[0].as_py(), ordinals[-1].as_py()))
@@ -357,9 +357,9 @@ def marker(
         "part": part_name(shard),
         "rows": rows.num_rows,
         "bytes": len(data),
-        "sha256": hashlib.sha256(data).hexdigest(),
+        "sha256": sha256(data),
         "md5": hashlib.md5(data).hexdigest(),  # what S3 lists as the ETag of a single PUT: checked without a read
-        "counts": {s: statuses.count(s) for s in ("ok", "skipped", "error")},
+        "counts": {s: statuses.count(s) for s in STATUSES},
         "explained": explained,
         "unit_passes": unit_passes,
         "seconds": round(seconds, 3),
@@ -583,20 +583,12 @@ def damaged(paths: RunPaths, records: dict[int, dict], checksums: bool = True) -
                 to_hash.append(shard)
     if to_hash:
         with ThreadPoolExecutor(max_workers=4) as pool:
-            digests = pool.map(lambda s: _sha256(fs, paths.part(records[s]["part"])), to_hash)
+            digests = pool.map(lambda s: file_sha256(fs, paths.part(records[s]["part"])), to_hash)
             for shard, digest in zip(to_hash, digests, strict=True):
                 if digest != records[shard]["sha256"]:
                     name = records[shard]["part"]
                     bad[shard] = f"{name} does not match its checksum (its bytes changed after it was written)"
     return bad
-
-
-def _sha256(fs, path: str) -> str:
-    digest = hashlib.sha256()
-    with fs.open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def remove_staging(paths: RunPaths) -> None:

@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from pipeline.job import run_job
 from pipeline.jobspec import JobSpec, JobSpecError
 from pipeline.layout import MANIFEST, SUCCESS
-from pipeline.schema import SCHEMA
+from pipeline.parts import SCHEMA
 from pipeline.worker import ExplainWorker
 
 ATMAN = str(Path(sys.executable).parent / "atman")
