@@ -40,8 +40,9 @@ import pyarrow as pa
 from pipeline.atman.config import AtManConfig
 from pipeline.jobspec import InputSpec, JobSpec, JobSpecError, ResourcesSpec
 from pipeline.layout import RunPaths, filesystem, parquet_bytes, publish, url
+from pipeline.plan import Block, make_plan
 from pipeline.reader import COMPRESSIONS, STAGED_SCHEMA, InputFile, InputListing, iter_requests, list_input
-from pipeline.shards import BLOCK_ROWS, Block, make_plan
+from pipeline.staging import BLOCK_ROWS
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +211,7 @@ def scan_tasks(listing: InputListing, split_bytes: int) -> int:
 
 
 def shard_sizes(rows: int, res: ResourcesSpec) -> list[int]:
-    """Rows per shard, cut by the plan's own rule (``shards.make_plan``)."""
+    """Rows per shard, cut by the plan's own rule (``plan.make_plan``)."""
     if rows == 0:
         return []
     plan = make_plan(InputListing([]), [Block("rows", rows, 0, rows - 1)], res.shard_rows, res.actors, res.batch_rows)

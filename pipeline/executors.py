@@ -29,8 +29,9 @@ from typing import Protocol
 
 from pipeline.jobspec import JobSpec
 from pipeline.layout import RunPaths, local_root, scratch_dir
-from pipeline.shards import Plan, resolve
+from pipeline.plan import Plan
 from pipeline.signals import StopSignals
+from pipeline.staging import resolve
 
 log = logging.getLogger(__name__)
 

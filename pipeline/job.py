@@ -3,10 +3,10 @@
 1. **list** (``list_phase``): the input's files, from ``input.path`` (``pipeline/reader.py``).
 2. **stage** (``stage_phase``): a new run checks the model, then workers scan the input into staging blocks (one
    task per file, or per piece of a large one), the ids are settled over all rows out of core (DuckDB), and the
-   rows are cut into shards: the run's plan, saved once (``pipeline/shards.py``). A rerun loads that plan and
-   refuses an input that changed since.
+   rows are cut into shards: the run's plan, saved once (``pipeline/staging.py``, ``pipeline/plan.py``). A rerun
+   loads that plan and refuses an input that changed since.
 3. **plan** (``plan_phase``): what this attempt must do: the progress record checked against the plan and the
-   parts (damaged parts are redone), the shards still to explain, the staged input made ready for them.
+   parts (damaged parts are redone: ``pipeline/progress.py``), the shards still to explain, their staged input.
 4. **explain** (``explain_phase``): the executor (``pipeline/executors.py``: inline, or Ray actors) explains the
    pending shards; each is published as one part, then a marker (``pipeline/worker.py``); the markers are folded
    into the progress record as they come.
@@ -51,21 +51,11 @@ from pipeline.lease import Lease
 from pipeline.messages import first_line
 from pipeline.models import check_model
 from pipeline.parts import SCHEMA_VERSION, STATUSES
+from pipeline.plan import Plan, input_changes, make_plan, plan_problem
+from pipeline.progress import damaged, load_progress, save_progress
 from pipeline.reader import InputListing, list_input
-from pipeline.shards import (
-    BLOCK_ROWS,
-    Plan,
-    damaged,
-    input_changes,
-    load_progress,
-    make_plan,
-    plan_problem,
-    remove_staging,
-    save_progress,
-    stage_input,
-    staging_ready,
-)
 from pipeline.signals import Stopped, StopSignals
+from pipeline.staging import remove_staging, stage_input, staging_ready
 
 log = logging.getLogger(__name__)
 
@@ -303,9 +293,7 @@ def _stage(attempt: Attempt, listing: InputListing, split_bytes: int, save: bool
     pieces, a task each; a rerun passes its plan's), settle the ids, cut the shards."""
     spec, paths, run = attempt.spec, attempt.paths, dataclasses.asdict(attempt.paths)
     scan = attempt.executor.scan
-    blocks = stage_input(
-        listing, spec.input, run, BLOCK_ROWS, spec.output.compression, split_bytes, scan, attempt.notice
-    )
+    blocks = stage_input(listing, spec.input, run, spec.output.compression, split_bytes, scan, attempt.notice)
     attempt.executor.resolve([b.name for b in blocks])
     res = spec.resources
     plan = make_plan(listing, blocks, res.shard_rows, res.actors, res.batch_rows, split_bytes)

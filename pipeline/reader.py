@@ -354,7 +354,7 @@ def _jsonl_records(
                 continue
             seen_prompt_column |= spec.prompt_column in record
             yield number, source, record, None
-    if any_rows and not seen_prompt_column:  # of a piece: the file's other pieces may have it (shards.stage_input)
+    if any_rows and not seen_prompt_column:  # of a piece: the file's other pieces may have it (staging.stage_input)
         raise PromptColumnMissing(
             f"input.prompt_column: no line of {name} has a {spec.prompt_column!r} key; "
             "set input.prompt_column to the key that holds the prompt"

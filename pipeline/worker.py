@@ -24,7 +24,8 @@ from pipeline.errors import UnsupportedModel
 from pipeline.jobspec import JobSpec
 from pipeline.layout import RunPaths, filesystem, part_name, publish
 from pipeline.parts import Provenance, encode, error_row, ok_row, read_part, recorded_part, skipped_row
-from pipeline.shards import marker, read_shard, write_marker
+from pipeline.progress import marker, write_marker
+from pipeline.staging import read_shard
 
 log = logging.getLogger(__name__)
 MAX_IMAGE_BYTES = 64 << 20  # an image file larger than this is refused before it is read

@@ -24,8 +24,9 @@ from pipeline import job
 from pipeline.executors import RayExecutor
 from pipeline.jobspec import JobSpec, JobSpecError, load_job
 from pipeline.layout import RunPaths
+from pipeline.plan import PLAN_VERSION, Plan
 from pipeline.reader import list_input
-from pipeline.shards import PLAN_VERSION, Plan, read_shard, remove_staging
+from pipeline.staging import read_shard, remove_staging
 
 WHOLE = 1 << 40
 DEMO = str(Path(__file__).parents[1] / "jobs/examples/demo.yaml")
