@@ -154,15 +154,7 @@ class ExplainWorker:
                 row.result = skipped_row(self.provenance, req, req["input_error"])
                 continue
             try:
-                spans = json.loads(req["explain_span"]) if req.get("explain_span") else None
-                image = self._image(req)
-                row.planned = self.explainer.plan(
-                    req["prompt"],
-                    req.get("target"),
-                    explain_span=None if spans is None else [tuple(s) for s in spans],
-                    chat=req.get("chat"),
-                    **({"images": [image]} if image is not None else {}),  # image units: the config's image_grid
-                )
+                row.planned = self.explainer.plan(self._request(req))
             except ValueError as err:  # the request itself is unexplainable: named by the engine
                 row.result = skipped_row(self.provenance, req, _name_image(req, str(err)))
                 continue
@@ -175,6 +167,21 @@ class ExplainWorker:
         self._explain([r for r in todo if r.planned.sweep_input.embeds is None], self.config.batch_size)
         self._explain([r for r in todo if r.planned.sweep_input.embeds is not None], self.config.batch_size)
         return [r.result for r in rows]
+
+    def _request(self, req: dict):
+        """What the row asks to explain: its prompt, target, explain span, chat choice and image (whose units
+        follow the config's image_grid)."""
+        from pipeline.atman.request import ExplainRequest
+
+        spans = json.loads(req["explain_span"]) if req.get("explain_span") else None
+        image = self._image(req)
+        return ExplainRequest(
+            req["prompt"],
+            req.get("target"),
+            explain_span=None if spans is None else [tuple(s) for s in spans],
+            chat=req.get("chat"),
+            images=None if image is None else [image],
+        )
 
     def _image(self, req: dict):
         """The row's image (PIL), or None for a text row. A missing, unreadable, oversized or non-image file is a
