@@ -19,6 +19,7 @@ from conftest import TINY_CONTEXT
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pipeline.errors import RunIncomplete
 from pipeline.job import run_job
 from pipeline.jobspec import JobSpec, JobSpecError
 from pipeline.layout import MANIFEST, SUCCESS
@@ -261,7 +262,7 @@ def test_finalize_refuses_a_run_with_shards_missing(tmp_path, tiny_model_dir, mo
         return real(attempt, plan, dataclasses.replace(work, pending=work.pending[:-1]), *args, **kwargs)
 
     monkeypatch.setattr(pipeline.job, "explain_phase", drops_the_last)
-    with pytest.raises(pipeline.job.RunIncomplete) as stopped:
+    with pytest.raises(RunIncomplete) as stopped:
         run_job(spec, "miss", address="inline")
     assert str(stopped.value) == (
         "1 of 3 shards (2 of 6 input rows) have no output yet; rerun with --run-id miss to finish it"
@@ -277,7 +278,6 @@ def test_finalize_refuses_a_run_with_shards_missing(tmp_path, tiny_model_dir, mo
 def test_finalize_refuses_a_shard_with_rows_lost(tmp_path, tiny_model_dir, monkeypatch):
     """A shard recorded with another number of rows than its input is not published as complete, and the rerun
     the message names redoes that shard (it does not refuse the same record again)."""
-    from pipeline.job import RunIncomplete
 
     _write(tmp_path / "in.jsonl", GOOD)
     spec = _spec(tiny_model_dir, tmp_path / "in.jsonl", tmp_path / "out", shard_rows=2)
