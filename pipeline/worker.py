@@ -52,7 +52,8 @@ def compute_record(explainer) -> dict:
 
 
 class ExplainWorker:
-    """Loads the job's model once; ``__call__`` explains a batch of INPUT_SCHEMA rows and writes one part."""
+    """Loads the job's model once; ``explain_shard`` explains one shard's rows (``explain_rows``) and publishes them
+    as one part, then its marker."""
 
     def __init__(self, spec_json: str, run: dict) -> None:
         import torch
