@@ -62,16 +62,24 @@ def _runtime_nodes(node: ast.AST):
 
 def _edges(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
     """The modules of ``modules`` that module ``name`` imports: ``from a import b`` is module ``a.b`` where there is
-    one, else ``a`` (a name defined in ``a``)."""
+    one, else ``a`` (a name defined in ``a``). A package a module sits in is not counted: Python imports it first,
+    and it finishes before the module does."""
     found = set()
     for node in _runtime_nodes(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names if alias.name in modules}
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module in modules:
-            found |= {
-                f"{node.module}.{a.name}" if f"{node.module}.{a.name}" in modules else node.module for a in node.names
-            }
+        elif isinstance(node, ast.ImportFrom) and (source := _source(name, path, node)) in modules:
+            found |= {f"{source}.{a.name}" if f"{source}.{a.name}" in modules else source for a in node.names}
     return found - {name}
+
+
+def _source(name: str, path: Path, node: ast.ImportFrom) -> str:
+    """The dotted module ``from ... import`` reads from, relative imports (``from .x import y``) resolved."""
+    if not node.level:
+        return node.module or ""
+    package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+    base = ".".join(package[: len(package) - node.level + 1])
+    return f"{base}.{node.module}" if node.module else base
 
 
 def _loops(root: Path) -> list[list[str]]:
@@ -114,7 +122,7 @@ def test_the_loop_finder_sees_a_lazy_loop_and_not_a_type_checking_one(tmp_path):
     package.mkdir()
     (package / "__init__.py").write_text("")
     (package / "low.py").write_text("def f():\n    from pkg import high\n")  # the attention <-> families shape
-    (package / "high.py").write_text("from pkg.low import f\n")
+    (package / "high.py").write_text("from .low import f\n")
     (package / "typed.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    import pkg.plain\n")
     (package / "plain.py").write_text("import pkg.typed\n")
     assert _loops(package) == [["pkg.high", "pkg.low"]]
