@@ -213,7 +213,9 @@ def converted_dir(alias: str) -> Path:
             with tempfile.TemporaryDirectory(prefix=f".{alias}-gguf-", dir=target.parent) as workdir:
                 gguf = _gguf_path(spec, Path(workdir))
                 logger.info("converting %s to safetensors in %s (once)", gguf.name, target)
-                model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+                model = AutoModelForCausalLM.from_pretrained(
+                    str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, **OWN_MODULES
+                )
                 tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
             model.hf_quantizer = None
             if hasattr(model.config, "quantization_config"):
@@ -294,11 +296,19 @@ def _from_pretrained(source: str, kwargs: dict, model_kwargs: dict) -> tuple:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         processor = AutoProcessor.from_pretrained(source, **kwargs)
-        model = AutoModelForImageTextToText.from_pretrained(source, use_safetensors=True, **model_kwargs, **kwargs)
+        model = AutoModelForImageTextToText.from_pretrained(
+            source, use_safetensors=True, **OWN_MODULES, **model_kwargs, **kwargs
+        )
         return model, processor.tokenizer, processor
     tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-    model = AutoModelForCausalLM.from_pretrained(source, use_safetensors=True, **model_kwargs, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(source, use_safetensors=True, **OWN_MODULES, **model_kwargs, **kwargs)
     return model, tokenizer, None
+
+
+OWN_MODULES = {"use_kernels": False}
+"""transformers >= 5 swaps layers for kernels fetched from the Hub (the ``kernels`` package) by default. The engine
+explains the model's own modules, exact against the naive sweep; downloaded replacements are code nobody checked
+against it, need the network, and raise when ``kernels`` is missing or of another version (seen on a lent H200)."""
 
 
 def _target_device(device: str, device_map: str | dict | None, max_memory, offload_folder) -> torch.device:
