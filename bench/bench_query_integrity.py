@@ -47,7 +47,7 @@ def shard_table(first: int, n: int, run_id: str):
     """``n`` ok rows shaped like an explained bench_scale prompt ('Item {i} is {a} and', 5 word units)."""
     import pyarrow as pa
 
-    from pipeline.schema import SCHEMA
+    from pipeline.parts import SCHEMA
 
     rng = random.Random(first)  # scores as a model gives them: float32 noise, which zstd cannot shrink
     rows = []
@@ -126,7 +126,7 @@ def in_process_seconds(root: Path, run: Path, cache: Path, repeat: int) -> dict:
 
     import fsspec
 
-    from pipeline.integrity import sha256_of
+    from pipeline.parts import sha256_of
     from pipeline.query import connect
 
     os.environ["ATMAN_CACHE_DIR"] = str(cache)

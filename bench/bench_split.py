@@ -66,7 +66,6 @@ def stage(path: str, root: str, split_bytes: int, resolve: bool) -> dict:
 
     from pipeline import job
     from pipeline.jobspec import JobSpec
-    from pipeline.layout import RunPaths
     from pipeline.reader import list_input
 
     scratch = tempfile.mkdtemp(prefix="atman-bench-ray-")
@@ -76,9 +75,9 @@ def stage(path: str, root: str, split_bytes: int, resolve: bool) -> dict:
     spec = JobSpec.model_validate(
         {"name": "split", "input": {"path": path, "split_bytes": split_bytes}, "output": {"root": root}}
     )
-    paths = RunPaths.locate(root, spec.model.id, "b")
-    paths.fs.makedirs(paths.dir, exist_ok=True)
-    executor = job._executor(spec, paths, "auto")
+    notes: list[str] = []
+    attempt = job.open_run(spec, "b", "auto", False, notes.append)
+    paths, executor = attempt.paths, attempt.executor
     phases: list[dict] = []
     scan, id_pass = executor.scan, executor.resolve
 
@@ -99,11 +98,10 @@ def stage(path: str, root: str, split_bytes: int, resolve: bool) -> dict:
         return out
 
     executor.scan, executor.resolve = timed_scan, timed_resolve
-    notes: list[str] = []
     t = time.perf_counter()
     listing = list_input(spec.input)
     list_s = time.perf_counter() - t
-    plan = job._stage(executor, spec, paths, listing, split_bytes, notes.append)
+    plan = job._stage(attempt, listing, split_bytes)
     staging_s = time.perf_counter() - t
     digest = ray.get(ray.remote(staged_digest).remote(dataclasses.asdict(paths), [b.name for b in plan.blocks]))
     ray.shutdown()
@@ -128,12 +126,12 @@ def staged_digest(run: dict, blocks: list[str]) -> str:
 
     import pyarrow.parquet as pq
 
-    from pipeline.layout import RunPaths
+    from pipeline.layout import FIXUPS, RunPaths
 
     paths = RunPaths(**run)
     digest = hashlib.sha256()
-    fixups = f"{paths.staging}/_fixups.parquet"
-    for name in [*blocks, "_fixups.parquet"] if paths.fs.exists(fixups) else blocks:  # row by row: any blocks
+    fixups = f"{paths.staging}/{FIXUPS}"
+    for name in [*blocks, FIXUPS] if paths.fs.exists(fixups) else blocks:  # row by row: any blocks
         table = pq.read_table(f"{paths.staging}/{name}", filesystem=paths.fs)
         cols = [c for c in ("ordinal", "prompt_id", "source", "input_error") if c in table.column_names]
         for row in zip(*table.select(cols).to_pydict().values(), strict=True):

@@ -9,7 +9,15 @@ from importlib import import_module
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from pipeline.atman import AtManConfig, Explainer, Explanation, ScoredUnit, UnitSpan, UnsupportedModelError
+    from pipeline.atman import (
+        AtManConfig,
+        Explainer,
+        ExplainRequest,
+        Explanation,
+        ScoredUnit,
+        UnitSpan,
+        UnsupportedModelError,
+    )
     from pipeline.models import DEFAULT_MODEL, LoadedModel, load_model
 
 from pipeline import atman as _atman  # itself lazy: no torch yet
@@ -27,6 +35,7 @@ __all__ = [
     "DEFAULT_MODEL",
     "Explainer",
     "Explanation",
+    "ExplainRequest",
     "LoadedModel",
     "load_model",
     "ScoredUnit",

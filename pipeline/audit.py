@@ -21,7 +21,8 @@ from scipy.stats import spearmanr
 from pipeline.integrity import BadManifest
 from pipeline.jobspec import AuditSpec, JobSpec
 from pipeline.layout import audit_dir, filesystem, model_slug, parquet_bytes, publish, url
-from pipeline.query import DamagedPart, Run, connect, list_runs
+from pipeline.parts import DamagedPart, Run
+from pipeline.query import connect, list_runs
 from pipeline.report import _e, page, table_html
 
 TOP_K = 5

@@ -45,9 +45,17 @@ class RunIncomplete(AtmanError, RuntimeError):
         return str(self.args[0])
 
 
+class AnswerWithheld(AtmanError):
+    """A command gives no answer on purpose: the answer would be partial or past the thresholds it was asked to hold
+    (``atman query --strict`` with parts left out, ``atman audit`` with prompts drifted); exit 3, for alerting."""
+
+    exit_code = 3
+
+
 EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
     (ValueError, 2),  # a bad value from a library: pydantic's ValidationError, float('x'), a bad run id
     (FileNotFoundError, 2),  # a path the user gave
+    (FileExistsError, 2),  # something the user asked to create exists already (a submission id)
 )
 """Exit codes of errors raised by libraries, first match wins; AtmanError carries its own; anything else is 1."""
 

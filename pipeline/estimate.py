@@ -40,8 +40,9 @@ import pyarrow as pa
 from pipeline.atman.config import AtManConfig
 from pipeline.jobspec import InputSpec, JobSpec, JobSpecError, ResourcesSpec
 from pipeline.layout import RunPaths, filesystem, parquet_bytes, publish, url
+from pipeline.plan import Block, make_plan
 from pipeline.reader import COMPRESSIONS, STAGED_SCHEMA, InputFile, InputListing, iter_requests, list_input
-from pipeline.shards import BLOCK_ROWS, Block, make_plan
+from pipeline.staging import BLOCK_ROWS
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +211,7 @@ def scan_tasks(listing: InputListing, split_bytes: int) -> int:
 
 
 def shard_sizes(rows: int, res: ResourcesSpec) -> list[int]:
-    """Rows per shard, cut by the plan's own rule (``shards.make_plan``)."""
+    """Rows per shard, cut by the plan's own rule (``plan.make_plan``)."""
     if rows == 0:
         return []
     plan = make_plan(InputListing([]), [Block("rows", rows, 0, rows - 1)], res.shard_rows, res.actors, res.batch_rows)
@@ -298,7 +299,7 @@ class Probe:
         """Explain batches (in ``spread`` order) as the worker does until ``budget_s`` has passed, at least
         ``MIN_BATCHES``; per batch its rows, seconds, the sweep's seconds, tokens and forward calls, and the seconds
         to build and compress its output rows as a part."""
-        from pipeline.schema import SCHEMA
+        from pipeline.parts import encode
 
         worker = self.worker
         explainer, config = worker.explainer, worker.config
@@ -325,7 +326,7 @@ class Probe:
                 t0 = time.perf_counter()
                 rows = worker.explain_rows(batches[i])
                 t1 = time.perf_counter()
-                parquet_bytes(pa.Table.from_pylist(rows, schema=SCHEMA), worker.spec.output.compression)
+                encode(rows, worker.spec.output.compression)
                 publish_s = time.perf_counter() - t1
                 seconds = t1 - t0 - spent.pop("count_s")
                 out.append({"rows": len(rows), "seconds": seconds, "publish_s": publish_s, **spent})

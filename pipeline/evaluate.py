@@ -32,11 +32,10 @@ import numpy as np
 import torch
 from scipy.stats import trim_mean
 
-from pipeline.atman import attention
 from pipeline.atman.config import AtManConfig
 from pipeline.atman.explainer import Explainer, Planned
 from pipeline.eval_methods import method_config
-from pipeline.peers import PEERS, peer_scores
+from pipeline.peers import peer_scores
 
 DELETION_K = (1, 2, 3, 4, 5)
 UNITS = AtManConfig().granularity  # the library's default units, as everywhere else
@@ -156,19 +155,13 @@ class SquadEval:
         return plausibility(scores, truth) | {"aopc": aopc, "aopc_removal": removal, "seconds": seconds}
 
     def scores(self, name: str, planned: Planned, rng: np.random.Generator) -> np.ndarray:
+        """``name``'s unit scores: AtMan's and ``random`` here, every other method from the one registry
+        (``pipeline.peers.METHODS``: the peers and the gradient and rollout baselines)."""
         if name.startswith("atman"):
             return self.atman_scores(planned, method_config(name, self.granularity))
         if name == "random":
             return rng.random(len(planned.units))
-        if name in PEERS:
-            return peer_scores(name, self.lm, planned)
-        if name in ("ixg", "ig"):
-            token_scores = self._gradient(planned, integrated=name == "ig")
-        elif name == "rollout":
-            token_scores = self._rollout(planned)
-        else:
-            raise KeyError(name)  # parse_methods admits no other name
-        return unit_sums(token_scores, planned.units)
+        return peer_scores(name, self.lm, planned)  # KeyError for a name not registered: parse_methods admits none
 
     def explainer(self, cfg: AtManConfig) -> Explainer:
         """One Explainer per config for the whole evaluation: its support probe runs once, not per example. Every
@@ -181,35 +174,6 @@ class SquadEval:
     def atman_scores(self, planned: Planned, cfg: AtManConfig) -> np.ndarray:
         """AtMan scores of the planned (prompt) units under ``cfg``: its passes, aggregation and postprocess."""
         return self.explainer(cfg).score(planned).scores.astype(np.float64)
-
-    # --- baselines on the same tokens ---------------------------------------------------------------------------
-
-    def _ids(self, planned: Planned) -> tuple[torch.Tensor, int, int]:
-        ids = planned.sweep_input.input_ids
-        n_target = planned.sweep_input.n_target
-        return ids.to(self.lm.device)[None], len(ids) - n_target, n_target
-
-    def _gradient(self, planned: Planned, integrated: bool) -> np.ndarray:
-        ids, n_prompt, n_target = self._ids(planned)
-        embeds = self.lm.model.get_input_embeddings()(ids).detach()
-
-        def forward(e: torch.Tensor) -> torch.Tensor:
-            return target_logprob(self.lm.model(inputs_embeds=e, logits_to_keep=n_target + 1).logits, ids[0, n_prompt:])
-
-        return gradient_scores(forward, embeds, n_prompt, integrated)
-
-    def _rollout(self, planned: Planned) -> np.ndarray:
-        ids, n_prompt, _ = self._ids(planned)
-        with attention.implementation(self.lm.model, "eager"), torch.no_grad():  # weights need explicit softmax
-            attentions = self.lm.model(input_ids=ids, output_attentions=True).attentions
-        n = ids.shape[1]
-        rollout = torch.eye(n, dtype=torch.float64)
-        for layer in attentions:
-            a = layer[0].double().mean(0).cpu()
-            a = 0.5 * a + 0.5 * torch.eye(n, dtype=torch.float64)
-            rollout = (a / a.sum(-1, keepdim=True)) @ rollout
-        rows = rollout[n_prompt - 1 : n - 1]  # the positions that predict the target tokens
-        return rows.mean(0).numpy()
 
     # --- faithfulness -----------------------------------------------------------------------------------------
 

@@ -1,7 +1,7 @@
 """Whether a run's files can be trusted when they are read: a complete run's manifest checked for what it must
-list, a part's sha256 (remembered per file until the file changes, so a second query does not read it again), and
-the links under a local root that lead outside it. The query layer (``pipeline.query``) decides what to leave out;
-this module only says what is wrong.
+list, a part's verified sha256 remembered per file until the file changes (so a second query does not read it
+again), and the links under a local root that lead outside it. The readers (``pipeline.parts.readable_parts``, the
+query layer) decide what to leave out; this module only says what is wrong.
 """
 
 from __future__ import annotations
@@ -75,18 +75,6 @@ def identity(info: dict, sha256: str) -> str | None:
     if all(m is None for m in marks):
         return None
     return json.dumps([info.get("size"), *marks, sha256], default=str)
-
-
-def sha256_of(fs, path: str) -> str | None:
-    """The file's sha256, None where it cannot be read."""
-    digest = hashlib.sha256()
-    try:
-        with fs.open(path, "rb") as f:
-            while chunk := f.read(8 << 20):
-                digest.update(chunk)
-    except OSError:
-        return None
-    return digest.hexdigest()
 
 
 def cache_dir() -> Path | None:

@@ -7,7 +7,8 @@ ROOT/model=<slug>/run_date=YYYY-MM-DD/run_id=<id>/part-s<shard>.parquet   one pe
                                                   _progress.json    finished shards (consolidated)
                                                   _progress/        one marker per shard finished since
                                                   _lease.json       the driver writing the run, until when
-                                                  _staging/         the input as validated blocks (until done)
+                                                  _staging/         the input as validated blocks (until done):
+                                                    f<file>[-p<piece>]-b<block>.parquet, _fixups.parquet (ids)
 ROOT/_audits/<base model>.<base run>__<new model>.<new run>/   a diff of two runs (audit.parquet, .html, summary)
 ROOT/_scratch/<run_id>/                                        Ray's session files of a local run (short roots)
 
@@ -36,6 +37,7 @@ PROGRESS = "_progress.json"
 MARKERS = "_progress"
 LEASE = "_lease.json"
 STAGING = "_staging"
+FIXUPS = "_fixups.parquet"  # in STAGING: the ids settled over every block
 AUDITS = "_audits"
 SCRATCH = "_scratch"
 PARTITIONS = ("model", "run_date", "run_id")  # the run directory's levels, outermost first
@@ -50,6 +52,13 @@ def part_name(shard: int) -> str:
     """A part is named by its shard: a retried shard replaces its own part, never adds one, and no id can forge a
     name (ids once hashed into part names collided, issue 13)."""
     return f"part-{shard_name(shard)}.parquet"
+
+
+def block_name(file: int, block: int, piece: int | None = None) -> str:
+    """A staging block of input file ``file`` (of its piece ``piece`` where the file is scanned in pieces): names
+    sort in input order."""
+    prefix = f"f{file:06d}-" if piece is None else f"f{file:06d}-p{piece:06d}-"
+    return f"{prefix}b{block:06d}.parquet"
 
 
 def model_slug(model_id: str) -> str:

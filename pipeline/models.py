@@ -213,7 +213,9 @@ def converted_dir(alias: str) -> Path:
             with tempfile.TemporaryDirectory(prefix=f".{alias}-gguf-", dir=target.parent) as workdir:
                 gguf = _gguf_path(spec, Path(workdir))
                 logger.info("converting %s to safetensors in %s (once)", gguf.name, target)
-                model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+                model = AutoModelForCausalLM.from_pretrained(
+                    str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, **OWN_MODULES
+                )
                 tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
             model.hf_quantizer = None
             if hasattr(model.config, "quantization_config"):
@@ -250,41 +252,17 @@ def load_model(
     "disk"). Offloaded weights are loaded for each call by accelerate's hooks; AtMan's attention runs inside
     them, on each layer's device, and stays exact. ``LoadedModel.device`` is then the input embedding's device.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     dev = _target_device(device, device_map, max_memory, offload_folder)
     torch_dtype = resolve_dtype(dtype, dev)
-    if name in EMBEDDED_MODELS:
-        spec = EMBEDDED_MODELS[name]
-        source, model_id, rev = str(converted_dir(name)), spec.model_id, spec.revision
-    else:
-        if not name or not isinstance(name, str):
-            raise ValueError(f"model: {name!r} is not a model alias, Hugging Face id or directory")
-        source, model_id = name, name
-        rev = revision or "main"
-        if Path(name).is_dir():
-            rev = revision or "local"
+    source, model_id, rev = _source(name, revision)
     kwargs = {"trust_remote_code": trust_remote_code}
     if not Path(source).is_dir() and revision:
         kwargs["revision"] = revision
     placement = {}
     if device_map is not None:
         placement = {"device_map": device_map, "max_memory": max_memory, "offload_folder": offload_folder}
-    processor = None
     try:
-        if _is_vision_language(source, kwargs):
-            from transformers import AutoModelForImageTextToText, AutoProcessor
-
-            processor = AutoProcessor.from_pretrained(source, **kwargs)
-            tokenizer = processor.tokenizer
-            model = AutoModelForImageTextToText.from_pretrained(
-                source, dtype=torch_dtype, use_safetensors=True, **placement, **kwargs
-            )
-        else:
-            tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-            model = AutoModelForCausalLM.from_pretrained(
-                source, dtype=torch_dtype, use_safetensors=True, **placement, **kwargs
-            )
+        model, tokenizer, processor = _from_pretrained(source, kwargs, {"dtype": torch_dtype, **placement})
     except OSError as err:
         raise ValueError(
             f"model: cannot load {name!r} ({err}). Use an alias ({', '.join(EMBEDDED_MODELS)}), "
@@ -294,6 +272,43 @@ def load_model(
         model.to(dev)
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, model_id=model_id, revision=rev, processor=processor)
+
+
+def _source(name: str, revision: str | None) -> tuple[str, str, str]:
+    """(where the weights load from, the model id and the revision a run records) for ``name``: an embedded alias
+    loads from its converted directory under its pinned id and revision; a directory records ``local`` and a Hub
+    id ``main`` unless ``revision`` says otherwise."""
+    if name in EMBEDDED_MODELS:
+        spec = EMBEDDED_MODELS[name]
+        return str(converted_dir(name)), spec.model_id, spec.revision
+    if not name or not isinstance(name, str):
+        raise ValueError(f"model: {name!r} is not a model alias, Hugging Face id or directory")
+    return name, name, revision or ("local" if Path(name).is_dir() else "main")
+
+
+def _from_pretrained(source: str, kwargs: dict, model_kwargs: dict) -> tuple:
+    """(model, tokenizer, processor) from ``source``, safetensors only: a vision-language model with its processor
+    (whose tokenizer it is), any other a causal LM with its tokenizer and no processor. ``kwargs`` go to every
+    ``from_pretrained``, ``model_kwargs`` (dtype, placement) only to the model's."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if _is_vision_language(source, kwargs):
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(source, **kwargs)
+        model = AutoModelForImageTextToText.from_pretrained(
+            source, use_safetensors=True, **OWN_MODULES, **model_kwargs, **kwargs
+        )
+        return model, processor.tokenizer, processor
+    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(source, use_safetensors=True, **OWN_MODULES, **model_kwargs, **kwargs)
+    return model, tokenizer, None
+
+
+OWN_MODULES = {"use_kernels": False}
+"""transformers >= 5 swaps layers for kernels fetched from the Hub (the ``kernels`` package) by default. The engine
+explains the model's own modules, exact against the naive sweep; downloaded replacements are code nobody checked
+against it, need the network, and raise when ``kernels`` is missing or of another version (seen on a lent H200)."""
 
 
 def _target_device(device: str, device_map: str | dict | None, max_memory, offload_folder) -> torch.device:

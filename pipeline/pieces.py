@@ -13,7 +13,7 @@ CSV: a quoted field may hold a line break, so a line start is not always a recor
 counts quote characters: a writer that follows RFC 4180 (Python's csv, pandas) doubles a quote inside a quoted
 field, so an odd count before a piece's start means it starts inside a field, and that piece is joined to the one
 before it. A file that breaks the rule can still fool the count: a piece that reads a record past its end
-(``reader.PieceOverrun``) has the file scanned again whole (``shards.stage_input``), and the run says so. A CSV
+(``reader.PieceOverrun``) has the file scanned again whole (``staging.stage_input``), and the run says so. A CSV
 with a bare carriage return (a line end for the csv module, not for a newline count) is scanned whole.
 
 Parquet: pieces of whole row groups, up to ``split_bytes`` (compressed) each; the first pass reads the footer.

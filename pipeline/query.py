@@ -12,55 +12,40 @@ extension is installed or loaded, and the configuration is locked, so a query ca
 directory, an https:// URL or another bucket. In a local root with a link that leads outside it, the connection may
 read only the runs' parts (a glob under the root would list through the link).
 
-What a query reads is checked first: a complete run's ``_manifest.json`` must name one part per shard with its size
-and sha256, and each part must match them. A part that does not, or that the manifest does not name, and a run whose
-manifest is invalid, are left out with a ``DamagedPart`` warning naming them. A part's check is remembered
-(``pipeline.integrity.cache_dir``) until its file changes, so a second query does not hash it again. Queries run
-with a time limit and modest memory and spill limits (``connect``, ``run_query``).
+What a query reads is checked first (``pipeline.parts.readable_parts``, the guard every reader of parts uses): a
+complete run's ``_manifest.json`` must name one part per shard with its size and sha256, and each part must match
+them. A part that does not, or that the manifest does not name, and a run whose manifest is invalid, are left out
+with a ``DamagedPart`` warning naming them; an incomplete run's parts are checked against the progress records its
+workers wrote (one not yet recorded is read unverified). A part's check is remembered (``integrity.cache_dir``)
+until its file changes, so a second query does not hash it again. Queries run with a time limit and modest memory
+and spill limits (``connect``, ``run_query``).
 """
 
 from __future__ import annotations
 
-import fnmatch
-import itertools
-import json
 import os
 import re
 import secrets
 import tempfile
 import threading
 import warnings
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import duckdb
 import pyarrow as pa
 
-from pipeline.integrity import (
-    BadManifest,
-    identity,
-    links_leaving,
-    load_checks,
-    manifest_parts,
-    save_checks,
-    sha256_of,
-)
+from pipeline.integrity import links_leaving
 from pipeline.layout import (
-    MANIFEST,
-    PART_GLOB,
     PARTITIONS,
     SUCCESS,
     filesystem,
-    fresh_ls,
     is_local,
     parse_run_dir,
-    part_name,
     partition_pattern,
     run_glob,
     storage_error,
     url,
 )
-from pipeline.schema import SCHEMA
+from pipeline.parts import SCHEMA, V2_COLUMNS, DamagedPart, Run, readable_parts, sql_type
 
 READ_ONLY_STATEMENTS = {"SELECT", "EXPLAIN"}
 # No extension is fetched or loaded: s3:// is read by the registered fsspec filesystem, and an https:// path must
@@ -75,35 +60,6 @@ _PART_PATH = "/".join(partition_pattern(p) for p in PARTITIONS) + "/[^/]+$"
 
 class QueryError(ValueError):
     """User SQL that cannot run (syntax, a write, several statements); the message says why."""
-
-
-@dataclass(frozen=True)
-class Run:
-    """One run directory under a root."""
-
-    model: str
-    run_date: str
-    run_id: str
-    path: str  # without protocol
-    url: str  # as a user writes it (s3://... or a local path)
-    complete: bool
-
-    def manifest(self, fs) -> dict:
-        """The run's manifest, {} where it has none; BadManifest naming the file where it is not a JSON object."""
-        try:
-            data = json.loads(fs.cat_file(f"{self.path}/{MANIFEST}"))
-        except FileNotFoundError:
-            return {}
-        except ValueError as err:  # not JSON, not UTF-8
-            raise BadManifest(f"{self.url}/{MANIFEST} is not valid JSON ({_short(err)}); {self.redo}") from None
-        if not isinstance(data, dict):
-            raise BadManifest(f"{self.url}/{MANIFEST} is not a JSON object; {self.redo}")
-        return data
-
-    @property
-    def redo(self) -> str:
-        """How to repair the run: its own job, rerun with its id, checks its parts and rewrites the manifest."""
-        return f"`atman run JOB --run-id {self.run_id}` redoes it"
 
 
 def list_runs(root: str, include_incomplete: bool = False) -> list[Run]:
@@ -148,108 +104,8 @@ def runs_to_query(root: str, include_incomplete: bool = False, run_id: str | Non
     raise QueryError(f"root: no runs under {root} (a run is a directory {run_glob('ROOT', 'MODEL', 'DATE', 'ID')})")
 
 
-class DamagedPart(UserWarning):
-    """Something a query would read that is missing, damaged or cannot be verified (a part, a run's manifest): it is
-    left out, and the warning names it and says how to repair it."""
-
-
 class LinkOutside(UserWarning):
     """A link under a local root that leads outside it: the connection then reads only the runs' verified parts."""
-
-
-def run_parts(fs, run: Run) -> list[str]:
-    """The parts of a run that a query may read, as URLs; whatever is left out is named in a ``DamagedPart``
-    warning (see ``readable_parts``)."""
-    names, problems = readable_parts(fs, run)
-    for problem in problems:
-        warnings.warn(problem, DamagedPart, 2)
-    return [url(fs, f"{run.path}/{name}") for name in names]
-
-
-def readable_parts(fs, run: Run) -> tuple[list[str], list[str]]:
-    """The names of a run's parts that a query may read, and a line for each thing left out. A complete run: the
-    parts its manifest names that have the size and sha256 written there, the manifest checked for completeness (a
-    part for every shard, rows that add up, no part on disk it does not name). An incomplete one: the parts it has
-    so far, unverified (--include-incomplete). One read of the manifest and one listing per run, never a listing of
-    the whole root; a part is hashed only when it changed since it was last verified (``integrity.cache_dir``)."""
-    infos = {info["name"].rsplit("/", 1)[-1]: info for info in fresh_ls(fs, run.path, detail=True)}
-    if not run.complete:
-        return sorted(n for n, i in infos.items() if fnmatch.fnmatch(n, PART_GLOB) and not i.get("islink")), []
-    try:
-        manifest = run.manifest(fs)
-        entries = manifest_parts(manifest, f"{run.url}/{MANIFEST}", run.redo)
-    except BadManifest as err:
-        return [], [f"run {run.run_id} is left out: {err}"]
-    problems, present = _coverage(run, manifest, entries, infos), []
-    for f in sorted(entries, key=lambda f: f["name"]):
-        why = _mismatch(f, infos.get(f["name"]))
-        if why:
-            problems.append(f"{run.url}/{f['name']} {why}; its rows are left out ({run.redo})")
-        else:
-            present.append(f)
-    verified, wrong = _verify(fs, run, present, infos)
-    return verified, problems + wrong
-
-
-def _coverage(run: Run, manifest: dict, entries: list[dict], infos: dict) -> list[str]:
-    """What the manifest lacks: shards without a part, a row total its parts do not add up to, parts on disk it
-    does not name (they cannot be verified: left out)."""
-    problems, named = [], {f["shard"] for f in entries}
-    missing = manifest["shards"] - len(named)  # entries are unique and within 0..shards-1
-    if missing:
-        first = list(itertools.islice((s for s in range(manifest["shards"]) if s not in named), 5))
-        listed = ", ".join(f"{s} ({part_name(s)})" for s in first) + (", ..." if missing > len(first) else "")
-        problems.append(
-            f"{run.url}/{MANIFEST} names no part for {missing} of {manifest['shards']} shards: {listed}; "
-            f"their rows are missing ({run.redo})"
-        )
-    total = sum(f["rows"] for f in entries)
-    if total != manifest["rows"]:
-        problems.append(
-            f"{run.url}/{MANIFEST} counts {manifest['rows']} rows, its parts {total}: the answer may lack rows "
-            f"({run.redo})"
-        )
-    names = {f["name"] for f in entries}
-    for name in sorted(n for n in infos if fnmatch.fnmatch(n, PART_GLOB) and n not in names):
-        problems.append(
-            f"{run.url}/{name} is not in the run's manifest, so it cannot be verified; its rows are left out "
-            f"({run.redo})"
-        )
-    return problems
-
-
-def _mismatch(entry: dict, info: dict | None) -> str | None:
-    """Why a listed part is not the one the manifest names (without reading it), or None."""
-    if info is None:
-        return "is missing"
-    if info.get("islink") or info.get("type") not in (None, "file"):
-        return "is not a plain file (a link?), so not the part the run wrote"
-    if info.get("size") != entry["bytes"]:
-        return f"is {info.get('size')} bytes, {entry['bytes']} were written"
-    return None
-
-
-def _verify(fs, run: Run, entries: list[dict], infos: dict) -> tuple[list[str], list[str]]:
-    """The names of ``entries`` whose bytes have their manifest's sha256, and a line for each other. A part
-    verified before and unchanged since (same size, times, inode or ETag) is not read again."""
-    known = load_checks(run.url)
-    keys = {f["name"]: identity(infos[f["name"]], f["sha256"]) for f in entries}
-    todo = [f for f in entries if keys[f["name"]] is None or known.get(f["name"]) != keys[f["name"]]]
-    with ThreadPoolExecutor(max_workers=4) as pool:  # hashlib hashes large chunks without the GIL
-        found = pool.map(lambda f: sha256_of(fs, f"{run.path}/{f['name']}"), todo)
-        digests = dict(zip([f["name"] for f in todo], found, strict=True))
-    verified, wrong = [], []
-    for f in entries:
-        digest = digests.get(f["name"], f["sha256"])
-        if digest == f["sha256"]:
-            verified.append(f["name"])
-            continue
-        why = "cannot be read" if digest is None else "does not match its sha256 in the manifest (its bytes changed)"
-        wrong.append(f"{run.url}/{f['name']} {why}; its rows are left out ({run.redo})")
-    checks = {n: keys[n] for n in verified if keys[n] is not None}
-    if checks != known:
-        save_checks(run.url, checks)
-    return verified, wrong
 
 
 def connect(
@@ -363,16 +219,7 @@ def _derived_views(con: duckdb.DuckDBPyConnection, runs: list[Run]) -> None:
         )"""
     )
     columns = {row[0] for row in con.execute("DESCRIBE explanations").fetchall()}
-    image_rows = (
-        "SELECT model, run_date, run_id, prompt_id, status, image, image_width, image_height, "
-        "unnest(range(len(image_scores))) AS unit_index, unnest(image_box) AS box, unnest(image_view) AS view, "
-        "unnest(image_scores) AS score FROM explanations WHERE status = 'ok' AND image_scores IS NOT NULL"
-        if "image_scores" in columns  # v1 parts only: no image columns, an empty view of the same shape
-        else "SELECT NULL::VARCHAR AS model, NULL::VARCHAR AS run_date, NULL::VARCHAR AS run_id, "
-        "NULL::VARCHAR AS prompt_id, NULL::VARCHAR AS status, NULL::VARCHAR AS image, NULL::INTEGER AS image_width, "
-        "NULL::INTEGER AS image_height, NULL::BIGINT AS unit_index, NULL::FLOAT[] AS box, NULL::VARCHAR AS view, "
-        "NULL::FLOAT AS score WHERE false"
-    )
+    image_rows = _image_rows(columns.issuperset(V2_COLUMNS))
     con.execute(
         f"""CREATE VIEW image_units AS
         SELECT *, rank() OVER (PARTITION BY model, run_id, prompt_id ORDER BY score DESC) AS rank
@@ -388,6 +235,27 @@ def _derived_views(con: duckdb.DuckDBPyConnection, runs: list[Run]) -> None:
     )  # fmt: skip
     con.register("_runs", pa.Table.from_pylist(run_rows, schema=run_schema))
     con.execute("CREATE VIEW runs AS SELECT * FROM _runs")
+
+
+# the view image_units before its rank: (column, expression over explanations, its type from the part schema)
+_IMAGE_UNIT_COLUMNS = (
+    *((c, c, "VARCHAR") for c in ("model", "run_date")),
+    *((c, c, sql_type(c)) for c in ("run_id", "prompt_id", "status", "image", "image_width", "image_height")),
+    ("unit_index", "unnest(range(len(image_scores)))", "BIGINT"),
+    ("box", "unnest(image_box)", sql_type("image_box", element=True)),
+    ("view", "unnest(image_view)", sql_type("image_view", element=True)),
+    ("score", "unnest(image_scores)", sql_type("image_scores", element=True)),
+)
+
+
+def _image_rows(v2: bool) -> str:
+    """One row per image unit of the ok rows with an image; where no part has the v2 columns (v1 parts only), no
+    rows of the same shape."""
+    if not v2:
+        nulls = ", ".join(f"NULL::{kind} AS {name}" for name, _, kind in _IMAGE_UNIT_COLUMNS)
+        return f"SELECT {nulls} WHERE false"
+    listing = ", ".join(name if expr == name else f"{expr} AS {name}" for name, expr, _ in _IMAGE_UNIT_COLUMNS)
+    return f"SELECT {listing} FROM explanations WHERE status = 'ok' AND image_scores IS NOT NULL"
 
 
 def _private_temp_dir() -> str:
@@ -445,23 +313,6 @@ def run_query(con: duckdb.DuckDBPyConnection, sql: str, timeout: float | None = 
     finally:
         if timer:
             timer.cancel()
-
-
-def read_run(location: str) -> pa.Table:
-    """The rows of the run directory ``location`` (local or s3://), read from the parts a query may read
-    (``readable_parts``; what is left out is named in ``DamagedPart`` warnings): the guarded reader for code that
-    reads a run's parts without DuckDB (``atman run --preview``)."""
-    import pyarrow.parquet as pq
-
-    fs, path = filesystem(location)
-    path = path.rstrip("/")
-    partitions = parse_run_dir(path)
-    if partitions is None:
-        raise ValueError(f"run: {location} is not a run directory ({run_glob('ROOT', 'MODEL', 'DATE', 'ID')})")
-    run = Run(*partitions, path, url(fs, path), fs.exists(f"{path}/{SUCCESS}"))
-    names = [part.rsplit("/", 1)[-1] for part in run_parts(fs, run)]
-    tables = [pq.read_table(f"{path}/{name}", filesystem=fs) for name in names]
-    return pa.concat_tables(tables, promote_options="default") if tables else SCHEMA.empty_table()
 
 
 def _refused(err: duckdb.Error) -> str:

@@ -28,7 +28,6 @@ import pyarrow.parquet as pq
 
 from pipeline.jobspec import InputSpec, JobSpecError
 from pipeline.layout import filesystem, storage_error, url
-from pipeline.schema import INPUT_SCHEMA
 
 EXTENSIONS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet"}
 COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "xz", ".zst": "zstd"}
@@ -40,6 +39,23 @@ MAX_ROW_BYTES = 4 << 20
 text is about a million tokens, past the context of the models this explains, and holding it cost the whole job
 (a 50 MB line: copied by the reader, staged, tokenised by the worker, written back as the output's prompt)."""
 
+# --- the input side's formats: one place for what the reader hands on and what staging stores ------------------
+
+INPUT_SCHEMA = pa.schema(
+    [
+        pa.field("prompt_id", pa.string(), nullable=False),
+        pa.field("prompt", pa.string()),
+        pa.field("target", pa.string()),
+        pa.field("explain_span", pa.string()),  # JSON [[start, end], ...] or null
+        pa.field("chat", pa.bool_()),
+        pa.field("metadata", pa.string()),
+        pa.field("source", pa.string()),
+        pa.field("input_error", pa.string()),  # set: the row is written as 'skipped' with this reason
+        pa.field("image_ref", pa.string()),  # input.image_column as a path / URI (relative ones resolved)
+        pa.field("image_bytes", pa.binary()),  # input.image_column as the image's bytes
+    ]
+)
+"""What the reader hands to the actors: one row per input row, problems already named."""
 STAGED_SCHEMA = pa.schema(
     [
         pa.field("prompt_id", pa.string()),  # null until resolve_ids chooses one (a row without a usable id)
@@ -48,6 +64,8 @@ STAGED_SCHEMA = pa.schema(
         pa.field("id_generated", pa.bool_()),  # the id is stable_id's (the row has none): it yields to given ids
     ]
 )
+"""A staging block's rows (``_staging/``, ``layout.block_name``): INPUT_SCHEMA before ids are settled, in input
+order (``ordinal``)."""
 FIXUP_SCHEMA = pa.schema(
     [
         pa.field("ordinal", pa.int64(), nullable=False),
@@ -56,6 +74,7 @@ FIXUP_SCHEMA = pa.schema(
         pa.field("first_source", pa.string()),  # where that id is first seen
     ]
 )
+"""``_staging/`` + ``layout.FIXUPS``: the id ``resolve_ids`` chose for each row that needed one, by ordinal."""
 
 
 def stable_id(prompt: str, target: str | None) -> str:
@@ -335,7 +354,7 @@ def _jsonl_records(
                 continue
             seen_prompt_column |= spec.prompt_column in record
             yield number, source, record, None
-    if any_rows and not seen_prompt_column:  # of a piece: the file's other pieces may have it (shards.stage_input)
+    if any_rows and not seen_prompt_column:  # of a piece: the file's other pieces may have it (staging.stage_input)
         raise PromptColumnMissing(
             f"input.prompt_column: no line of {name} has a {spec.prompt_column!r} key; "
             "set input.prompt_column to the key that holds the prompt"
@@ -482,6 +501,26 @@ def resolve_ids(con, relation: str) -> pa.Table:
     (``<hash>#2``); two generated ids are equal only for the same prompt and target, a duplicate. A chosen id that
     some row already has (or that an earlier choice took) gets ``#2``, ``#3``...: an input cannot forge one (a real
     id equal to a marker once made the run delete a whole part, issue 13)."""
+    _mark_fixes(con, relation)
+    renamed = _settle_clashes(con, relation)
+    con.execute(
+        "CREATE OR REPLACE TEMP TABLE _renamed AS "
+        "SELECT unnest($1::BIGINT[]) AS ordinal, unnest($2::VARCHAR[]) AS name",
+        [list(renamed), list(renamed.values())],
+    )
+    return (
+        con.sql(
+            """SELECT f.ordinal, coalesce(r.name, f.base) AS prompt_id, f.dup_of, f.first_source
+        FROM _fix f LEFT JOIN _renamed r USING (ordinal) ORDER BY f.ordinal"""
+        )
+        .to_arrow_table()
+        .cast(FIXUP_SCHEMA)
+    )
+
+
+def _mark_fixes(con, relation: str) -> None:
+    """Temp table ``_fix``: every row of ``relation`` whose id ``resolve_ids`` chooses, with the id it would get
+    before clashes are settled (``base``) and, for a repeat, the id it repeats and where that id was first."""
     con.execute(
         f"""CREATE OR REPLACE TEMP TABLE _fix AS
         SELECT ordinal, 'row@' || source AS base, NULL::VARCHAR AS dup_of, NULL::VARCHAR AS first_source
@@ -496,49 +535,45 @@ def resolve_ids(con, relation: str) -> pa.Table:
             FROM (SELECT *, coalesce(id_generated, false) AS gen FROM {relation} WHERE prompt_id IS NOT NULL)
         ) WHERE n > 1 OR (gen AND given)"""
     )
+
+
+def _settle_clashes(con, relation: str) -> dict[int, str]:
+    """Ordinal -> id for each ``_fix`` row whose chosen id some row already has or another choice took: the id with
+    ``#2``, ``#3``... , the first one free. Rare (an input that spells a marker): settled one by one, in input
+    order."""
     clashes = con.execute(
         f"""SELECT ordinal, base FROM _fix
         WHERE base IN (SELECT prompt_id FROM {relation} WHERE prompt_id IS NOT NULL)
            OR base IN (SELECT base FROM _fix GROUP BY base HAVING count(*) > 1)
         ORDER BY ordinal"""
     ).fetchall()
-    renamed: dict[int, str] = {}
-    if clashes:  # rare (an input that spells a marker): settled one by one, in input order
-        clashing = [o for o, _ in clashes]
-        con.execute("CREATE OR REPLACE TEMP TABLE _clashing AS SELECT unnest($1::BIGINT[]) AS ordinal", [clashing])
-        taken: set[str] = set()
-
-        def is_taken(name: str) -> bool:
-            if name in taken:
-                return True
-            hit = con.execute(
-                f"""SELECT EXISTS(SELECT 1 FROM {relation} WHERE prompt_id = $1)
-                     OR EXISTS(SELECT 1 FROM _fix
-                               WHERE base = $1 AND ordinal NOT IN (SELECT ordinal FROM _clashing))""",
-                [name],
-            ).fetchall()[0][0]
-            return bool(hit)
-
-        for ordinal, base in clashes:
-            candidate, n = base, 1
-            while is_taken(candidate):
-                n += 1
-                candidate = f"{base}#{n}"
-            taken.add(candidate)
-            renamed[ordinal] = candidate
+    if not clashes:
+        return {}
     con.execute(
-        "CREATE OR REPLACE TEMP TABLE _renamed AS "
-        "SELECT unnest($1::BIGINT[]) AS ordinal, unnest($2::VARCHAR[]) AS name",
-        [list(renamed), list(renamed.values())],
+        "CREATE OR REPLACE TEMP TABLE _clashing AS SELECT unnest($1::BIGINT[]) AS ordinal", [[o for o, _ in clashes]]
     )
-    return (
-        con.sql(
-            """SELECT f.ordinal, coalesce(r.name, f.base) AS prompt_id, f.dup_of, f.first_source
-        FROM _fix f LEFT JOIN _renamed r USING (ordinal) ORDER BY f.ordinal"""
-        )
-        .to_arrow_table()
-        .cast(FIXUP_SCHEMA)
-    )
+    taken: set[str] = set()
+
+    def is_taken(name: str) -> bool:
+        if name in taken:
+            return True
+        hit = con.execute(
+            f"""SELECT EXISTS(SELECT 1 FROM {relation} WHERE prompt_id = $1)
+                 OR EXISTS(SELECT 1 FROM _fix
+                           WHERE base = $1 AND ordinal NOT IN (SELECT ordinal FROM _clashing))""",
+            [name],
+        ).fetchall()[0][0]
+        return bool(hit)
+
+    renamed: dict[int, str] = {}
+    for ordinal, base in clashes:
+        candidate, n = base, 1
+        while is_taken(candidate):
+            n += 1
+            candidate = f"{base}#{n}"
+        taken.add(candidate)
+        renamed[ordinal] = candidate
+    return renamed
 
 
 def apply_fixups(staged: pa.Table, fixups: pa.Table) -> pa.Table:
@@ -573,72 +608,97 @@ def apply_fixups(staged: pa.Table, fixups: pa.Table) -> pa.Table:
 
 
 def _request(source: str, record: dict | None, problem: str | None, spec: InputSpec, folder: str = "") -> dict:
+    """One INPUT_SCHEMA row of ``record``: each field checked on its own, every problem named by its field and joined
+    into ``input_error`` in the order prompt, target, explain_span, chat, metadata, image, id (a row is reported
+    with all that is wrong with it, not only the first)."""
     row: dict[str, Any] = dict.fromkeys(INPUT_SCHEMA.names)
     row["source"] = source.encode("utf-8", "backslashreplace").decode("utf-8")  # a file name may hold any bytes
     if record is None:  # its id is chosen by resolve_ids
         row["input_error"] = problem
         return row
+    row["prompt"], prompt_problem = _prompt(record, spec.prompt_column)
+    target, target_problem = _target(record, spec.target_column)
+    row["target"] = target if target_problem is None else None
+    optional, optional_problems = _optional_fields(record, spec, folder)
+    row.update(optional)
+    row["prompt_id"], generated, id_problem = _prompt_id(record, spec.id_column, row["prompt"], target)
+    if generated is not None:  # not an INPUT_SCHEMA column: present only on rows whose id was made here
+        row["id_generated"] = generated
+    problems = [prompt_problem, target_problem, *optional_problems, id_problem]
+    if any(problems):
+        row["input_error"] = "; ".join(p for p in problems if p)
+    return row
+
+
+def _prompt(record: dict, column: str) -> tuple[str | None, str | None]:
+    """The row's prompt, or None and why it cannot be one."""
+    prompt = record.get(column)
+    if column not in record:
+        return None, f"prompt: the row has no {column!r} value"
+    if prompt is None:
+        return None, f"prompt: {column!r} is null"
+    if not isinstance(prompt, str):
+        return None, f"prompt: {column!r} must be a string, got {type(prompt).__name__} {_short(prompt)}"
+    if len(prompt) > MAX_ROW_BYTES:  # past any context: not tokenised, not copied into the output
+        return None, f"prompt: {len(prompt):,} characters, longer than a prompt may be ({MAX_ROW_BYTES:,})"
+    if not prompt.strip():
+        return None, "prompt: empty"
+    if (bad := _not_unicode(prompt)) is not None:
+        return None, f"prompt: {bad}"
+    return prompt, None
+
+
+def _target(record: dict, column: str | None) -> tuple[Any, str | None]:
+    """The row's target (None: generate one) and why it cannot be one. With a problem, the value is still what a
+    generated id hashes (the value as read, or None where it cannot be stored), so a bad row keeps the id it had."""
+    target = record.get(column) if column else None
+    if target is None:
+        return None, None
+    if not isinstance(target, str):
+        return target, f"target: {column!r} must be a string or null, got {type(target).__name__}"
+    if target == "":
+        return target, f"target: {column!r} is empty; leave it out or null to generate one"
+    if (bad := _not_unicode(target)) is not None:
+        return None, f"target: {bad}"
+    return target, None
+
+
+def _optional_fields(record: dict, spec: InputSpec, folder: str) -> tuple[dict[str, Any], list[str]]:
+    """The fields only some inputs have (``input.explain_span_column``, ``chat_column``, ``metadata_columns``,
+    ``image_column``): the row's values of those set, and the problems, each named by its field."""
+    row: dict[str, Any] = {}
     problems = []
-    prompt = record.get(spec.prompt_column)
-    if spec.prompt_column not in record:
-        problems.append(f"prompt: the row has no {spec.prompt_column!r} value")
-    elif prompt is None:
-        problems.append(f"prompt: {spec.prompt_column!r} is null")
-    elif not isinstance(prompt, str):
-        problems.append(
-            f"prompt: {spec.prompt_column!r} must be a string, got {type(prompt).__name__} {_short(prompt)}"
-        )
-    elif len(prompt) > MAX_ROW_BYTES:  # past any context: not tokenised, not copied into the output
-        problems.append(f"prompt: {len(prompt):,} characters, longer than a prompt may be ({MAX_ROW_BYTES:,})")
-    elif not prompt.strip():
-        problems.append("prompt: empty")
-    elif (bad := _not_unicode(prompt)) is not None:
-        problems.append(f"prompt: {bad}")
-    else:
-        row["prompt"] = prompt
-    target = record.get(spec.target_column) if spec.target_column else None
-    if target is not None and not isinstance(target, str):
-        problems.append(f"target: {spec.target_column!r} must be a string or null, got {type(target).__name__}")
-    elif target is not None and target == "":
-        problems.append(f"target: {spec.target_column!r} is empty; leave it out or null to generate one")
-    elif target is not None and (bad := _not_unicode(target)) is not None:
-        problems.append(f"target: {bad}")
-        target = None
-    else:
-        row["target"] = target
     if spec.explain_span_column:
         row["explain_span"], bad = _span(record.get(spec.explain_span_column))
-        if bad:
-            problems.append(f"explain_span: {bad}")
+        problems.append(bad and f"explain_span: {bad}")
     if spec.chat_column:
         row["chat"], bad = _flag(record.get(spec.chat_column))
-        if bad:
-            problems.append(f"chat: {bad}")
+        problems.append(bad and f"chat: {bad}")
     if spec.metadata_columns:
         metadata = json.dumps({c: record.get(c) for c in spec.metadata_columns}, ensure_ascii=False, default=str)
-        if (bad := _not_unicode(metadata)) is not None:
-            problems.append(f"metadata: {bad}")
-        else:
-            row["metadata"] = metadata
+        bad = _not_unicode(metadata)
+        row["metadata"] = metadata if bad is None else None
+        problems.append(bad and f"metadata: {bad}")
     if spec.image_column:
         row["image_ref"], row["image_bytes"], bad = _image(record.get(spec.image_column), folder)
-        if bad:
-            problems.append(f"image: {bad}")
-    raw_id = record.get(spec.id_column) if spec.id_column else None
+        problems.append(bad and f"image: {bad}")
+    return row, [p for p in problems if p]
+
+
+def _prompt_id(
+    record: dict, column: str | None, prompt: str | None, target: Any
+) -> tuple[str | None, bool | None, str | None]:
+    """(prompt_id, id_generated, problem): the row's own id, or, where it gives none, a hash of prompt and target
+    (none without a usable prompt); ``id_generated`` is None where the row gives an id."""
+    raw_id = record.get(column) if column else None
     if raw_id is None or (isinstance(raw_id, str) and not raw_id.strip()):
-        row["prompt_id"] = stable_id(prompt, target) if row["prompt"] is not None else None
-        row["id_generated"] = row["prompt_id"] is not None
-    elif isinstance(raw_id, str) and (bad := _not_unicode(raw_id)) is not None:
-        row["prompt_id"] = None
-        problems.append(f"id: {bad}")
-    elif isinstance(raw_id, (str, int)) and not isinstance(raw_id, bool):
-        row["prompt_id"] = str(raw_id)
-    else:
-        row["prompt_id"] = None
-        problems.append(f"id: {spec.id_column!r} must be a string or an integer, got {type(raw_id).__name__}")
-    if problems:
-        row["input_error"] = "; ".join(problems)
-    return row
+        prompt_id = stable_id(prompt, target) if prompt is not None else None
+        return prompt_id, prompt_id is not None, None
+    if isinstance(raw_id, str) and (bad := _not_unicode(raw_id)) is not None:
+        return None, None, f"id: {bad}"
+    if isinstance(raw_id, (str, int)) and not isinstance(raw_id, bool):
+        return str(raw_id), None, None
+    return None, None, f"id: {column!r} must be a string or an integer, got {type(raw_id).__name__}"
 
 
 def _not_unicode(text: str) -> str | None:

@@ -102,7 +102,7 @@ def render_preview(run_url: str, n: int, console: Console | None = None, top_k: 
 
     import pyarrow.compute as pc
 
-    from pipeline.query import DamagedPart, read_run
+    from pipeline.parts import DamagedPart, read_run
 
     console = console or Console()
     with warnings.catch_warnings(record=True) as caught:

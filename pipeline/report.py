@@ -11,7 +11,7 @@ from pipeline.atman.units import top_order, top_units
 
 if TYPE_CHECKING:
     from pipeline.atman.explanation import Explanation
-    from pipeline.query import Run
+    from pipeline.parts import Run
 
 PAGE_SIZE = 25
 MAX_PROMPTS = 1000

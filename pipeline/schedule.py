@@ -110,129 +110,105 @@ def render(spec: JobSpec, fmt: str, *, image: str = DEFAULT_IMAGE, namespace: st
         raise JobSpecError(f"format: {fmt!r} is not one of {', '.join(FORMATS)}")
     if spec.schedule is None and fmt in SCHEDULED:
         raise JobSpecError('schedule: the job has no schedule; add e.g. schedule: {cron: "0 2 * * *", time_zone: UTC}')
+    if fmt == "crontab":  # crontab submits from this machine: `atman submit` ships relative inputs itself
+        return _crontab(spec, address, job_path)
+    check_cluster_paths(spec)
     sched = spec.schedule
+    what = f"nightly audit ({sched.cron} {sched.time_zone})" if fmt in SCHEDULED else fmt
+    header = f"# atman schedule {job_path} --format {fmt}: {what} of job {spec.name!r}\n"
+    return header + yaml.dump_all(_manifests(spec, fmt, image, namespace), Dumper=_Dumper, sort_keys=False)
+
+
+def _crontab(spec: JobSpec, address: str | None, job_path: str) -> str:
+    target = address or "http://RAY_HEAD:8265"
+    return (
+        f"# nightly audit of job {spec.name!r}; run `crontab -e` and paste (needs atman on PATH)\n"
+        f"CRON_TZ={spec.schedule.time_zone}\n"
+        f"{spec.schedule.cron} cd $HOME/atman && atman submit {job_path} --audit --wait --address {target} "
+        f">> $HOME/atman-{spec.name}.log 2>&1\n"
+    )
+
+
+def _manifests(spec: JobSpec, fmt: str, image: str, namespace: str) -> list[dict]:
+    """The Kubernetes objects of ``fmt``: the ConfigMap that holds the job spec, then what runs it."""
     name = k8s_name(f"atman-{spec.name}")
-    if fmt != "crontab":  # crontab submits from this machine: `atman submit` ships relative inputs itself
-        check_cluster_paths(spec)
-    if fmt == "crontab":
-        target = address or "http://RAY_HEAD:8265"
-        return (
-            f"# nightly audit of job {spec.name!r}; run `crontab -e` and paste (needs atman on PATH)\n"
-            f"CRON_TZ={sched.time_zone}\n"
-            f"{sched.cron} cd $HOME/atman && atman submit {job_path} --audit --wait --address {target} "
-            f">> $HOME/atman-{spec.name}.log 2>&1\n"
-        )
     config_map = f"{name}-job"
-    spec_yaml = yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
     meta = {
         "namespace": namespace,
         "labels": {"app.kubernetes.io/name": "atman-pipeline", "atman/job": k8s_name(spec.name)},
     }
-    docs: list[dict] = [
-        {
-            "apiVersion": "v1",
-            "kind": "ConfigMap",
-            "metadata": {"name": config_map, **meta},
-            "data": {"job.yaml": spec_yaml},
-        }
-    ]
+    data = {"job.yaml": yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)}
+    docs = [_object("v1", "ConfigMap", config_map, meta, data=data)]
     if fmt == "rayjob":
         docs.append(
-            {
-                "apiVersion": "ray.io/v1",
-                "kind": "RayJob",
-                "metadata": {"name": f"{name}-run", **meta},
-                "spec": rayjob_spec(spec, image, config_map, audit=False),
-            }
+            _object("ray.io/v1", "RayJob", f"{name}-run", meta, spec=rayjob_spec(spec, image, config_map, audit=False))
         )
     elif fmt == "raycluster":
-        docs.append(
-            {
-                "apiVersion": "ray.io/v1",
-                "kind": "RayCluster",
-                "metadata": {"name": name, **meta},
-                "spec": cluster_spec(spec, image, config_map),
-            }
-        )
+        docs.append(_object("ray.io/v1", "RayCluster", name, meta, spec=cluster_spec(spec, image, config_map)))
     elif fmt == "raycronjob":
-        docs.append(
-            {
-                "apiVersion": "ray.io/v1",
-                "kind": "RayCronJob",
-                "metadata": {"name": f"{name}-nightly", **meta},
-                "spec": {
-                    "schedule": sched.cron,
-                    "timeZone": sched.time_zone,
-                    "suspend": False,
-                    "jobTemplate": rayjob_spec(spec, image, config_map),
-                },
-            }
-        )
-    else:
-        rayjob = {
-            "apiVersion": "ray.io/v1",
-            "kind": "RayJob",
-            "metadata": {"name": f"{name}-{DATE}", **meta},
-            "spec": rayjob_spec(spec, image, config_map, date=DATE),
+        body = {
+            "schedule": spec.schedule.cron,
+            "timeZone": spec.schedule.time_zone,
+            "suspend": False,
+            "jobTemplate": rayjob_spec(spec, image, config_map),
         }
-        account = f"{name}-scheduler"
-        docs[0]["data"]["rayjob.yaml"] = yaml.safe_dump(rayjob, sort_keys=False)
-        docs += [
-            {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": account, **meta}},
-            {
-                "apiVersion": "rbac.authorization.k8s.io/v1",
-                "kind": "Role",
-                "metadata": {"name": account, **meta},
-                "rules": [{"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["create", "get"]}],
-            },
-            {
-                "apiVersion": "rbac.authorization.k8s.io/v1",
-                "kind": "RoleBinding",
-                "metadata": {"name": account, **meta},
-                "subjects": [{"kind": "ServiceAccount", "name": account, "namespace": namespace}],
-                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": account},
-            },
-            {
-                "apiVersion": "batch/v1",
-                "kind": "CronJob",
-                "metadata": {"name": f"{name}-nightly", **meta},
-                "spec": {
-                    "schedule": sched.cron,
-                    "timeZone": sched.time_zone,
-                    "concurrencyPolicy": "Forbid",
-                    "successfulJobsHistoryLimit": 3,
-                    "failedJobsHistoryLimit": 3,
-                    "jobTemplate": {
-                        "spec": {
-                            "backoffLimit": 2,
-                            "template": {
-                                "spec": {
-                                    "serviceAccountName": account,
-                                    "restartPolicy": "Never",
-                                    "containers": [
-                                        {
-                                            "name": "create-rayjob",
-                                            "image": "bitnami/kubectl:1.31",
-                                            "command": ["/bin/sh", "-c"],
-                                            # the night's RayJob, named by the date: AlreadyExists on a second try
-                                            "args": [
-                                                f'sed "s/{DATE}/$(TZ={sched.time_zone} date +%Y-%m-%d)/g" '
-                                                f"{SPEC_DIR}/rayjob.yaml | kubectl create -f -"
-                                            ],
-                                            "volumeMounts": [{"name": "job-spec", "mountPath": SPEC_DIR}],
-                                        }
-                                    ],
-                                    "volumes": [{"name": "job-spec", "configMap": {"name": config_map}}],
-                                }
-                            },
-                        }
-                    },
-                },
-            },
-        ]
-    what = f"nightly audit ({sched.cron} {sched.time_zone})" if fmt in SCHEDULED else fmt
-    header = f"# atman schedule {job_path} --format {fmt}: {what} of job {spec.name!r}\n"
-    return header + yaml.dump_all(docs, Dumper=_Dumper, sort_keys=False)
+        docs.append(_object("ray.io/v1", "RayCronJob", f"{name}-nightly", meta, spec=body))
+    else:  # cronjob: the night's RayJob travels in the ConfigMap, for the CronJob's pod to create
+        rayjob = _object(
+            "ray.io/v1", "RayJob", f"{name}-{DATE}", meta, spec=rayjob_spec(spec, image, config_map, date=DATE)
+        )
+        data["rayjob.yaml"] = yaml.safe_dump(rayjob, sort_keys=False)
+        docs += _scheduler(spec, name, meta, config_map)
+    return docs
+
+
+def _object(api_version: str, kind: str, name: str, meta: dict, **body) -> dict:
+    """One Kubernetes object: its kind, its name with the shared metadata, then ``body`` in the order given."""
+    return {"apiVersion": api_version, "kind": kind, "metadata": {"name": name, **meta}, **body}
+
+
+def _scheduler(spec: JobSpec, name: str, meta: dict, config_map: str) -> list[dict]:
+    """For ``cronjob``: a Kubernetes CronJob that creates the night's RayJob, and the account allowed to create it
+    (ServiceAccount, Role, RoleBinding)."""
+    account = f"{name}-scheduler"
+    rules = [{"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["create", "get"]}]
+    subjects = [{"kind": "ServiceAccount", "name": account, "namespace": meta["namespace"]}]
+    role_ref = {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": account}
+    return [
+        _object("v1", "ServiceAccount", account, meta),
+        _object("rbac.authorization.k8s.io/v1", "Role", account, meta, rules=rules),
+        _object("rbac.authorization.k8s.io/v1", "RoleBinding", account, meta, subjects=subjects, roleRef=role_ref),
+        _object("batch/v1", "CronJob", f"{name}-nightly", meta, spec=_cronjob_spec(spec, account, config_map)),
+    ]
+
+
+def _cronjob_spec(spec: JobSpec, account: str, config_map: str) -> dict:
+    """One pod a night (never two at once) that creates the night's RayJob from the ConfigMap, named by the date:
+    a second creation the same night is refused (AlreadyExists)."""
+    create = {
+        "name": "create-rayjob",
+        "image": "bitnami/kubectl:1.31",
+        "command": ["/bin/sh", "-c"],
+        "args": [
+            f'sed "s/{DATE}/$(TZ={spec.schedule.time_zone} date +%Y-%m-%d)/g" '
+            f"{SPEC_DIR}/rayjob.yaml | kubectl create -f -"
+        ],
+        "volumeMounts": [{"name": "job-spec", "mountPath": SPEC_DIR}],
+    }
+    pod = {
+        "serviceAccountName": account,
+        "restartPolicy": "Never",
+        "containers": [create],
+        "volumes": [{"name": "job-spec", "configMap": {"name": config_map}}],
+    }
+    return {
+        "schedule": spec.schedule.cron,
+        "timeZone": spec.schedule.time_zone,
+        "concurrencyPolicy": "Forbid",
+        "successfulJobsHistoryLimit": 3,
+        "failedJobsHistoryLimit": 3,
+        "jobTemplate": {"spec": {"backoffLimit": 2, "template": {"spec": pod}}},
+    }
 
 
 class _Dumper(yaml.SafeDumper):

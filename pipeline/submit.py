@@ -73,18 +73,8 @@ def submit(
         else (dt.datetime.now(dt.timezone.utc).date().isoformat() if audit else new_run_id())
     )
     _check_output_root(spec)
-    base = submission_id(spec, run_id)
     jobs = client(address)
-    sid, attempt = base, 1
-    while (existing := _status(jobs, sid)) is not None:
-        if not resume or existing not in ("FAILED", "STOPPED"):
-            hint = " (--resume submits it again)" if existing in ("FAILED", "STOPPED") else ""
-            raise FileExistsError(
-                f"submission {sid!r} exists already (status {existing}): each run is submitted once{hint}; "
-                f"see `atman logs {sid} --address {address}`, or submit with another --run-id"
-            )
-        attempt += 1
-        sid = f"{base}-attempt{attempt}"
+    sid = _free_submission_id(jobs, submission_id(spec, run_id), resume, address)
     workdir = Path(tempfile.mkdtemp(prefix="atman-submit-"))
     try:
         data = spec.model_dump(mode="json")
@@ -98,30 +88,51 @@ def submit(
         if ship_package:
             runtime_env["py_modules"] = [str(Path(pipeline.__file__).parent)]
         metadata = {"atman_job": spec.name, "atman_run_id": run_id, "atman_config_hash": spec.config_hash()}
-        deadline = time.monotonic() + AGENT_WAIT_S
-        while True:
-            try:
-                jobs.submit_job(entrypoint=entrypoint, submission_id=sid, runtime_env=runtime_env, metadata=metadata)
-                break
-            except RuntimeError as err:
-                if "already exists" in str(err):
-                    raise FileExistsError(f"submission {sid!r} exists already: each run is submitted once") from None
-                if "No available agent" not in str(err):
-                    raise ConnectionError(
-                        f"address: the Ray Jobs API at {address} refused submission {sid!r} ({first_line(err)}); "
-                        "nothing was submitted: see the head's dashboard log, then submit again"
-                    ) from None
-                # a head that has just started answers before its job agent is up: wait for it, briefly
-                if time.monotonic() > deadline:
-                    raise ConnectionError(
-                        f"address: the Ray head at {address} answers, but its job agent was not up after "
-                        f"{AGENT_WAIT_S} s (a head that has just started needs a while, a busy one longer); nothing "
-                        "was submitted: wait a minute and run the same command again"
-                    ) from None
-                time.sleep(2)
+        _submit_job(jobs, address, sid, entrypoint, runtime_env, metadata)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return Submission(sid, run_id, entrypoint)
+
+
+def _free_submission_id(jobs, base: str, resume: bool, address: str) -> str:
+    """``base``, or with ``resume`` the first ``<base>-attempt<N>`` not taken after a FAILED or STOPPED one; any
+    other existing submission is a FileExistsError: a run is submitted once."""
+    sid, attempt = base, 1
+    while (existing := _status(jobs, sid)) is not None:
+        if not resume or existing not in ("FAILED", "STOPPED"):
+            hint = " (--resume submits it again)" if existing in ("FAILED", "STOPPED") else ""
+            raise FileExistsError(
+                f"submission {sid!r} exists already (status {existing}): each run is submitted once{hint}; "
+                f"see `atman logs {sid} --address {address}`, or submit with another --run-id"
+            )
+        attempt += 1
+        sid = f"{base}-attempt{attempt}"
+    return sid
+
+
+def _submit_job(jobs, address: str, sid: str, entrypoint: str, runtime_env: dict, metadata: dict) -> None:
+    """Submit the job as ``sid``, waiting up to ``AGENT_WAIT_S`` for a head whose job agent is not up yet (one that
+    has just started answers before it is); every other refusal is a ConnectionError saying nothing was submitted."""
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            jobs.submit_job(entrypoint=entrypoint, submission_id=sid, runtime_env=runtime_env, metadata=metadata)
+            return
+        except RuntimeError as err:
+            if "already exists" in str(err):
+                raise FileExistsError(f"submission {sid!r} exists already: each run is submitted once") from None
+            if "No available agent" not in str(err):
+                raise ConnectionError(
+                    f"address: the Ray Jobs API at {address} refused submission {sid!r} ({first_line(err)}); "
+                    "nothing was submitted: see the head's dashboard log, then submit again"
+                ) from None
+            if time.monotonic() > deadline:
+                raise ConnectionError(
+                    f"address: the Ray head at {address} answers, but its job agent was not up after "
+                    f"{AGENT_WAIT_S} s (a head that has just started needs a while, a busy one longer); nothing "
+                    "was submitted: wait a minute and run the same command again"
+                ) from None
+            time.sleep(2)
 
 
 def _status(jobs, sid: str) -> str | None:

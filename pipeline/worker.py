@@ -14,20 +14,18 @@ is retried with half the engine's forward batch, down to one row, before it is m
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import logging
 import threading
 import time
 from dataclasses import dataclass
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
+from pipeline.errors import UnsupportedModel
 from pipeline.jobspec import JobSpec
-from pipeline.layout import RunPaths, filesystem, parquet_bytes, part_name, publish
-from pipeline.schema import SCHEMA
-from pipeline.shards import marker, read_shard, write_marker
+from pipeline.layout import RunPaths, filesystem, part_name, publish
+from pipeline.parts import Provenance, encode, error_row, ok_row, read_part, recorded_part, skipped_row
+from pipeline.progress import marker, write_marker
+from pipeline.staging import read_shard
 
 log = logging.getLogger(__name__)
 MAX_IMAGE_BYTES = 64 << 20  # an image file larger than this is refused before it is read
@@ -54,7 +52,8 @@ def compute_record(explainer) -> dict:
 
 
 class ExplainWorker:
-    """Loads the job's model once; ``__call__`` explains a batch of INPUT_SCHEMA rows and writes one part."""
+    """Loads the job's model once; ``explain_shard`` explains one shard's rows (``explain_rows``) and publishes them
+    as one part, then its marker."""
 
     def __init__(self, spec_json: str, run: dict) -> None:
         import torch
@@ -80,8 +79,11 @@ class ExplainWorker:
             device="cpu" if gpus == 0 else "auto",
         )  # fmt: skip
         self.config = self.spec.method.atman_config()
-        self.explainer = Explainer(self.lm, self.config)
+        self.explainer = _refusing(Explainer, self.lm, self.config)
         self.method_params = json.dumps(self.explainer.params(), sort_keys=True)  # precision resolved
+        self.provenance = Provenance(
+            self.run.run_id, m.id, self.lm.revision, self.method_params, self.config.granularity
+        )  # what every row of its parts repeats
         self.compute = compute_record(self.explainer)
         self._lock = threading.Lock()
         self._done: dict[int, int] = {}
@@ -104,8 +106,7 @@ class ExplainWorker:
                     explained[row["prompt_id"]] = row
                 self._done[shard] = len(explained)
         out = [kept.get(r["prompt_id"]) or explained[r["prompt_id"]] for r in requests]
-        table = pa.Table.from_pylist(out, schema=SCHEMA)
-        data = parquet_bytes(table, self.spec.output.compression)
+        table, data = encode(out, self.spec.output.compression)
         publish(self.fs, self.run.part(part_name(shard)), data)
         passes = sum(
             len(r["unit_text"] or []) + len(r["image_scores"] or []) + 1
@@ -130,18 +131,20 @@ class ExplainWorker:
         return dict(self._done)
 
     def _published(self, shard: int) -> list[dict]:
-        path = self.run.part(part_name(shard))
-        if not self.fs.exists(path):
+        """The rows of the shard's part as published, where its bytes are those its progress record names; nothing
+        of a part without a record or with other bytes is kept (``parts.recorded_part``)."""
+        record = recorded_part(self.fs, self.run.dir, shard)
+        if record is None:
             return []
         try:
-            return pq.read_table(path, filesystem=self.fs).to_pylist()
-        except (pa.ArrowInvalid, OSError):  # damaged: nothing of it is kept
+            return read_part(self.fs, self.run.part(part_name(shard)), expected=record["sha256"]).to_pylist()
+        except (ValueError, OSError):  # damaged (pyarrow.ArrowInvalid, PartChanged) or gone: nothing of it is kept
             return []
 
     # --- explaining ------------------------------------------------------------------------------------------
 
     def explain_rows(self, requests: list[dict]) -> list[dict]:
-        """One output row (SCHEMA) per request, in request order."""
+        """One output row (``pipeline.parts``: ok, skipped or error) per request, in request order."""
         rows = [_Row(r) for r in requests]
         todo = []
         # shortest first: similar lengths share forward batches with little padding
@@ -149,23 +152,15 @@ class ExplainWorker:
             started = time.perf_counter()
             req = row.request
             if req.get("input_error"):
-                row.result = self._row(req, "skipped", req["input_error"])
+                row.result = skipped_row(self.provenance, req, req["input_error"])
                 continue
             try:
-                spans = json.loads(req["explain_span"]) if req.get("explain_span") else None
-                image = self._image(req)
-                row.planned = self.explainer.plan(
-                    req["prompt"],
-                    req.get("target"),
-                    explain_span=None if spans is None else [tuple(s) for s in spans],
-                    chat=req.get("chat"),
-                    **({"images": [image]} if image is not None else {}),  # image units: the config's image_grid
-                )
+                row.planned = self.explainer.plan(self._request(req))
             except ValueError as err:  # the request itself is unexplainable: named by the engine
-                row.result = self._row(req, "skipped", _name_image(req, str(err)))
+                row.result = skipped_row(self.provenance, req, _name_image(req, str(err)))
                 continue
             except Exception as err:  # noqa: BLE001 - a row never takes the batch down
-                row.result = self._row(req, "error", _message(err))
+                row.result = error_row(self.provenance, req, _message(err))
                 continue
             row.plan_s = time.perf_counter() - started
             todo.append(row)
@@ -173,6 +168,21 @@ class ExplainWorker:
         self._explain([r for r in todo if r.planned.sweep_input.embeds is None], self.config.batch_size)
         self._explain([r for r in todo if r.planned.sweep_input.embeds is not None], self.config.batch_size)
         return [r.result for r in rows]
+
+    def _request(self, req: dict):
+        """What the row asks to explain: its prompt, target, explain span, chat choice and image (whose units
+        follow the config's image_grid)."""
+        from pipeline.atman.request import ExplainRequest
+
+        spans = json.loads(req["explain_span"]) if req.get("explain_span") else None
+        image = self._image(req)
+        return ExplainRequest(
+            req["prompt"],
+            req.get("target"),
+            explain_span=None if spans is None else [tuple(s) for s in spans],
+            chat=req.get("chat"),
+            images=None if image is None else [image],
+        )
 
     def _image(self, req: dict):
         """The row's image (PIL), or None for a text row. A missing, unreadable, oversized or non-image file is a
@@ -213,81 +223,23 @@ class ExplainWorker:
                 log.warning("CUDA out of memory on one prompt; retrying with forward batch %d", batch_size // 2)
                 self._explain(group, batch_size // 2)
             else:
-                group[0].result = self._row(group[0].request, "error", _message(err))
+                group[0].result = error_row(self.provenance, group[0].request, _message(err))
             return
-        except UnsupportedModelError:
-            raise  # the model, not the row: the run stops before writing anything (the driver exits 2)
+        except UnsupportedModelError as err:  # the model, not the row: the run stops before writing anything
+            raise UnsupportedModel(str(err)) from None  # light and typed: the driver tells it from others by type
         except Exception as err:  # noqa: BLE001
             if len(group) > 1:  # find the row that fails; the others still get explained
                 for row in group:
                     self._explain([row], batch_size)
             else:
-                group[0].result = self._row(group[0].request, "error", _message(err))
+                group[0].result = error_row(self.provenance, group[0].request, _message(err))
             return
         elapsed = time.perf_counter() - t0
         total_units = sum(len(r.planned.units) for r in group) or 1
         for row, out in zip(group, outputs, strict=True):
             explanation = self.explainer.explanation(row.planned, out)
             share = elapsed * len(row.planned.units) / total_units
-            row.result = self._row(row.request, "ok", None, explanation, latency_s=row.plan_s + share)
-
-    def _row(self, req: dict, status: str, error: str | None, explanation=None, latency_s: float = 0.0) -> dict:
-        row = {
-            "prompt_id": req["prompt_id"],
-            "run_id": self.run.run_id,
-            "model_id": self.spec.model.id,
-            "model_revision": self.lm.revision,
-            "method_params": self.method_params,
-            "prompt": req.get("prompt"),
-            "target": req.get("target"),
-            "granularity": self.config.granularity,
-            "unit_text": None,
-            "unit_start": None,
-            "unit_length": None,
-            "scores": None,
-            "per_target": None,
-            "target_tokens": None,
-            "base_target_ce": None,
-            "n_prompt_tokens": None,
-            "status": status,
-            "error": error,
-            "latency_ms": None,
-            "written_at": dt.datetime.now(dt.timezone.utc),
-            "source": req.get("source"),
-            "chat": req.get("chat"),
-            "metadata": req.get("metadata"),
-            "image": req.get("image_ref") or ("<bytes>" if req.get("image_bytes") is not None else None),
-            "image_width": None,
-            "image_height": None,
-            "image_box": None,
-            "image_view": None,
-            "image_scores": None,
-        }
-        if explanation is not None:
-            e = explanation
-            row.update(
-                target=e.target,
-                unit_text=[u[0] for u in e.units],
-                unit_start=[u[1] for u in e.units],
-                unit_length=[u[2] for u in e.units],
-                scores=e.scores.tolist(),
-                per_target=None if e.per_target is None else e.per_target.tolist(),
-                target_tokens=list(e.target_tokens),
-                base_target_ce=e.base_target_ce,
-                n_prompt_tokens=e.n_prompt_tokens,
-                chat=e.chat,
-                latency_ms=1000.0 * latency_s,
-            )
-            if e.image_units is not None:
-                ((width, height),) = e.images
-                row.update(
-                    image_width=width,
-                    image_height=height,
-                    image_box=[list(u.box) for u in e.image_units],
-                    image_view=[u.view for u in e.image_units],
-                    image_scores=e.image_scores.tolist(),
-                )
-        return row
+            row.result = ok_row(self.provenance, row.request, explanation, latency_s=row.plan_s + share)
 
 
 def _name_image(req: dict, message: str) -> str:
@@ -296,6 +248,17 @@ def _name_image(req: dict, message: str) -> str:
     if not message.startswith("images[0]: "):
         return message
     return f"image: {req.get('image_ref') or 'the inline image'}: {message.removeprefix('images[0]: ')}"
+
+
+def _refusing(make, *args):
+    """``make(*args)``, the engine's refusal of the model raised as ``UnsupportedModel``: an error the driver can
+    unpickle without torch, so it reaches ``run_job`` as itself (exit 2 naming model.id)."""
+    from pipeline.atman.attention import UnsupportedModelError
+
+    try:
+        return make(*args)
+    except UnsupportedModelError as err:
+        raise UnsupportedModel(str(err)) from None
 
 
 def _message(err: BaseException) -> str:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline import errors
+
 ATMAN = str(Path(sys.executable).parent / "atman")
 
 
@@ -125,3 +127,36 @@ def test_explain_out_of_memory_is_a_message_not_a_traceback(monkeypatch, tiny_mo
     text = " ".join(result.output.split())
     assert result.exit_code == 1 and "device: out of memory while explaining" in text, text
     assert "Tried to allocate 2.00 GiB" in text and "Traceback" not in text
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (errors.BadInput("x: bad"), 2),
+        (ValueError("x: bad"), 2),  # pydantic's ValidationError too
+        (FileNotFoundError("x: bad"), 2),
+        (FileExistsError("x: bad"), 2),  # a submission that exists already
+        (ConnectionError("x: bad"), 1),
+        (RuntimeError("x: bad"), 1),  # torch.OutOfMemoryError too
+        (errors.AnswerWithheld("x: bad"), 3),
+        (errors.RunIncomplete("x: bad", 130), 130),
+    ],
+    ids=lambda value: type(value).__name__ if isinstance(value, BaseException) else str(value),
+)
+def test_an_error_a_command_expects_exits_with_the_code_errors_py_gives_it(error, code, capsys):
+    """Every command ends on an error through pipeline/cli/common.py's ``reported``: its one line on stderr and the
+    code of pipeline.errors.exit_code, the one mapping; a ``fail`` inside passes through as it is."""
+    import typer
+
+    from pipeline.cli.common import fail, reported
+
+    assert errors.exit_code(error) == code
+    with pytest.raises(typer.Exit) as ended, reported(type(error)):
+        raise error
+    assert ended.value.exit_code == code and "error: x: bad" in capsys.readouterr().err
+    with pytest.raises(typer.Exit) as ended, reported(type(error), RuntimeError):
+        fail("y: bad", 4)
+    assert ended.value.exit_code == 4
+    with pytest.raises(typer.Exit) as ended, reported(Exception, say={type(error): lambda e: f"z: {e}"}):
+        raise error
+    assert ended.value.exit_code == code and "error: z: x: bad" in capsys.readouterr().err

@@ -230,7 +230,8 @@ def test_a_driver_stopped_at_any_moment_leaves_a_run_its_rerun_completes(tmp_pat
     def die(*_a, **_k):
         raise Killed(moment)
 
-    target = {"staged, no plan": "make_plan", "planned, no part": "_explain", "parts, no manifest": "finalize"}[moment]
+    phases = {"staged, no plan": "make_plan", "planned, no part": "explain_phase", "parts, no manifest": "finalize"}
+    target = phases[moment]
     with monkeypatch.context() as m:
         m.setattr(job, target, die)
         with pytest.raises(Killed):

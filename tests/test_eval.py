@@ -59,6 +59,18 @@ def test_parse_methods():
         parse_methods("atman,chefer")
 
 
+def test_every_method_but_atman_and_random_is_in_the_one_registry():
+    from importlib import import_module
+
+    from pipeline.eval_methods import BASELINES, PEERS
+    from pipeline.peers import METHODS
+
+    assert set(METHODS) == set(PEERS + BASELINES) - {"random"}, "the evaluation scores these names from METHODS"
+    for name in ("ixg", "ig", "rollout"):  # the peers' modules load heavy libraries: their tests import them
+        module, function = METHODS[name].split(":")
+        assert callable(getattr(import_module(module), function)), name
+
+
 def test_ground_truth_and_identical_units(tiny_lms, squad_file):
     lm = tiny_lms["llama"]
     ev = SquadEval(lm)

@@ -104,6 +104,25 @@ def test_explain_batch_matches_single(llama):
         np.testing.assert_allclose(ex.explain(p, t, chat=False).scores, b.scores, atol=1e-5, rtol=0)
 
 
+def test_a_request_object_explains_as_the_keyword_arguments_do(llama):
+    """``ExplainRequest`` holds what explain/plan/explain_batch take as arguments (the CLI and the worker build one):
+    the same inputs give the same explanation either way, and a request does not take the arguments besides."""
+    from pipeline import ExplainRequest
+
+    ex = Explainer(llama, AtManConfig(granularity="word"))
+    request = ExplainRequest(PROMPT, " The", explain_span=(24, 41), chat=False)
+    by_keywords = ex.explain(PROMPT, " The", explain_span=(24, 41), chat=False)
+    assert ex.explain(request) == by_keywords
+    assert ex.explain_batch([request, ExplainRequest("One two three.", " Four", chat=False)])[0] == by_keywords
+    assert ex.plan(request).units == ex.plan(PROMPT, " The", explain_span=(24, 41), chat=False).units
+    with pytest.raises(TypeError, match="chat: given next to an ExplainRequest"):
+        ex.explain(request, chat=True)
+    with pytest.raises(TypeError, match="target: given next to an ExplainRequest"):
+        ex.explain_batch([request], [" x"])
+    with pytest.raises(ValueError, match="image_grid: given without images"):
+        ex.explain(ExplainRequest(PROMPT, " The", image_grid="2x2"))
+
+
 def _greedy(llama, n: int) -> list[int]:
     """The tiny model's greedy continuation of PROMPT (distinct tokens, none of them EOS, for these weights)."""
     ids = Explainer(llama).plan(PROMPT, generate=n, chat=False).target_ids.tolist()

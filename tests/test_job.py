@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -18,10 +19,11 @@ from conftest import TINY_CONTEXT
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pipeline.errors import RunIncomplete
 from pipeline.job import run_job
 from pipeline.jobspec import JobSpec, JobSpecError
 from pipeline.layout import MANIFEST, SUCCESS
-from pipeline.schema import SCHEMA
+from pipeline.parts import SCHEMA
 from pipeline.worker import ExplainWorker
 
 ATMAN = str(Path(sys.executable).parent / "atman")
@@ -254,13 +256,13 @@ def test_finalize_refuses_a_run_with_shards_missing(tmp_path, tiny_model_dir, mo
 
     _write(tmp_path / "in.jsonl", GOOD)
     spec = _spec(tiny_model_dir, tmp_path / "in.jsonl", tmp_path / "out", shard_rows=2)
-    real = pipeline.job._explain
+    real = pipeline.job.explain_phase
 
-    def drops_the_last(executor, paths, plan, pending, *args, **kwargs):
-        return real(executor, paths, plan, pending[:-1], *args, **kwargs)
+    def drops_the_last(attempt, plan, work, *args, **kwargs):
+        return real(attempt, plan, dataclasses.replace(work, pending=work.pending[:-1]), *args, **kwargs)
 
-    monkeypatch.setattr(pipeline.job, "_explain", drops_the_last)
-    with pytest.raises(pipeline.job.RunIncomplete) as stopped:
+    monkeypatch.setattr(pipeline.job, "explain_phase", drops_the_last)
+    with pytest.raises(RunIncomplete) as stopped:
         run_job(spec, "miss", address="inline")
     assert str(stopped.value) == (
         "1 of 3 shards (2 of 6 input rows) have no output yet; rerun with --run-id miss to finish it"
@@ -268,7 +270,7 @@ def test_finalize_refuses_a_run_with_shards_missing(tmp_path, tiny_model_dir, mo
     assert stopped.value.exit_code == 1
     (run_dir,) = (tmp_path / "out").glob("model=*/run_date=*/run_id=miss")
     assert not (run_dir / SUCCESS).exists() and not (run_dir / MANIFEST).exists()
-    monkeypatch.setattr(pipeline.job, "_explain", real)
+    monkeypatch.setattr(pipeline.job, "explain_phase", real)
     again = run_job(spec, "miss", address="inline")
     assert again.processed == 2 and again.counts["ok"] == len(GOOD) and (run_dir / SUCCESS).exists()
 
@@ -276,7 +278,6 @@ def test_finalize_refuses_a_run_with_shards_missing(tmp_path, tiny_model_dir, mo
 def test_finalize_refuses_a_shard_with_rows_lost(tmp_path, tiny_model_dir, monkeypatch):
     """A shard recorded with another number of rows than its input is not published as complete, and the rerun
     the message names redoes that shard (it does not refuse the same record again)."""
-    from pipeline.job import RunIncomplete
 
     _write(tmp_path / "in.jsonl", GOOD)
     spec = _spec(tiny_model_dir, tmp_path / "in.jsonl", tmp_path / "out", shard_rows=2)

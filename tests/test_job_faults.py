@@ -29,7 +29,8 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.job import run_job, scratch_path
+from pipeline.executors import scratch_path
+from pipeline.job import run_job
 from pipeline.jobspec import JobSpec
 from pipeline.models import DEFAULT_MODEL
 

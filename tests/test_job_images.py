@@ -21,8 +21,8 @@ from tiny_vlms import save_tiny_llava
 from pipeline import AtManConfig, Explainer, load_model
 from pipeline.job import run_job
 from pipeline.jobspec import JobSpec
+from pipeline.parts import SCHEMA_VERSION
 from pipeline.query import connect
-from pipeline.schema import SCHEMA_VERSION
 
 PROMPT = "What is shown in the picture?"
 

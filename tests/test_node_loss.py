@@ -325,16 +325,17 @@ class _Actor:
 
 
 def _dispatch(actors: list[_Actor], shards: int, max_restarts: int = 3) -> tuple[list[int], list[str]]:
-    from pipeline.job import _Pool, _Ray
+    from pipeline.executors import Pool, dispatch
+    from pipeline.signals import StopSignals
 
     class Lease:
         def check(self) -> None:
             pass
 
     notes: list[str] = []
-    pool = _Pool(_FakeRay, actors, lambda a, s: a.explain(s), deque(range(shards)), max_restarts, notes.append)
+    pool = Pool(_FakeRay, actors, lambda a, s: a.explain(s), deque(range(shards)), max_restarts, notes.append)
     pool.PROBE_S = 0.0
-    done = [r["shard"] for r in _Ray._dispatch(_FakeRay, pool, Lease(), lambda rows: None)]
+    done = [r["shard"] for r in dispatch(_FakeRay, pool, Lease(), StopSignals(), lambda rows: None)]
     return done, notes
 
 

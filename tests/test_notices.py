@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.job import RunIncomplete, run_job
+from pipeline.errors import RunIncomplete
+from pipeline.job import run_job
 from pipeline.jobspec import JobSpec, JobSpecError
 from pipeline.layout import RunPaths
 

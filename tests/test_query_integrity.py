@@ -22,8 +22,8 @@ import pytest
 from rich.console import Console
 
 from pipeline.layout import MANIFEST, SUCCESS, parquet_bytes, part_name, run_glob
+from pipeline.parts import SCHEMA
 from pipeline.query import DamagedPart, QueryError, connect, run_query
-from pipeline.schema import SCHEMA
 
 ATMAN = str(Path(sys.executable).parent / "atman")
 COUNT = "SELECT count(*) AS n, count(DISTINCT prompt_id) AS ids FROM explanations"
@@ -112,12 +112,12 @@ def test_a_part_with_other_bytes_is_left_out_and_named(tmp_path):
 
 
 def test_verified_parts_are_not_hashed_again_until_they_change(tmp_path, monkeypatch, cache):
-    import pipeline.query
+    import pipeline.parts
 
     run = write_run(tmp_path / "out", "r1")
     hashed = []
-    real = pipeline.query.sha256_of
-    monkeypatch.setattr(pipeline.query, "sha256_of", lambda fs, path: hashed.append(path) or real(fs, path))
+    real = pipeline.parts.sha256_of
+    monkeypatch.setattr(pipeline.parts, "sha256_of", lambda fs, path: hashed.append(path) or real(fs, path))
     assert _count(_connect(tmp_path / "out")[0]) == (12, 12) and len(hashed) == 3
     assert list((cache / "verified").glob("*.json")), "the checks are kept under $ATMAN_CACHE_DIR/verified"
     hashed.clear()

@@ -21,10 +21,12 @@ from hypothesis import strategies as st
 from seaweed import s3_bucket, s3_server  # noqa: F401 - fixtures
 
 from pipeline import job
+from pipeline.executors import RayExecutor
 from pipeline.jobspec import JobSpec, JobSpecError, load_job
 from pipeline.layout import RunPaths
+from pipeline.plan import PLAN_VERSION, Plan
 from pipeline.reader import list_input
-from pipeline.shards import PLAN_VERSION, Plan, read_shard, remove_staging
+from pipeline.staging import read_shard, remove_staging
 
 WHOLE = 1 << 40
 DEMO = str(Path(__file__).parents[1] / "jobs/examples/demo.yaml")
@@ -47,11 +49,11 @@ def _spec(path: Path, root: Path, split_bytes: int, model: str = "unused", **inp
 def _staged(tmp_path: Path, path: Path, split_bytes: int, address: str = "inline", **input_keys):
     """(rows with their final ids, in plan order; notices; plan) of staging ``path`` as a run does."""
     spec = _spec(path, tmp_path / f"out-{split_bytes}-{address}", split_bytes, **input_keys)
-    paths = RunPaths.locate(spec.output.root, spec.model.id, "r")
-    paths.fs.makedirs(paths.dir, exist_ok=True)
     notes: list[str] = []
-    with job._executor(spec, paths, address) as executor:
-        plan = job._stage(executor, spec, paths, list_input(spec.input), split_bytes, notes.append)
+    attempt = job.open_run(spec, "r", address, False, notes.append)
+    with attempt.executor:
+        plan = job._stage(attempt, list_input(spec.input), split_bytes)
+    paths = attempt.paths
     rows = [r for s in range(len(plan.shards)) for r in read_shard(paths, plan.segments(s)).to_pylist()]
     return rows, notes, plan
 
@@ -304,13 +306,13 @@ def test_pieces_are_ray_tasks_and_read_as_whole(tmp_path, ray_cluster, monkeypat
     path = tmp_path / "in.jsonl"
     path.write_bytes(b"".join(_row(i, id_=f"y{i % 120}") for i in range(160)) + b"\n{bad\n")
     batches: list[list[str]] = []
-    scan = job._Ray.scan
+    scan = RayExecutor.scan
 
     def spy(self, calls):
         batches.append([fn.__name__ for fn, *_ in calls])
         return scan(self, calls)
 
-    monkeypatch.setattr(job._Ray, "scan", spy)
+    monkeypatch.setattr(RayExecutor, "scan", spy)
     rows, notes, plan = _staged(tmp_path, path, SPLIT, address="auto")
     whole, _, _ = _staged(tmp_path, path, WHOLE)
     pieces = -(-path.stat().st_size // SPLIT)

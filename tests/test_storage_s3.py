@@ -172,7 +172,7 @@ def test_lease_and_damaged_parts_on_s3(tmp_path, s3_server, s3_bucket, tiny_mode
     data[len(data) // 3] ^= 0xFF
     fs.pipe_file(part, bytes(data))
     opened = []
-    monkeypatch.setattr("pipeline.shards._sha256", lambda fs, path: opened.append(path) or "")
+    monkeypatch.setattr("pipeline.progress.file_sha256", lambda fs, path: opened.append(path) or "")
     notes = []
     again = run_job(spec, "l1", address="inline", on_notice=notes.append)
     assert opened == [], "S3 parts are checked by their ETag, not read"

@@ -173,7 +173,7 @@ def test_an_unreadable_plan_without_parts_is_staged_again(tmp_path, tiny_model_d
         raise Killed
 
     with monkeypatch.context() as m:
-        m.setattr(job, "_explain", die)
+        m.setattr(job, "explain_phase", die)
         with pytest.raises(Killed):
             run_job(spec, "t1", address="inline")
     paths = RunPaths.locate(str(tmp_path / "out"), tiny_model_dir, "t1")

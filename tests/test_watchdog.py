@@ -9,7 +9,7 @@ import time
 
 import psutil
 
-from pipeline.job import scratch_path
+from pipeline.executors import scratch_path
 from pipeline.watchdog import ours, stop
 
 

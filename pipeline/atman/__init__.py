@@ -14,18 +14,28 @@ if TYPE_CHECKING:
     from pipeline.atman.config import AtManConfig
     from pipeline.atman.explainer import Explainer
     from pipeline.atman.explanation import Explanation
+    from pipeline.atman.request import ExplainRequest
     from pipeline.atman.units import ScoredUnit, UnitSpan
 
 _WHERE = {
     "AtManConfig": "pipeline.atman.config",
     "Explainer": "pipeline.atman.explainer",
     "Explanation": "pipeline.atman.explanation",
+    "ExplainRequest": "pipeline.atman.request",
     "UnsupportedModelError": "pipeline.atman.attention",
     "UnitSpan": "pipeline.atman.units",
     "ScoredUnit": "pipeline.atman.units",
 }
 
-__all__ = ["AtManConfig", "Explainer", "Explanation", "ScoredUnit", "UnitSpan", "UnsupportedModelError"]
+__all__ = [
+    "AtManConfig",
+    "ExplainRequest",
+    "Explainer",
+    "Explanation",
+    "ScoredUnit",
+    "UnitSpan",
+    "UnsupportedModelError",
+]
 
 
 def __getattr__(name: str):

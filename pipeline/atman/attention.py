@@ -28,58 +28,20 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from typing import Protocol
 
 import torch
+
+from pipeline.atman import families
+from pipeline.atman.context import AttentionContext, active, attending  # also still importable from here
+from pipeline.atman.errors import UnsupportedModelError
 
 ATTN_NAME = "atman"
 LOG_FLOOR = math.log(1e-30)
 """log m for m = 0 in log_additive: the limit m -> 0+. A key is removed unless every key a query sees is
 suppressed, where renormalisation keeps the row as it was (instead of 0/0)."""
 
-_ACTIVE: ContextVar[AttentionContext | None] = ContextVar("atman_attention_context", default=None)
 _ATTEND_DTYPE: ContextVar[torch.dtype | None] = ContextVar("atman_attend_dtype", default=None)
 _IN_KERNEL: ContextVar[bool] = ContextVar("atman_in_kernel", default=False)
-
-
-class UnsupportedModelError(ValueError):
-    """The model's attention cannot be suppressed exactly; the message names the model class and the reason."""
-
-
-class AttentionContext(Protocol):
-    calls: Counter
-
-    def attend(
-        self,
-        layer: int,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        *,
-        scaling: float,
-        sliding_window: int | None = None,
-        softcap: float | None = None,
-        alibi: torch.Tensor | None = None,
-        mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """query [B, H, Lq, d], key/value [B, KV, Lq, d] (post-RoPE) -> output [B, H, Lq, d].
-
-        ``alibi``: per-head slopes [H]; the score of key position p gains slope * p. ``mask``: the model's own
-        additive mask [B, 1, Lq, Lk] where the model supplies one."""
-
-
-def active() -> AttentionContext | None:
-    return _ACTIVE.get()
-
-
-@contextmanager
-def attending(ctx: AttentionContext) -> Iterator[None]:
-    """Hand every attention call of the forward passes inside the block to ``ctx``."""
-    token = _ACTIVE.set(ctx)
-    try:
-        yield
-    finally:
-        _ACTIVE.reset(token)
 
 
 @contextmanager
@@ -151,9 +113,7 @@ def _verify(model: torch.nn.Module, calls: Counter) -> None:
 
 
 def _adapter_names() -> list[str]:
-    from pipeline.atman.families import ADAPTERS
-
-    return sorted(ADAPTERS)
+    return sorted(families.ADAPTERS)
 
 
 def log_multiplier(m: torch.Tensor) -> torch.Tensor:
@@ -175,7 +135,7 @@ _REFUSED_KWARGS = {
 
 
 def _atman_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    ctx = _ACTIVE.get()
+    ctx = active()
     if ctx is None:  # an ordinary forward pass while activated (e.g. generation): plain SDPA
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -240,8 +200,6 @@ def activated(model: torch.nn.Module) -> Iterator[None]:
     attention function and back to its own implementation afterwards. Whether the route took effect is not
     trusted: ``forward`` checks every pass.
     """
-    from pipeline.atman import families
-
     register()
     patched = families.install(model)
     try:

@@ -1,4 +1,5 @@
-"""The public entry point: ``Explainer(model, tokenizer, AtManConfig()).explain(prompt, target)``."""
+"""The public entry point: ``Explainer(model, tokenizer, AtManConfig()).explain(prompt, target)`` (or
+``.explain(ExplainRequest(prompt, target, ...))``: the same inputs as one object)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from pipeline.atman.prompts import (
     tokenize_target,
 )
 from pipeline.atman.reference import reference_sweep
+from pipeline.atman.request import ExplainRequest
 from pipeline.atman.sweep import SweepInput, SweepOutput, sweep
 from pipeline.atman.units import Span, Unit, UnitSpan, build_units
 
@@ -122,7 +124,7 @@ class Explainer:
 
     def explain(
         self,
-        prompt: str,
+        prompt: str | ExplainRequest,
         target: str | None = None,
         *,
         generate: int | Mapping[str, Any] | GenerationConfig | None = None,
@@ -133,6 +135,7 @@ class Explainer:
     ) -> Explanation:
         """Explain ``target`` given ``prompt``; without a target, explain what the model generates.
 
+        prompt: the text, or an ``ExplainRequest`` holding every argument below (then give none of them).
         generate: how to generate the target when none is given. An int: that many new tokens at most, greedy (the
             default is ``config.generate_max_tokens``). A dict of ``model.generate`` keyword arguments or a
             ``transformers.GenerationConfig``: e.g. ``{"max_new_tokens": 8, "do_sample": True, "top_p": 0.9}``
@@ -160,17 +163,13 @@ class Explainer:
         Raises ValueError naming the parameter for empty prompt/target, over-long input, spans outside the prompt,
         generation arguments ``model.generate`` refuses, unreadable images.
         """
-        if images is not None:
-            planned = self.plan(prompt, target, generate=generate, explain_span=explain_span, chat=chat,
-                                images=images, image_grid=image_grid)  # fmt: skip
-            return self.explanation(planned, self.run([planned.sweep_input])[0])
-        if image_grid is not None:
-            raise ValueError("image_grid: given without images")
-        return self.explain_batch([prompt], [target], generate=generate, explain_spans=[explain_span], chat=chat)[0]
+        request = ExplainRequest.of(prompt, target, generate=generate, explain_span=explain_span, chat=chat,
+                                    images=images, image_grid=image_grid)  # fmt: skip
+        return self._explain_requests([request])[0]
 
     def explain_batch(
         self,
-        prompts: Sequence[str],
+        prompts: Sequence[str | ExplainRequest],
         targets: Sequence[str | None] | None = None,
         *,
         generate: int | Mapping[str, Any] | GenerationConfig | None = None,
@@ -178,37 +177,55 @@ class Explainer:
         chat: bool | None = None,
     ) -> list[Explanation]:
         """Explain many prompts; their suppression passes are batched together on the device. ``generate`` and
-        ``chat`` apply to every prompt, as in ``explain``; ``explain_spans`` has one entry per prompt."""
+        ``chat`` apply to every prompt, as in ``explain``; ``explain_spans`` has one entry per prompt. ``prompts``
+        may be ``ExplainRequest``s instead, each with its own inputs (then give nothing else)."""
         targets = list(targets) if targets is not None else [None] * len(prompts)
         spans = list(explain_spans) if explain_spans is not None else [None] * len(prompts)
         if not (len(targets) == len(spans) == len(prompts)):
             raise ValueError("targets: explain_batch needs as many targets and explain_spans as prompts")
-        planned = [
-            self.plan(p, t, generate=generate, explain_span=s, chat=chat)
+        requests = [
+            ExplainRequest.of(p, t, generate=generate, explain_span=s, chat=chat)
             for p, t, s in zip(prompts, targets, spans, strict=True)
         ]
-        outputs = self.run([p.sweep_input for p in planned])
-        return [self.explanation(p, o) for p, o in zip(planned, outputs, strict=True)]
+        return self._explain_requests(requests)
+
+    def _explain_requests(self, requests: Sequence[ExplainRequest]) -> list[Explanation]:
+        """Plan every request, then sweep them together: requests given as token ids share forward batches, those
+        given as embeddings (with images) share theirs."""
+        for request in requests:
+            if request.images is None and request.image_grid is not None:
+                raise ValueError("image_grid: given without images")
+        planned = [self.plan(request) for request in requests]
+        outputs: dict[int, SweepOutput] = {}
+        for embedded in (False, True):
+            group = [i for i, p in enumerate(planned) if (p.sweep_input.embeds is not None) == embedded]
+            if group:
+                outputs.update(zip(group, self.run([planned[i].sweep_input for i in group]), strict=True))
+        return [self.explanation(p, outputs[i]) for i, p in enumerate(planned)]
 
     def plan(
         self,
-        prompt: str,
+        prompt: str | ExplainRequest,
         target: str | None = None,
         *,
         generate: int | Mapping[str, Any] | GenerationConfig | None = None,
         explain_span: Span | list[Span] | list[int] | None = None,
         chat: bool | None = None,
         images: list | None = None,
-        image_grid: tuple[int, int] | None = None,
+        image_grid: tuple[int, int] | str | None = None,
     ) -> Planned:
         """Validate and tokenize one request and decide every suppression pass (no forward pass but generation;
-        with images, one unperturbed forward of the whole model)."""
+        with images, one unperturbed forward of the whole model). ``prompt`` may be an ``ExplainRequest`` holding
+        the other arguments (then give none of them)."""
+        request = ExplainRequest.of(prompt, target, generate=generate, explain_span=explain_span, chat=chat,
+                                    images=images, image_grid=image_grid)  # fmt: skip
+        if request.images is not None:
+            return self._plan_images(request)
         cfg = self.config
-        if images is not None:
-            return self._plan_images(prompt, target, images, image_grid, generate, explain_span, chat)
-        prepared = prepare_prompt(self.tokenizer, prompt, chat)
-        spans = normalize_spans(prompt, explain_span)
-        target_ids = self._target_ids(prepared.prompt_ids, target, generate)
+        prompt = request.prompt
+        prepared = prepare_prompt(self.tokenizer, prompt, request.chat)
+        spans = normalize_spans(prompt, request.explain_span)
+        target_ids = self._target_ids(prepared.prompt_ids, request.target, request.generate)
         ids = torch.cat([prepared.prompt_ids, target_ids])
         units = build_units(prompt, prepared.token_spans, spans, cfg.granularity, cfg.delimiter)
         return self.passes(Planned(prepared, target_ids, units, SweepInput(ids, len(target_ids), torch.ones(0))))
@@ -229,7 +246,7 @@ class Explainer:
         self._check_length(len(prompt_ids) + len(target_ids))
         return target_ids
 
-    def _plan_images(self, prompt, target, images, image_grid, generate, explain_span, chat) -> Planned:
+    def _plan_images(self, request: ExplainRequest) -> Planned:
         from pipeline.atman.multimodal import load_images, model_inputs, prepare_with_images
         from pipeline.atman.vision import lift
 
@@ -243,31 +260,31 @@ class Explainer:
                 "with its processor (load_model does this; or Explainer(model, AutoProcessor.from_pretrained(name)))"
             )
         _check_image_config(cfg)
-        grid = _image_grid(image_grid if image_grid is not None else cfg.image_grid)
-        pil = load_images(images)
-        request = prepare_with_images(self.processor, self.model, prompt, pil, chat)
+        grid = _image_grid(request.image_grid if request.image_grid is not None else cfg.image_grid)
+        pil = load_images(request.images)
+        prompt = request.prompt
+        shown = prepare_with_images(self.processor, self.model, prompt, pil, request.chat)
         device, dtype = self.device, self._embeddings.dtype
         extras = None
-        if target is None:  # what the model says about the images: generated with them, then explained
-            extras = model_inputs(request, torch.zeros(0, dtype=torch.long), device, dtype)
+        if request.target is None:  # what the model says about the images: generated with them, then explained
+            extras = model_inputs(shown, torch.zeros(0, dtype=torch.long), device, dtype)
             extras.pop("input_ids")
-        target_ids = self._target_ids(request.prepared.prompt_ids, target, generate, extras)
-        patches = token_patches(self.model, self.processor.image_processor, request.sizes, request.geometry)
-        units = build_units(
-            prompt, request.prepared.token_spans, normalize_spans(prompt, explain_span), cfg.granularity, cfg.delimiter
-        )
-        lifted = lift(self.model, model_inputs(request, target_ids, device, dtype), len(target_ids))
-        ids = torch.cat([request.prepared.prompt_ids, target_ids])
+        target_ids = self._target_ids(shown.prepared.prompt_ids, request.target, request.generate, extras)
+        patches = token_patches(self.model, self.processor.image_processor, shown.sizes, shown.geometry)
+        spans = normalize_spans(prompt, request.explain_span)
+        units = build_units(prompt, shown.prepared.token_spans, spans, cfg.granularity, cfg.delimiter)
+        lifted = lift(self.model, model_inputs(shown, target_ids, device, dtype), len(target_ids))
+        ids = torch.cat([shown.prepared.prompt_ids, target_ids])
         sweep_input = SweepInput(
             ids, len(target_ids), torch.ones(0), lifted.embeds, lifted.positions, lifted.blocks, lifted.base_ce
         )
         planned = Planned(
-            request.prepared,
+            shown.prepared,
             target_ids,
             units,
             sweep_input,
-            image_units=image_units(patches, request.image_positions, grid, request.sizes),
-            image_sizes=request.sizes,
+            image_units=image_units(patches, shown.image_positions, grid, shown.sizes),
+            image_sizes=shown.sizes,
         )
         return self.passes(planned)
 

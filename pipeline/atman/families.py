@@ -28,7 +28,8 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.atman.attention import UnsupportedModelError, active
+from pipeline.atman.context import active
+from pipeline.atman.errors import UnsupportedModelError
 
 
 class _Missing(Exception):

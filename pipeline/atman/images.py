@@ -24,13 +24,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-
-def _refuse(message: str) -> Exception:
-    """``UnsupportedModelError`` (imported here: this module stays light, ``Explanation`` imports it)."""
-    from pipeline.atman.attention import UnsupportedModelError
-
-    return UnsupportedModelError(message)
-
+from pipeline.atman.errors import UnsupportedModelError  # torch-free: this module stays light
 
 FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "gemma3", "idefics3", "smolvlm")
 
@@ -123,7 +117,7 @@ def token_patches(
         return [_qwen(i, size, grid, merge) for i, (size, grid) in enumerate(zip(sizes, grids, strict=True))]
     if kind == "gemma3":
         if getattr(image_processor, "do_pan_and_scan", False):
-            raise _refuse("image: Gemma 3's pan-and-scan crops are not mapped to boxes yet; disable it")
+            raise UnsupportedModelError("image: Gemma 3's pan-and-scan crops are not mapped to boxes yet; disable it")
         side = math.isqrt(int(model.config.mm_tokens_per_image))
         return [_grid(i, w, h, side, side) for i, (w, h) in enumerate(sizes)]
     if kind in ("idefics3", "smolvlm"):
@@ -137,7 +131,7 @@ def token_patches(
 
 
 def _unsupported(model) -> Exception:
-    return _refuse(
+    return UnsupportedModelError(
         f"model: {type(model).__name__} ({model.config.model_type}): its image tokens are not mapped to boxes; "
         f"supported: {', '.join(FAMILIES)}"
     )
@@ -180,7 +174,7 @@ def _shortest_edge(ip, width: int, height: int) -> tuple[int, int]:
 def _llava(image: int, size: tuple[int, int], model, ip) -> list[ImagePatch]:
     width, height = size
     if model.config.vision_feature_select_strategy != "default":
-        raise _refuse("image: LLaVA's 'full' feature strategy adds a class token without a box")
+        raise UnsupportedModelError("image: LLaVA's 'full' feature strategy adds a class token without a box")
     new_w, new_h = float(width), float(height)
     if ip.do_resize:
         new_w, new_h = _shortest_edge(ip, width, height)
@@ -198,7 +192,7 @@ def _llava(image: int, size: tuple[int, int], model, ip) -> list[ImagePatch]:
 def _qwen(image: int, size: tuple[int, int], grid: list[int], merge: int) -> list[ImagePatch]:
     t, gh, gw = grid
     if t != 1:
-        raise _refuse("image: a video's frames are not mapped to boxes")
+        raise UnsupportedModelError("image: a video's frames are not mapped to boxes")
     width, height = size
     return _grid(image, width, height, gh // merge, gw // merge)
 

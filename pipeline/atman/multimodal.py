@@ -122,32 +122,59 @@ def prepare_with_images(processor, model, prompt: str, images: list, chat: bool 
     kind = model.config.model_type
     tiles = kind in ("idefics3", "smolvlm")  # one list of images per text; a tile layout the geometry reads
     chat, reason = chat_decision(processor, prompt, chat)
-    if chat:
-        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
-        try:
-            text = processor.apply_chat_template(
-                [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
-            )
-        except Exception as err:  # a text-only template (e.g. the tokenizer's) fails on image content
-            raise ValueError(
-                f"chat: the processor's chat template cannot lay out images ({type(err).__name__}: {err}); "
-                "use chat=False (--no-chat)"
-            ) from err
-    else:
-        placeholder = _PLACEHOLDERS.get(kind) or getattr(processor, "boi_token", None) or processor.image_token
-        text = placeholder * len(images) + "\n" + prompt
+    text = _with_images(processor, kind, prompt, len(images), chat)
     offset = text.rfind(prompt)
     if offset < 0:
         raise ValueError("chat: the chat template rewrites the prompt text, so units cannot be located; use chat=False")
-    for i, image in enumerate(images):  # bounded before the processor allocates anything
+    _check_sizes(model, processor, images)
+    enc = processor(text=[text], images=[images] if tiles else images, return_tensors="pt")
+    ids = enc["input_ids"][0]
+    spans = _prompt_spans(processor, text, ids, prompt, offset)
+    positions = (ids == image_token_id(model)).nonzero()[:, 0].tolist()
+    extras = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
+    sizes = [image.size for image in images]
+    geometry = dict(extras)
+    if tiles:  # the tile layout the processor used (not one of its outputs)
+        layout = processor.image_processor(images=[images], return_row_col_info=True)
+        geometry.update(rows=layout["rows"], cols=layout["cols"])
+    prepared = PreparedPrompt(prompt, chat, ids.clone(), spans, reason)
+    return ImageRequest(prepared, extras, sizes, positions, geometry)
+
+
+def _with_images(processor, kind: str, prompt: str, n_images: int, chat: bool) -> str:
+    """The text the processor expands: the processor's chat template over one user turn of the images then the
+    prompt, or without chat the family's image placeholders, a newline and the prompt."""
+    if not chat:
+        placeholder = _PLACEHOLDERS.get(kind) or getattr(processor, "boi_token", None) or processor.image_token
+        return placeholder * n_images + "\n" + prompt
+    content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": prompt}]
+    try:
+        return processor.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+        )
+    except Exception as err:  # a text-only template (e.g. the tokenizer's) fails on image content
+        raise ValueError(
+            f"chat: the processor's chat template cannot lay out images ({type(err).__name__}: {err}); "
+            "use chat=False (--no-chat)"
+        ) from err
+
+
+def _check_sizes(model, processor, images: list) -> None:
+    """Each image bounded before the processor allocates anything: a ValueError naming ``images[i]``, except the
+    refusal of a model whose geometry is not known (the model's fault, not the image's)."""
+    for i, image in enumerate(images):
         try:
             check_processed_size(model, processor.image_processor, image.size)
         except UnsupportedModelError:  # the model, not this image
             raise
         except ValueError as err:
             raise ValueError(f"images[{i}]: {err}") from None
-    enc = processor(text=[text], images=[images] if tiles else images, return_tensors="pt")
-    ids = enc["input_ids"][0]
+
+
+def _prompt_spans(processor, text: str, ids: torch.Tensor, prompt: str, offset: int) -> list[Span | None]:
+    """Each token of ``ids`` (the processor's, images expanded) -> its character span in ``prompt`` (found at
+    ``offset`` of ``text``), or None. Read from the tokenizer's offsets of ``text``, whose tokens after the images
+    are the processor's last ones; a prompt token outside that shared tail is a ValueError naming ``images``."""
     tok = processor.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     plain = tok["input_ids"]
     shared = 0
@@ -165,15 +192,7 @@ def prepare_with_images(processor, model, prompt: str, images: list, chat: bool 
                 "the prompt's units cannot be located"
             )
         spans[t + shift] = (a, b)
-    positions = (ids == image_token_id(model)).nonzero()[:, 0].tolist()
-    extras = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
-    sizes = [image.size for image in images]
-    geometry = dict(extras)
-    if tiles:  # the tile layout the processor used (not one of its outputs)
-        layout = processor.image_processor(images=[images], return_row_col_info=True)
-        geometry.update(rows=layout["rows"], cols=layout["cols"])
-    prepared = PreparedPrompt(prompt, chat, ids.clone(), spans, reason)
-    return ImageRequest(prepared, extras, sizes, positions, geometry)
+    return spans
 
 
 def model_inputs(request: ImageRequest, target_ids: torch.Tensor, device, dtype: torch.dtype) -> dict:

@@ -23,6 +23,7 @@ import functools
 import inspect
 from collections import Counter
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -91,6 +92,67 @@ KERNELS = ("sdpa", "flex")
 """``attention_kernel``: PyTorch's scaled_dot_product_attention (dense masks), or FlexAttention (``flex.py``)."""
 
 
+def _batch_kind(seqs: list[SweepInput]) -> tuple[bool, int | None]:
+    """(whether the batch is given as embeddings, its number of position-id rows: None for 1-D positions); a batch
+    that mixes either is a ValueError naming ``inputs``."""
+    with_embeds = {seq.embeds is not None for seq in seqs}
+    if len(with_embeds) > 1:
+        raise ValueError("inputs: a batch mixes requests given as embeddings with requests given as token ids")
+    rope_rows = {seq.positions.shape[0] for seq in seqs if seq.positions is not None and seq.positions.dim() == 2}
+    if len(rope_rows) > 1:
+        raise ValueError("inputs: requests with different numbers of position-id rows in one batch")
+    return True in with_embeds, (rope_rows.pop() if rope_rows else None)
+
+
+class _Batch(NamedTuple):
+    """A batch's padded tensors, on the CPU: [B, L] per query position, [B, prefix + L] per key position (the
+    shared prefix, then the queries); -1 marks padding, a prefix position a row does not see, and no image block."""
+
+    input_ids: torch.Tensor
+    embeds: torch.Tensor | None
+    rope: torch.Tensor
+    """Position ids: [B, L], or M-RoPE's [k, B, L]."""
+    q_pos: torch.Tensor
+    q_blk: torch.Tensor
+    k_pos: torch.Tensor
+    k_blk: torch.Tensor
+    k_mult: torch.Tensor
+
+
+def _lay_out(rows: list[_Row], seqs: list[SweepInput], lengths: list[int], offsets: list[int], prefix: int) -> _Batch:
+    """The batch of ``rows`` (``seqs``: each row's request): each row's queries at its offset, its unit's
+    multipliers on its keys."""
+    with_embeds, k_rope = _batch_kind(seqs)
+    b, length = len(rows), max(lengths)
+    input_ids = torch.zeros(b, length, dtype=torch.long)
+    q_pos = torch.full((b, length), -1, dtype=torch.long)
+    q_blk = torch.full((b, length), -1, dtype=torch.long)
+    k_blk = torch.full((b, prefix), -1, dtype=torch.long)
+    rope = torch.zeros((k_rope, b, length) if k_rope else (b, length), dtype=torch.long)
+    embeds = seqs[0].embeds.new_zeros(b, length, seqs[0].embeds.shape[-1]) if with_embeds else None
+    k_mult = torch.ones(b, prefix + length, dtype=torch.float32)
+    for i, (row, seq, n, off) in enumerate(zip(rows, seqs, lengths, offsets, strict=True)):
+        sl = slice(row.start, row.start + n)
+        input_ids[i, off : off + n] = seq.input_ids[sl]
+        q_pos[i, off : off + n] = torch.arange(row.start, row.start + n)
+        positions = seq.positions if seq.positions is not None else torch.arange(len(seq.input_ids))
+        rope[..., i, off : off + n] = positions[..., sl]
+        if embeds is not None:
+            embeds[i, off : off + n] = seq.embeds[sl]
+        if seq.blocks is not None:
+            q_blk[i, off : off + n] = seq.blocks[sl]
+            k_blk[i, : row.start] = seq.blocks[: row.start]
+        if row.unit is not None:
+            mult = seq.multipliers[row.unit]
+            k_mult[i, : row.start] = mult[: row.start]
+            k_mult[i, prefix + off : prefix + off + n] = mult[sl]
+    prefix_pos = torch.arange(prefix).expand(b, -1)
+    starts = torch.tensor([r.start for r in rows])[:, None]
+    k_pos = torch.cat([prefix_pos.masked_fill(prefix_pos >= starts, -1), q_pos], dim=1)
+    k_blk = torch.cat([k_blk, q_blk], dim=1).masked_fill(k_pos < 0, -1)
+    return _Batch(input_ids, embeds, rope, q_pos, q_blk, k_pos, k_blk, k_mult)
+
+
 class SweepAttention:
     """Attention context of one forward pass over a batch of rows (see module docstring)."""
 
@@ -112,57 +174,20 @@ class SweepAttention:
         self.record = all(r.unit is None for r in rows)
         # the last target token is never an input that matters: no later position reads it
         lengths = [len(inputs[r.seq].input_ids) - 1 - r.start for r in rows]
-        b, length = len(rows), max(lengths)
+        length = max(lengths)
         self.prefix = max(r.start for r in rows)
         self.lengths = lengths
         self.offsets = [length - n if padding_side == "left" else 0 for n in lengths]
 
-        seqs = [inputs[r.seq] for r in rows]
-        with_embeds = {seq.embeds is not None for seq in seqs}
-        if len(with_embeds) > 1:
-            raise ValueError("inputs: a batch mixes requests given as embeddings with requests given as token ids")
-        rope_rows = {seq.positions.shape[0] for seq in seqs if seq.positions is not None and seq.positions.dim() == 2}
-        if len(rope_rows) > 1:
-            raise ValueError("inputs: requests with different numbers of position-id rows in one batch")
-        k_rope = rope_rows.pop() if rope_rows else None
-
-        input_ids = torch.zeros(b, length, dtype=torch.long)
-        q_pos = torch.full((b, length), -1, dtype=torch.long)
-        q_blk = torch.full((b, length), -1, dtype=torch.long)
-        k_blk = torch.full((b, self.prefix), -1, dtype=torch.long)
-        rope = torch.zeros((k_rope, b, length) if k_rope else (b, length), dtype=torch.long)
-        embeds = None
-        if True in with_embeds:
-            embeds = seqs[0].embeds.new_zeros(b, length, seqs[0].embeds.shape[-1])
-        k_mult = torch.ones(b, self.prefix + length, dtype=torch.float32)
-        for i, (row, seq, n, off) in enumerate(zip(rows, seqs, lengths, self.offsets, strict=True)):
-            sl = slice(row.start, row.start + n)
-            input_ids[i, off : off + n] = seq.input_ids[sl]
-            q_pos[i, off : off + n] = torch.arange(row.start, row.start + n)
-            positions = seq.positions if seq.positions is not None else torch.arange(len(seq.input_ids))
-            rope[..., i, off : off + n] = positions[..., sl]
-            if embeds is not None:
-                embeds[i, off : off + n] = seq.embeds[sl]
-            if seq.blocks is not None:
-                q_blk[i, off : off + n] = seq.blocks[sl]
-                k_blk[i, : row.start] = seq.blocks[: row.start]
-            if row.unit is not None:
-                mult = seq.multipliers[row.unit]
-                k_mult[i, : row.start] = mult[: row.start]
-                k_mult[i, self.prefix + off : self.prefix + off + n] = mult[sl]
-        prefix_pos = torch.arange(self.prefix).expand(b, -1)
-        starts = torch.tensor([r.start for r in rows])[:, None]
-        k_pos = torch.cat([prefix_pos.masked_fill(prefix_pos >= starts, -1), q_pos], dim=1)
-        k_blk = torch.cat([k_blk, q_blk], dim=1).masked_fill(k_pos < 0, -1)
-
-        self.input_ids = input_ids.to(device)
-        self.inputs_embeds = embeds.to(device) if embeds is not None else None
-        self.position_ids = rope.to(device)
-        self.blocks = bool((q_blk >= 0).any())
-        self.q_blk, self.k_blk = q_blk.to(device), k_blk.to(device)
-        self.q_pos, self.k_pos = q_pos.to(device), k_pos.to(device)
-        self.k_mult = k_mult.to(device)
-        self.suppressing = bool((k_mult != 1).any())
+        batch = _lay_out(rows, [inputs[r.seq] for r in rows], lengths, self.offsets, self.prefix)
+        self.input_ids = batch.input_ids.to(device)
+        self.inputs_embeds = batch.embeds.to(device) if batch.embeds is not None else None
+        self.position_ids = batch.rope.to(device)
+        self.blocks = bool((batch.q_blk >= 0).any())
+        self.q_blk, self.k_blk = batch.q_blk.to(device), batch.k_blk.to(device)
+        self.q_pos, self.k_pos = batch.q_pos.to(device), batch.k_pos.to(device)
+        self.k_mult = batch.k_mult.to(device)
+        self.suppressing = bool((batch.k_mult != 1).any())
         self._visible: dict[int | None, torch.Tensor] = {}
         self._bias: dict[int | None, torch.Tensor] = {}
         self._device, self._devices = self.k_mult.device, {}

@@ -1,9 +1,12 @@
-"""The attribution methods users pick instead of AtMan, each through its own well-kept library, on AtMan's units.
+"""The attribution methods the evaluation compares with AtMan, on AtMan's units: the peers users pick instead of
+AtMan, each through its own well-kept library (one module per method, each exposing ``unit_scores``), and the
+gradient and rollout baselines (``baselines.py``).
 
-One module per method; each exposes ``unit_scores(lm, planned) -> np.ndarray``: one relevance per unit of
-``planned.units`` (a ``pipeline.atman.explainer.Planned``: the evaluation's tokens, prompt and target, and units),
-higher = more relevant to the target. The evaluation (``pipeline/evaluate.py``) scores every method on the same
-planned request, so every method sees identical tokens and units. Imported lazily: the libraries are heavy.
+Every method is a function ``(lm, planned) -> np.ndarray``: one relevance per unit of ``planned.units`` (a
+``pipeline.atman.explainer.Planned``: the evaluation's tokens, prompt and target, and units), higher = more relevant
+to the target. The evaluation (``pipeline/evaluate.py``) scores every method on the same planned request, so every
+method sees identical tokens and units; AtMan itself and ``random`` (the evaluation's own generator, no model) are
+the evaluation's. Imported lazily: the libraries are heavy.
 """
 
 from __future__ import annotations
@@ -12,17 +15,21 @@ import importlib
 
 import numpy as np
 
-PEERS = {
-    "attnlrp": "pipeline.peers.attnlrp",  # AttnLRP (Achtibat et al., ICML 2024), PyPI lxt
-    "occlusion": "pipeline.peers.occlusion",  # Captum FeatureAblation: one forward pass per unit
-    "contextcite": "pipeline.peers.contextcite",  # ContextCite (Cohen-Wang et al., 2024), PyPI context-cite
+METHODS = {
+    "attnlrp": "pipeline.peers.attnlrp:unit_scores",  # AttnLRP (Achtibat et al., ICML 2024), PyPI lxt
+    "occlusion": "pipeline.peers.occlusion:unit_scores",  # Captum FeatureAblation: one forward pass per unit
+    "contextcite": "pipeline.peers.contextcite:unit_scores",  # ContextCite (Cohen-Wang et al., 2024), context-cite
+    "ixg": "pipeline.peers.baselines:input_x_gradient",
+    "ig": "pipeline.peers.baselines:integrated_gradients",
+    "rollout": "pipeline.peers.baselines:rollout",
 }
+"""Method name (``pipeline.eval_methods``) -> ``module:function`` scoring it."""
 
 
 def peer_scores(name: str, lm, planned) -> np.ndarray:
-    """``name``'s relevance of each planned unit (float64, one per unit)."""
-    module = importlib.import_module(PEERS[name])
-    scores = np.asarray(module.unit_scores(lm, planned), dtype=np.float64)
+    """``name``'s relevance of each planned unit (float64, one per unit); KeyError for a name not registered."""
+    module, function = METHODS[name].split(":")
+    scores = np.asarray(getattr(importlib.import_module(module), function)(lm, planned), dtype=np.float64)
     if scores.shape != (len(planned.units),):
         raise ValueError(f"{name}: {scores.shape} scores for {len(planned.units)} units")
     return scores

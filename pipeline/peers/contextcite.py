@@ -51,9 +51,13 @@ def _import_context_cite():
 
 @functools.cache
 def _citer_class():
+    """(UnitPartitioner, PlannedCiter): the library's classes, subclassed once it is imported (it is heavy)."""
     ContextCiter, BaseContextPartitioner = _import_context_cite()  # noqa: N806 (classes)
+    return _unit_partitioner(BaseContextPartitioner), _planned_citer(ContextCiter)
 
-    class UnitPartitioner(BaseContextPartitioner):
+
+def _unit_partitioner(base: type) -> type:
+    class UnitPartitioner(base):
         """ContextCite sources = the given units (``(start, end)`` character spans of ``context``, in order)."""
 
         def __init__(self, context: str, spans: list[tuple[int, int]]) -> None:
@@ -74,21 +78,29 @@ def _citer_class():
             return self.context[a:b]
 
         def get_context(self, mask=None) -> str:
-            """The context with the masked-out sources removed. Text that is not a source's stays, except the
-            whitespace gap before a dropped source, and before a kept one that would start the text or follow
-            other whitespace (so dropping "B." from "A. B. C." gives "A. C.", as the library's partitioner does)."""
             keep = np.ones(self.num_sources, dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
-            out, pos, prev_kept = "", 0, True
-            for k, (a, b) in zip(keep, self.spans, strict=True):
-                gap = self.context[pos:a]
-                if pos == 0 or gap.strip() or (k and (prev_kept or (out and not out[-1].isspace()))):
-                    out += gap
-                if k:
-                    out += self.context[a:b]
-                pos, prev_kept = b, bool(k)
-            return out + self.context[pos:]
+            return _ablated(self.context, self.spans, keep)
 
-    class PlannedCiter(ContextCiter):
+    return UnitPartitioner
+
+
+def _ablated(context: str, spans: list[tuple[int, int]], keep: np.ndarray) -> str:
+    """``context`` with the sources ``keep`` drops removed. Text that is not a source's stays, except the whitespace
+    gap before a dropped source, and before a kept one that would start the text or follow other whitespace (so
+    dropping "B." from "A. B. C." gives "A. C.", as the library's partitioner does)."""
+    out, pos, prev_kept = "", 0, True
+    for k, (a, b) in zip(keep, spans, strict=True):
+        gap = context[pos:a]
+        if pos == 0 or gap.strip() or (k and (prev_kept or (out and not out[-1].isspace()))):
+            out += gap
+        if k:
+            out += context[a:b]
+        pos, prev_kept = b, bool(k)
+    return out + context[pos:]
+
+
+def _planned_citer(base: type) -> type:
+    class PlannedCiter(base):
         """ContextCiter with the planned request's prompt format and its fixed target as the response."""
 
         def __init__(self, model, tokenizer, partitioner, chat: bool, response_ids: list[int], **kwargs) -> None:
@@ -121,7 +133,7 @@ def _citer_class():
         def _response_ids(self) -> list[int]:
             return self.fixed_response_ids
 
-    return UnitPartitioner, PlannedCiter
+    return PlannedCiter
 
 
 def build_citer(lm, planned, **kwargs):

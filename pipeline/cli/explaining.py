@@ -1,0 +1,196 @@
+"""``atman explain``: one prediction explained in the terminal (or as JSON), the library's Explainer behind it.
+
+The method options are AtManConfig's fields (common.method_option), the inputs one ExplainRequest: what the
+command reads from its options is what the Python API and a job's worker take.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import replace
+from typing import Annotated, Literal
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+
+from pipeline.atman.config import Aggregate, AtManConfig, Granularity, Kernel, Postprocess
+from pipeline.atman.request import ExplainRequest
+from pipeline.cli.common import (
+    ENGINE,
+    ModelName,
+    SuppressionMode,
+    SweepPrecision,
+    WeightsDType,
+    err,
+    fail,
+    kappa_text,
+    method_option,
+    quiet_libraries,
+    reported,
+    threshold,
+)
+from pipeline.messages import first_line
+from pipeline.models import DEFAULT_MODEL
+
+Prompt = Annotated[str, typer.Option(help="The prompt text.")]
+Target = Annotated[str | None, typer.Option(help="Target text to explain (default: generate one).")]
+Generate = Annotated[int | None, typer.Option(help="Generate N tokens greedily and explain them.")]
+UnitGranularity = Annotated[Granularity, method_option("granularity")]
+Delimiter = Annotated[str | None, method_option("delimiter")]
+Factor = Annotated[float, method_option("factor")]
+Kappa = Annotated[str, method_option("conceptual_threshold", "a number in [0, 1] or 'none'")]
+KAPPA = kappa_text(ENGINE.conceptual_threshold)
+Aggregation = Annotated[Aggregate, method_option("aggregate")]
+Postprocessing = Annotated[Postprocess, method_option("postprocess")]
+Normalize = Annotated[bool, method_option("normalize", flag="--normalize/--no-normalize")]
+Preset = Annotated[
+    Literal["none", "paper"],
+    typer.Option(
+        help="'paper': the AtMan authors' research code (AtManConfig.paper(): mode, factor, conceptual "
+        "suppression, target units, aggregation); --granularity still applies. 'none': the options above."
+    ),
+]
+ExplainSpan = Annotated[str | None, typer.Option(help="Only explain prompt characters START:END.")]
+Chat = Annotated[
+    bool | None,
+    typer.Option(
+        "--chat/--no-chat",
+        help="Wrap in the chat template / raw text (default: the template when the prompt ends in '?').",
+    ),
+]
+AttentionKernel = Annotated[Kernel, method_option("attention_kernel")]
+Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, ...")]
+AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+Images = Annotated[
+    list[str] | None,
+    typer.Option(help="An image shown before the prompt (vision-language models; repeat for several)."),
+]
+ImageGrid = Annotated[str | None, typer.Option(help="Group image tokens into ROWSxCOLS cells per image (e.g. 8x8).")]
+Overlay = Annotated[
+    str | None,
+    typer.Option(help="PNG to write the image heatmap to (default with --image: atman-overlay.png)."),
+]
+
+
+def explain(
+    prompt: Prompt,
+    target: Target = None,
+    generate: Generate = None,
+    model: ModelName = DEFAULT_MODEL,
+    granularity: UnitGranularity = ENGINE.granularity,
+    delimiter: Delimiter = ENGINE.delimiter,
+    mode: SuppressionMode = ENGINE.mode,
+    factor: Factor = ENGINE.factor,
+    conceptual_threshold: Kappa = KAPPA,
+    aggregate: Aggregation = ENGINE.aggregate,
+    postprocess: Postprocessing = ENGINE.postprocess,
+    normalize: Normalize = ENGINE.normalize,
+    preset: Preset = "none",
+    explain_span: ExplainSpan = None,
+    chat: Chat = None,
+    dtype: WeightsDType = "auto",
+    precision: SweepPrecision = ENGINE.precision,
+    attention_kernel: AttentionKernel = ENGINE.attention_kernel,
+    device: Device = "auto",
+    as_json: AsJson = False,
+    image: Images = None,
+    image_grid: ImageGrid = None,
+    overlay: Overlay = None,
+) -> None:
+    """Explain one prediction: score every unit of the prompt by how much suppressing it hurts the target."""
+    quiet_libraries()
+    config = _config(
+        preset, granularity=granularity, delimiter=delimiter, precision=precision, attention_kernel=attention_kernel,
+        mode=mode, factor=factor, conceptual_threshold=conceptual_threshold, aggregate=aggregate,
+        postprocess=postprocess, normalize=normalize,
+    )  # fmt: skip
+    if (image_grid is not None or overlay is not None) and not image:
+        fail(f"{'--image-grid' if image_grid is not None else '--overlay'}: needs --image")
+    request = ExplainRequest(prompt, target, generate=generate, chat=chat, image_grid=image_grid)
+    explanation, pictures = _explained(model, dtype, device, config, request, explain_span, image)
+    _print(explanation, as_json)
+    if image:
+        from pipeline.overlay import write_overlay
+
+        path = write_overlay(explanation, pictures, overlay or "atman-overlay.png")
+        (err if as_json else Console()).print(f"wrote {path}", highlight=False, soft_wrap=True)
+
+
+def _config(preset: str, *, granularity, delimiter, precision, attention_kernel, conceptual_threshold, **method):
+    """The method the options describe: the paper's preset (which keeps only the unit and compute options), or
+    AtManConfig of every method option; an invalid value exits 2 naming the field."""
+    with reported(ValidationError):
+        if preset == "paper":
+            return AtManConfig.paper(
+                granularity=granularity, delimiter=delimiter, precision=precision, attention_kernel=attention_kernel
+            )
+        return AtManConfig(
+            granularity=granularity,
+            delimiter=delimiter,
+            conceptual_threshold=threshold(conceptual_threshold),
+            precision=precision,
+            attention_kernel=attention_kernel,
+            **method,
+        )
+
+
+def _explained(model: str, dtype: str, device: str, config: AtManConfig, request: ExplainRequest, span, image):
+    """Load the model and explain ``request`` (with ``span`` and the ``image`` files) under ``config``; the
+    explanation and the images it was given. Bad input exits 2 naming it, a device out of memory 1 with what to
+    change."""
+    import torch
+
+    from pipeline import Explainer, UnsupportedModelError, load_model
+
+    say = {
+        UnsupportedModelError: lambda e: (
+            f"model: {model!r} cannot be explained exactly: {str(e).removeprefix('model: ')}"
+        ),
+        torch.OutOfMemoryError: lambda e: (
+            f"device: out of memory while explaining ({first_line(e)}); lower "
+            "AtManConfig's batch_size / max_batch_tokens from Python, pick --dtype bfloat16, a smaller --model, or "
+            "--device cpu"
+        ),
+    }
+    with reported(ValueError, FileNotFoundError, torch.OutOfMemoryError, say=say):
+        lm = load_model(model, dtype=dtype, device=device)
+        if image and lm.processor is None:
+            from pipeline.atman.images import FAMILIES
+
+            fail(
+                f"--image: {model!r} is a text-only model (it has no image processor); images need a "
+                f"vision-language model of a supported family ({', '.join(FAMILIES)}) given to --model"
+            )
+        explainer = Explainer(lm, config)
+        pictures = None
+        if image:
+            from pipeline.atman.multimodal import load_images
+
+            pictures = load_images(image)
+        request = replace(request, explain_span=_span(span), images=pictures)
+        return explainer.explain(request), pictures
+
+
+def _span(value: str | None) -> tuple[int, int] | None:
+    if value is None:
+        return None
+    try:
+        start, end = (int(x) for x in value.split(":"))
+    except ValueError:
+        fail(f"explain-span: {value!r} is not START:END character offsets, e.g. 0:42")
+    return start, end
+
+
+def _print(explanation, as_json: bool) -> None:
+    """The explanation on stdout: a table, or pure JSON (whose "chat" object says what the note on stderr says)."""
+    from pipeline.render import chat_note, render_explanation
+
+    if as_json:
+        sys.stdout.write(json.dumps(explanation.to_dict(), ensure_ascii=False) + "\n")
+        note = chat_note(explanation, raw_text_hint="--no-chat")
+        if note:
+            err.print(note, highlight=False, markup=False, soft_wrap=True)
+    else:
+        render_explanation(explanation, Console(), raw_text_hint="--no-chat")
