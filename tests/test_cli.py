@@ -85,6 +85,17 @@ def test_bad_input_exits_2_naming_the_field(args, field):
     assert field in " ".join(out.stderr.split()) and "Traceback" not in out.stderr, out.stderr
 
 
+@pytest.mark.parametrize(
+    "args, field",
+    [(["--prompt", " ", "--target", " x"], "prompt:"), (["--prompt", "abc", "--target", ""], "target:"),
+     (["--prompt", "abc", "--target", " x", "--explain-span", "2:9"], "explain_span:")],
+)  # fmt: skip
+def test_a_bad_request_is_refused_before_any_model_loads(tmp_path, args, field):
+    """The request is checked first: with a model that cannot load, the request's field is what is named."""
+    out = run("explain", *args, "--model", str(tmp_path / "no-such-model"))
+    assert out.returncode == 2 and field in out.stderr and "no-such-model" not in out.stderr, out.stderr
+
+
 def test_run_precision_sets_the_specs_method_precision():
     bad = run("run", "jobs/examples/demo.yaml", "--precision", "fp8")
     assert bad.returncode == 2 and "'--precision'" in bad.stderr, bad.stderr

@@ -21,14 +21,13 @@ from pipeline.atman.prompts import (
     context_length,
     generate_target,
     generation_kwargs,
-    normalize_spans,
     prepare_prompt,
     tokenize_target,
 )
 from pipeline.atman.reference import reference_sweep
 from pipeline.atman.request import ExplainRequest
 from pipeline.atman.sweep import SweepInput, SweepOutput, sweep
-from pipeline.atman.units import Span, Unit, UnitSpan, build_units
+from pipeline.atman.units import Span, Unit, UnitSpan, build_units, normalize_spans
 
 if TYPE_CHECKING:
     from transformers import GenerationConfig

@@ -26,6 +26,7 @@ import torch
 from pipeline.atman.attention import UnsupportedModelError
 from pipeline.atman.images import check_processed_size
 from pipeline.atman.prompts import PreparedPrompt, chat_decision
+from pipeline.atman.request import check_prompt
 from pipeline.atman.units import Span
 
 MAX_PIXELS = 50_000_000  # a decompression bomb, not a photograph
@@ -117,8 +118,7 @@ def image_token_id(model) -> int:
 
 def prepare_with_images(processor, model, prompt: str, images: list, chat: bool | None) -> ImageRequest:
     """Lay out ``images`` and ``prompt`` through ``processor`` (see the module docstring)."""
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise ValueError("prompt: must be a non-empty string")
+    check_prompt(prompt)
     kind = model.config.model_type
     tiles = kind in ("idefics3", "smolvlm")  # one list of images per text; a tile layout the geometry reads
     chat, reason = chat_decision(processor, prompt, chat)

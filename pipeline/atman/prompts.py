@@ -20,6 +20,7 @@ import torch
 
 from pipeline.atman.devices import input_device
 from pipeline.atman.explanation import CHAT_AUTO_APPLIED
+from pipeline.atman.request import check_prompt, check_target
 from pipeline.atman.units import Span
 
 
@@ -42,48 +43,6 @@ def context_length(model: torch.nn.Module, tokenizer) -> int | None:
         n = getattr(tokenizer, "model_max_length", None)
         n = n if n is not None and n < 10**8 else None  # the tokenizer's "unlimited" sentinel
     return n
-
-
-def _is_pair(span: Any) -> bool:
-    return (
-        isinstance(span, (tuple, list))
-        and len(span) == 2
-        and all(isinstance(x, Integral) and not isinstance(x, bool) for x in span)
-    )
-
-
-def normalize_spans(prompt: str, explain_span: Span | list[Span] | None) -> list[Span]:
-    """Validated, sorted list of [start, end) character ranges; default the whole prompt.
-
-    Accepts what JSON gives as well as what Python code writes: one pair as a tuple or a list (``[3, 9]``), or a
-    list (or tuple) of such pairs. Overlapping ranges are merged, so no token can fall into two units."""
-    if explain_span is None:
-        return [(0, len(prompt))]
-    if _is_pair(explain_span):
-        spans = [explain_span]
-    elif isinstance(explain_span, (tuple, list)):
-        spans = list(explain_span)
-    else:
-        raise ValueError(f"explain_span: {explain_span!r} is not a (start, end) pair or a list of them")
-    if not spans:
-        raise ValueError("explain_span: an empty list explains nothing; leave it out (None) to explain all the prompt")
-    out: list[Span] = []
-    for span in spans:
-        if not _is_pair(span):
-            raise ValueError(f"explain_span: {span!r} is not a (start, end) pair of character offsets")
-        start, end = int(span[0]), int(span[1])
-        if not 0 <= start < end <= len(prompt):
-            raise ValueError(
-                f"explain_span: ({start}, {end}) is outside the prompt; use 0 <= start < end <= {len(prompt)}"
-            )
-        out.append((start, end))
-    merged: list[Span] = []
-    for start, end in sorted(out):
-        if merged and start < merged[-1][1]:
-            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
-        else:
-            merged.append((start, end))
-    return merged
 
 
 def chat_decision(tokenizer, prompt: str, chat: bool | None) -> tuple[bool, str]:
@@ -109,8 +68,7 @@ def use_chat(tokenizer, prompt: str, chat: bool | None) -> bool:
 
 def prepare_prompt(tokenizer, prompt: str, chat: bool | None) -> PreparedPrompt:
     """Tokenize ``prompt`` (through the chat template when used), mapping each token to its span in ``prompt``."""
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise ValueError("prompt: must be a non-empty string")
+    check_prompt(prompt)
     chat, reason = chat_decision(tokenizer, prompt, chat)
     if chat:
         text = tokenizer.apply_chat_template(
@@ -149,8 +107,7 @@ def leading_special_ids(tokenizer) -> list[int]:
 
 
 def tokenize_target(tokenizer, target: str) -> torch.Tensor:
-    if not isinstance(target, str) or not target:
-        raise ValueError("target: must be a non-empty string (or leave it out to generate one)")
+    check_target(target)
     ids = tokenizer(target, add_special_tokens=False)["input_ids"]
     if not ids:
         raise ValueError(f"target: {target!r} encodes to no tokens")

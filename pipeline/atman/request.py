@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import KW_ONLY, dataclass
 from typing import TYPE_CHECKING, Any
 
-from pipeline.atman.units import Span
+from pipeline.atman.units import Span, normalize_spans
 
 if TYPE_CHECKING:
     from transformers import GenerationConfig
@@ -52,3 +52,22 @@ class ExplainRequest:
                 f"(dataclasses.replace(request, {given[0]}=...))"
             )
         return prompt
+
+    def check(self) -> None:
+        """The checks that need no model (the prompt, the target, the explain span), so that a bad request fails
+        before a model loads; ValueErrors naming the field, as ``Explainer.plan`` raises them (it checks the rest)."""
+        check_prompt(self.prompt)
+        if self.target is not None:
+            check_target(self.target)
+        if self.explain_span is not None:
+            normalize_spans(self.prompt, self.explain_span)
+
+
+def check_prompt(prompt: Any) -> None:
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError("prompt: must be a non-empty string")
+
+
+def check_target(target: Any) -> None:
+    if not isinstance(target, str) or not target:
+        raise ValueError("target: must be a non-empty string (or leave it out to generate one)")

@@ -11,7 +11,8 @@ import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
+from numbers import Integral
+from typing import Any, NamedTuple
 
 from pipeline.atman.config import Granularity
 
@@ -160,3 +161,45 @@ def build_units(
         else:
             groups.append((seg, positions))
     return [Unit(text[a:b], a, b - a, tuple(sorted(p))) for (a, b), p in groups]
+
+
+def _is_pair(span: Any) -> bool:
+    return (
+        isinstance(span, (tuple, list))
+        and len(span) == 2
+        and all(isinstance(x, Integral) and not isinstance(x, bool) for x in span)
+    )
+
+
+def normalize_spans(prompt: str, explain_span: Span | list[Span] | None) -> list[Span]:
+    """Validated, sorted list of [start, end) character ranges; default the whole prompt.
+
+    Accepts what JSON gives as well as what Python code writes: one pair as a tuple or a list (``[3, 9]``), or a
+    list (or tuple) of such pairs. Overlapping ranges are merged, so no token can fall into two units."""
+    if explain_span is None:
+        return [(0, len(prompt))]
+    if _is_pair(explain_span):
+        spans = [explain_span]
+    elif isinstance(explain_span, (tuple, list)):
+        spans = list(explain_span)
+    else:
+        raise ValueError(f"explain_span: {explain_span!r} is not a (start, end) pair or a list of them")
+    if not spans:
+        raise ValueError("explain_span: an empty list explains nothing; leave it out (None) to explain all the prompt")
+    out: list[Span] = []
+    for span in spans:
+        if not _is_pair(span):
+            raise ValueError(f"explain_span: {span!r} is not a (start, end) pair of character offsets")
+        start, end = int(span[0]), int(span[1])
+        if not 0 <= start < end <= len(prompt):
+            raise ValueError(
+                f"explain_span: ({start}, {end}) is outside the prompt; use 0 <= start < end <= {len(prompt)}"
+            )
+        out.append((start, end))
+    merged: list[Span] = []
+    for start, end in sorted(out):
+        if merged and start < merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged

@@ -108,8 +108,12 @@ def explain(
     )  # fmt: skip
     if (image_grid is not None or overlay is not None) and not image:
         fail(f"{'--image-grid' if image_grid is not None else '--overlay'}: needs --image")
-    request = ExplainRequest(prompt, target, generate=generate, chat=chat, image_grid=image_grid)
-    explanation, pictures = _explained(model, dtype, device, config, request, explain_span, image)
+    request = ExplainRequest(
+        prompt, target, generate=generate, chat=chat, image_grid=image_grid, explain_span=_span(explain_span)
+    )
+    with reported(ValueError):
+        request.check()  # before the model loads: a bad request exits 2 at once
+    explanation, pictures = _explained(model, dtype, device, config, request, image)
     _print(explanation, as_json)
     if image:
         from pipeline.overlay import write_overlay
@@ -136,8 +140,8 @@ def _config(preset: str, *, granularity, delimiter, precision, attention_kernel,
         )
 
 
-def _explained(model: str, dtype: str, device: str, config: AtManConfig, request: ExplainRequest, span, image):
-    """Load the model and explain ``request`` (with ``span`` and the ``image`` files) under ``config``; the
+def _explained(model: str, dtype: str, device: str, config: AtManConfig, request: ExplainRequest, image):
+    """Load the model and explain ``request`` (with the ``image`` files) under ``config``; the
     explanation and the images it was given. Bad input exits 2 naming it, a device out of memory 1 with what to
     change."""
     import torch
@@ -169,7 +173,7 @@ def _explained(model: str, dtype: str, device: str, config: AtManConfig, request
             from pipeline.atman.multimodal import load_images
 
             pictures = load_images(image)
-        request = replace(request, explain_span=_span(span), images=pictures)
+        request = replace(request, images=pictures)
         return explainer.explain(request), pictures
 
 
