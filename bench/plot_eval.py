@@ -25,23 +25,26 @@ def points(results: list[dict]) -> list[tuple[str, str, float, float]]:
 
 
 def markdown(results: list[dict]) -> str:
-    """One Markdown table per result: mAP, mAR, IQ means, both AOPCs, seconds per example, and AtMan - method."""
+    """One Markdown table per result: mAP, mAR, IQ means, both AOPCs, both LDSs (— for a result made before the
+    LDS), seconds per example, and AtMan - method."""
     blocks = []
     for r in results:
         head = f"**{r['model']}**, {r.get('granularity', '?')} units, n = {r['n']}"
         rows = [
             head,
             "",
-            "| method | mAP | mAR | mAP IQ | mAR IQ | AOPC (nats) | AOPC removal | s / example "
+            "| method | mAP | mAR | mAP IQ | mAR IQ | AOPC (nats) | AOPC removal | LDS | LDS removal | s / example "
             "| AtMan − method, mAP (95 % CI) |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         differences = {pair.split(" - ", 1)[1]: d for pair, d in r.get("differences", {}).items()}
         for method, m in r["methods"].items():
             d = differences.get(method)
             diff = f"{d['mAP']:+.1f} ({d['ci95'][0]:+.1f}, {d['ci95'][1]:+.1f})" if d else "reference"
             metrics = [f"{m[k]:.1f}" for k in ("mAP", "mAR", "mAP_IQ", "mAR_IQ")]
-            metrics += [f"{m[k]:.2f}" for k in ("aopc", "aopc_removal")] + [f"{m['seconds_per_example']:.2f}"]
+            metrics += [f"{m[k]:.2f}" for k in ("aopc", "aopc_removal")]
+            metrics += ["—" if m.get(k) is None else f"{m[k]:.3f}" for k in ("lds", "lds_removal")]
+            metrics += [f"{m['seconds_per_example']:.2f}"]
             rows.append(f"| {method} | " + " | ".join(metrics) + f" | {diff} |")
         blocks.append("\n".join(rows))
     return "\n\n".join(blocks) + "\n"

@@ -98,6 +98,9 @@ class BoxEval:
         """One example's numbers for one method: AP and AR (0-100) over the image units."""
         return plausibility(scores, truth) | {"seconds": seconds}
 
+    def complete(self, numbers: dict | None) -> bool:
+        return numbers is not None
+
     def scores(self, name: str, planned: Planned, rng: np.random.Generator) -> np.ndarray:
         if name.startswith("atman"):
             cfg = method_config(name, AtManConfig().granularity)
@@ -144,6 +147,8 @@ def evaluate_boxes(lm, examples: list[BoxExample], methods: list[str], image_gri
         "model": model,
         "image_grid": image_grid,
         "box_share": float(np.mean([r["box_share"] for r in per_example])),
-        "methods": {name: {k: v for k, v in m.items() if not k.startswith("aopc")} for name, m in summaries.items()},
+        "methods": {
+            name: {k: v for k, v in m.items() if not k.startswith(("aopc", "lds"))} for name, m in summaries.items()
+        },
         "examples": per_example,
     }

@@ -8,7 +8,11 @@ overlap a reference answer span. With relevance x over those units:
 reported as means and interquartile means (0-100), plus seconds per example. Faithfulness: AOPC of the deletion
 curve, the mean rise of the target CE (nats) when the top-k units (k = 1..5) are removed from attention together
 (``aopc``, through AtMan's suppression) and when their tokens are dropped from the input (``aopc_removal``, the
-neutral check: no method's own machinery).
+neutral check: no method's own machinery). And the linear datamodeling score (LDS, ContextCite's faithfulness
+metric, Cohen-Wang et al. 2024): over ``LDS_MASKS`` random ablations of the units (each unit kept with probability
+1/2, the same ablations for every method of an example), the Spearman correlation between the CE rise a method's
+scores predict (the sum of the ablated units' scores) and the CE rise measured, by removal (``lds_removal``:
+ContextCite's ablation, the units' tokens dropped) and by suppression (``lds``).
 
 Methods: ``atman`` (the library defaults), ``atman:<mode>`` and ``atman:<mode>+conceptual``, each optionally with
 ``+squares`` (per-target-token ΔCE squared, then summed: the paper's aggregation), ``atman:paper``
@@ -25,12 +29,13 @@ from __future__ import annotations
 import json
 import os
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from scipy.stats import trim_mean
+from scipy.stats import spearmanr, trim_mean
 
 from pipeline.atman.config import AtManConfig
 from pipeline.atman.explainer import Explainer, Planned
@@ -38,6 +43,9 @@ from pipeline.eval_methods import method_config
 from pipeline.peers import peer_scores
 
 DELETION_K = (1, 2, 3, 4, 5)
+LDS_MASKS = 32
+"""Random ablations per example for the LDS (ContextCite's evaluation: each unit kept with probability 1/2)."""
+LDS_KEEP = 0.5
 UNITS = AtManConfig().granularity  # the library's default units, as everywhere else
 
 
@@ -55,6 +63,8 @@ class MethodResult:
     ar: list[float] = field(default_factory=list)
     aopc: list[float] = field(default_factory=list)
     aopc_removal: list[float] = field(default_factory=list)
+    lds: list[float] = field(default_factory=list)
+    lds_removal: list[float] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
 
     def keep(self, numbers: dict) -> None:
@@ -62,6 +72,8 @@ class MethodResult:
         self.ap.append(numbers["AP"] / 100), self.ar.append(numbers["AR"] / 100)
         if "aopc" in numbers:
             self.aopc.append(numbers["aopc"]), self.aopc_removal.append(numbers["aopc_removal"])
+        if "lds" in numbers:
+            self.lds.append(numbers["lds"]), self.lds_removal.append(numbers["lds_removal"])
         self.seconds.append(numbers["seconds"])
 
     def summary(self) -> dict:
@@ -76,6 +88,8 @@ class MethodResult:
             "mAR_IQ": pct(self.ar, iq=True),
             "aopc": float(np.mean(self.aopc)) if self.aopc else None,
             "aopc_removal": float(np.mean(self.aopc_removal)) if self.aopc_removal else None,
+            "lds": float(np.mean(self.lds)) if self.lds else None,
+            "lds_removal": float(np.mean(self.lds_removal)) if self.lds_removal else None,
             "seconds_per_example": float(np.mean(self.seconds)) if self.seconds else None,
         }
 
@@ -130,6 +144,7 @@ class SquadEval:
         self.base = Explainer(lm, AtManConfig(granularity=granularity, precision=precision))
         self._explainers: dict[AtManConfig, Explainer] = {}
         self._removal_base: tuple[Planned | None, float] = (None, 0.0)
+        self._ablations: tuple[Planned | None, Ablations | None] = (None, None)
         self.chat = bool(getattr(lm.tokenizer, "chat_template", None))
 
     def prepare(self, ex: Example) -> tuple[Planned, np.ndarray]:
@@ -150,9 +165,20 @@ class SquadEval:
         return {"n_units": len(planned.units), "n_answer_units": int(truth.sum())}
 
     def measure(self, planned: Planned, truth: np.ndarray, scores: np.ndarray, seconds: float) -> dict:
-        """One example's numbers for one method: AP, AR (0-100), deletion AOPC by suppression and by removal."""
+        """One example's numbers for one method: AP, AR (0-100), deletion AOPC and LDS, by suppression and by
+        removal."""
         aopc, removal = self.deletion(planned, scores), self.removal(planned, scores)
-        return plausibility(scores, truth) | {"aopc": aopc, "aopc_removal": removal, "seconds": seconds}
+        return (
+            plausibility(scores, truth)
+            | {"aopc": aopc, "aopc_removal": removal}
+            | self.lds(planned, scores)
+            | {"seconds": seconds}
+        )
+
+    def complete(self, numbers: dict | None) -> bool:
+        """Whether a method's numbers from a records file have every metric ``measure`` gives now (a record made
+        before the LDS existed is computed again)."""
+        return numbers is not None and "lds_removal" in numbers
 
     def scores(self, name: str, planned: Planned, rng: np.random.Generator) -> np.ndarray:
         """``name``'s unit scores: AtMan's and ``random`` here, every other method from the one registry
@@ -190,20 +216,52 @@ class SquadEval:
         """AOPC with the top-k units' tokens dropped from the input (k = 1..5): the neutral deletion, which uses no
         method's own machinery (the suppression deletion above is AtMan's)."""
         order = np.argsort(-scores, kind="stable")
-        ids = planned.sweep_input.input_ids
-        n_target = planned.sweep_input.n_target
         ks = [k for k in DELETION_K if k <= len(order)]
         if not ks:
             return 0.0
-        if self._removal_base[0] is not planned:  # the same example's methods share the unperturbed CE
-            self._removal_base = (planned, self._plain_ce(ids, n_target))
-        base = self._removal_base[1]
-        rises = []
-        for k in ks:
-            drop = {p for unit in order[:k] for p in planned.units[unit].positions}
-            keep = torch.tensor([i for i in range(len(ids)) if i not in drop], dtype=torch.long)
-            rises.append(self._plain_ce(ids[keep], n_target) - base)
-        return float(np.mean(rises))
+        base = self._base_ce(planned)
+        return float(np.mean([self._removed_ce(planned, order[:k]) - base for k in ks]))
+
+    def lds(self, planned: Planned, scores: np.ndarray) -> dict:
+        """{"lds", "lds_removal"}: how well ``scores``, read as a linear model of the CE rise, rank the rises of the
+        example's random ablations (``ablations``: the same for every method)."""
+        if self._ablations[0] is not planned:
+            self._ablations = (planned, self.ablations(planned))
+        data = self._ablations[1]
+        predicted = (1.0 - data.masks) @ scores  # the ablated units' scores
+        return {"lds": spearman(predicted, data.suppressed), "lds_removal": spearman(predicted, data.removed)}
+
+    def ablations(self, planned: Planned) -> Ablations:
+        """``LDS_MASKS`` ablations of ``planned.units`` (each kept with probability ``LDS_KEEP``; drawn from the
+        evaluation's seed and the example's tokens, so a rerun draws them again) and the target's CE rise under
+        each: the ablated units suppressed together (factor 0, as the deletion AOPC), and their tokens dropped."""
+        ids = planned.sweep_input.input_ids
+        n = len(planned.units)
+        rng = np.random.default_rng([self.seed, zlib.crc32(ids.cpu().numpy().astype(np.int64).tobytes())])
+        masks = (rng.random((LDS_MASKS, n)) < LDS_KEEP).astype(np.float64)
+        dropped = [np.flatnonzero(m == 0) for m in masks]
+        suppressed = np.zeros(LDS_MASKS)
+        some = [i for i, d in enumerate(dropped) if d.size]
+        if some:
+            cfg = AtManConfig(mode="log_additive", factor=0.0, conceptual_threshold=None, granularity=self.granularity)
+            suppressed[some] = self.explainer(cfg).suppressed_rise(planned, [dropped[i] for i in some])
+        base = self._base_ce(planned)
+        removed = np.array([self._removed_ce(planned, d) - base if d.size else 0.0 for d in dropped])
+        return Ablations(masks, suppressed, removed)
+
+    def _base_ce(self, planned: Planned) -> float:
+        """The target's CE with nothing removed; the same example's methods share it."""
+        if self._removal_base[0] is not planned:
+            ids = planned.sweep_input.input_ids
+            self._removal_base = (planned, self._plain_ce(ids, planned.sweep_input.n_target))
+        return self._removal_base[1]
+
+    def _removed_ce(self, planned: Planned, units) -> float:
+        """The target's CE with the tokens of ``units`` (indices) dropped from the input."""
+        ids = planned.sweep_input.input_ids
+        drop = {p for unit in units for p in planned.units[unit].positions}
+        keep = torch.tensor([i for i in range(len(ids)) if i not in drop], dtype=torch.long)
+        return self._plain_ce(ids[keep], planned.sweep_input.n_target)
 
     def _plain_ce(self, ids: torch.Tensor, n_target: int) -> float:
         """Target CE (nats, summed over the target tokens) of one plain forward: ``target_logprob``, negated."""
@@ -211,6 +269,24 @@ class SquadEval:
         with torch.no_grad():
             logits = self.lm.model(input_ids=ids[None], logits_to_keep=n_target + 1).logits
             return -float(target_logprob(logits, ids[-n_target:])[0])
+
+
+@dataclass(frozen=True)
+class Ablations:
+    """An example's random ablations: masks [m, units] (1 = kept) and the target's CE rise (nats) under each, with
+    the ablated units suppressed and with their tokens removed."""
+
+    masks: np.ndarray
+    suppressed: np.ndarray
+    removed: np.ndarray
+
+
+def spearman(predicted: np.ndarray, actual: np.ndarray) -> float:
+    """Spearman's rank correlation; 0 where either side is constant (a method that scores every ablation the same
+    ranks none of them)."""
+    if np.ptp(predicted) == 0 or np.ptp(actual) == 0:
+        return 0.0
+    return float(spearmanr(predicted, actual).statistic)
 
 
 def target_logprob(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -299,7 +375,7 @@ def run_examples(ev, examples: list, names: list[str], score: Callable, records:
     per_example = []
     for i, ex in enumerate(examples):
         record = kept.get(ex.id) or {"id": ex.id, **header, "methods": {}}
-        missing = [name for name in names if name not in record["methods"]]
+        missing = [name for name in names if not ev.complete(record["methods"].get(name))]
         if missing:
             planned, truth = ev.prepare(ex)
             record.update(ev.describe(planned, truth))

@@ -99,6 +99,7 @@ def test_eval_plot_has_a_point_per_method_and_model(tmp_path):
 
     a = result("m1", {"atman": (40.0, 10.0), "random": (3.0, 0.0)})
     b = result("m2", {"atman": (35.0, 20.0), "ixg": (15.0, 1.5)})
+    b["methods"]["ixg"] |= {"lds": 0.25, "lds_removal": -0.125}  # a result made before the LDS has none
     assert sorted(p[1:] for p in points([a, b])) == [
         ("atman", 10.0, 40.0), ("atman", 20.0, 35.0), ("ixg", 1.5, 15.0), ("random", 0.0, 3.0)
     ]  # fmt: skip
@@ -117,8 +118,8 @@ def test_eval_plot_has_a_point_per_method_and_model(tmp_path):
         lines[0] == "**m1**, word units, n = 2"
         and tables.read_text().splitlines() == markdown([a, {**b, "differences": {}}]).splitlines()
     )
-    assert "| atman | 35.0 | 1.0 | 1.0 | 1.0 | 1.00 | 1.00 | 20.00 | reference |" in lines
-    assert "| ixg | 15.0 | 1.0 | 1.0 | 1.0 | 1.00 | 1.00 | 1.50 | +20.0 (+12.5, +27.2) |" in lines
+    assert "| atman | 35.0 | 1.0 | 1.0 | 1.0 | 1.00 | 1.00 | — | — | 20.00 | reference |" in lines
+    assert "| ixg | 15.0 | 1.0 | 1.0 | 1.0 | 1.00 | 1.00 | 0.250 | -0.125 | 1.50 | +20.0 (+12.5, +27.2) |" in lines
 
 
 def test_pooled_sweeps_weigh_each_model_the_same(tmp_path):

@@ -129,7 +129,18 @@ def test_evaluate_shape_and_ranges(tiny_lms, squad_file):
     result = evaluate(tiny_lms["llama"], load_squad(str(squad_file)), methods)
     assert result["n"] == 2 and set(result["methods"]) == set(methods)
     for name, m in result["methods"].items():
-        assert set(m) >= {"mAP", "mAR", "mAP_IQ", "mAR_IQ", "seconds_per_example", "aopc", "aopc_removal"}, name
+        assert set(m) >= {
+            "mAP",
+            "mAR",
+            "mAP_IQ",
+            "mAR_IQ",
+            "seconds_per_example",
+            "aopc",
+            "aopc_removal",
+            "lds",
+            "lds_removal",
+        }, name
+        assert -1 <= m["lds"] <= 1 and -1 <= m["lds_removal"] <= 1, name
         assert 0 <= m["mAP"] <= 100 and 0 <= m["mAR"] <= 100 and m["seconds_per_example"] >= 0, name
     assert len(result["examples"]) == 2 and set(result["examples"][0]["methods"]) == set(methods)
 
@@ -406,3 +417,61 @@ def test_sweep_records_go_on_and_extend_the_grid(tiny_lms, squad_file, tmp_path,
     evaluate(lm, examples[:1], ["random"], records=str(squad_records))
     with pytest.raises(ValueError, match=r"^records: .* holds .* word units, not .* \(log_additive sweep\)"):
         sweep(lm, examples, "log_additive", [0.1], [None], records=str(squad_records))
+
+
+def test_lds_ablations_are_the_measured_rises_and_the_score_their_rank_correlation(tiny_lms, squad_file):
+    """The LDS's ablations: LDS_MASKS masks (about half the units kept), the target CE rise under each measured by
+    removal (transformers' own loss on the kept tokens) and by suppression (the oracle, factor 0); the LDS is
+    Spearman's correlation of the ablated units' score sums with those rises, 0 for a constant score."""
+    from oracle import oracle_scores
+    from scipy.stats import spearmanr
+
+    from pipeline.evaluate import LDS_MASKS
+
+    lm = tiny_lms["llama"]
+    ev = SquadEval(lm)
+    planned, _ = ev.prepare(load_squad(str(squad_file))[0])
+    ids, n_target, n = planned.sweep_input.input_ids, planned.sweep_input.n_target, len(planned.units)
+    data = ev.ablations(planned)
+    assert data.masks.shape == (LDS_MASKS, n) and 0.3 < data.masks.mean() < 0.7
+
+    def ce(kept: torch.Tensor) -> float:
+        labels = torch.full_like(kept, -100)
+        labels[-n_target:] = kept[-n_target:]
+        with torch.no_grad():
+            return float(lm.model(input_ids=kept[None], labels=labels[None]).loss) * n_target
+
+    mult = torch.ones(LDS_MASKS, len(ids))
+    for row, mask in enumerate(data.masks):
+        for unit in np.flatnonzero(mask == 0):
+            mult[row, list(planned.units[unit].positions)] = 0.0
+    want = oracle_scores(lm.model, ids, mult, n_target, "log_additive")
+    np.testing.assert_allclose(data.suppressed, want, atol=1e-4)
+    for row in (0, 1, 7):
+        kept = ids[mult[row] > 0]
+        assert data.removed[row] == pytest.approx(ce(kept) - ce(ids), abs=1e-4)
+    assert np.ptp(data.removed) > 1e-3 and np.ptp(data.suppressed) > 1e-3
+
+    scores = np.random.default_rng(0).normal(size=n)
+    got = ev.lds(planned, scores)
+    predicted = (1 - data.masks) @ scores
+    assert got["lds"] == pytest.approx(spearmanr(predicted, data.suppressed).statistic)
+    assert got["lds_removal"] == pytest.approx(spearmanr(predicted, data.removed).statistic)
+    fitted = np.linalg.lstsq(1 - data.masks, data.removed, rcond=None)[0]  # the linear datamodel itself
+    assert ev.lds(planned, fitted)["lds_removal"] > max(0.5, got["lds_removal"])
+    assert ev.lds(planned, np.zeros(n)) == {"lds": 0.0, "lds_removal": 0.0}  # predicts every ablation the same
+    assert np.array_equal(ev.ablations(planned).masks, data.masks), "drawn again, the same ablations"
+
+
+def test_records_without_lds_are_measured_again(tiny_lms, squad_file, tmp_path):
+    """A records file written before the LDS existed: its methods are computed again, not read as complete."""
+    records = tmp_path / "records.jsonl"
+    first = evaluate(tiny_lms["llama"], load_squad(str(squad_file)), ["random"], records=str(records))
+    lines = [json.loads(line) for line in records.read_text().splitlines()]
+    for line in lines:
+        for numbers in line["methods"].values():
+            del numbers["lds"], numbers["lds_removal"]
+    records.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    again = evaluate(tiny_lms["llama"], load_squad(str(squad_file)), ["random"], records=str(records))
+    assert again["methods"]["random"]["lds_removal"] == pytest.approx(first["methods"]["random"]["lds_removal"])
+    assert all("lds" in e["methods"]["random"] for e in again["examples"])

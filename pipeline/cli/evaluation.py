@@ -254,8 +254,8 @@ def _with_progress(total: int, run):
 
 
 _METRICS = [("mAP", "mAP", ".1f"), ("mAR", "mAR", ".1f"), ("mAP IQ", "mAP_IQ", ".1f"), ("mAR IQ", "mAR_IQ", ".1f"),
-            ("AOPC (nats)", "aopc", ".3f"), ("AOPC removal", "aopc_removal", ".3f"),
-            ("s / example", "seconds_per_example", ".2f")]  # fmt: skip
+            ("AOPC (nats)", "aopc", ".3f"), ("AOPC removal", "aopc_removal", ".3f"), ("LDS", "lds", ".3f"),
+            ("LDS removal", "lds_removal", ".3f"), ("s / example", "seconds_per_example", ".2f")]  # fmt: skip
 
 
 def _print_metrics(title: str, keys: list[str], rows: list[tuple[list[str], dict]]) -> None:
