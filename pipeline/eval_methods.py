@@ -19,6 +19,17 @@ GRAMMAR = "atman, atman:<mode>[+conceptual][+squares], atman+squares, atman:pape
 """How the names are built, for help texts; ``<mode>`` is one of AtManConfig's modes."""
 
 
+LDS_MASKS = 32
+"""Random ablations per example for the evaluation's LDS (ContextCite's: each unit kept with probability 1/2)."""
+
+
+def check_lds_masks(n: int) -> int:
+    """``n`` ablations, checked: 0 (no LDS) or at least 2 (one ablation ranks nothing); ValueError naming it."""
+    if n < 0 or n == 1:
+        raise ValueError(f"lds_masks: {n} ablations rank nothing; give 0 (no LDS) or at least 2")
+    return n
+
+
 def method_names() -> set[str]:
     """Every valid name: the AtMan variants over AtManConfig's modes, each optionally ``+squares``, and the
     baselines."""

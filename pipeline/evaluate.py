@@ -9,7 +9,7 @@ reported as means and interquartile means (0-100), plus seconds per example. Fai
 curve, the mean rise of the target CE (nats) when the top-k units (k = 1..5) are removed from attention together
 (``aopc``, through AtMan's suppression) and when their tokens are dropped from the input (``aopc_removal``, the
 neutral check: no method's own machinery). And the linear datamodeling score (LDS, ContextCite's faithfulness
-metric, Cohen-Wang et al. 2024): over ``LDS_MASKS`` random ablations of the units (each unit kept with probability
+metric, Cohen-Wang et al. 2024): over ``lds_masks`` (32) random ablations of the units (each unit kept with probability
 1/2, the same ablations for every method of an example), the Spearman correlation between the CE rise a method's
 scores predict (the sum of the ablated units' scores) and the CE rise measured, by removal (``lds_removal``:
 ContextCite's ablation, the units' tokens dropped) and by suppression (``lds``).
@@ -39,12 +39,10 @@ from scipy.stats import spearmanr, trim_mean
 
 from pipeline.atman.config import AtManConfig
 from pipeline.atman.explainer import Explainer, Planned
-from pipeline.eval_methods import method_config
+from pipeline.eval_methods import LDS_MASKS, check_lds_masks, method_config
 from pipeline.peers import peer_scores
 
 DELETION_K = (1, 2, 3, 4, 5)
-LDS_MASKS = 32
-"""Random ablations per example for the LDS (ContextCite's evaluation: each unit kept with probability 1/2)."""
 LDS_KEEP = 0.5
 UNITS = AtManConfig().granularity  # the library's default units, as everywhere else
 
@@ -88,8 +86,9 @@ class MethodResult:
             "mAR_IQ": pct(self.ar, iq=True),
             "aopc": float(np.mean(self.aopc)) if self.aopc else None,
             "aopc_removal": float(np.mean(self.aopc_removal)) if self.aopc_removal else None,
-            "lds": float(np.mean(self.lds)) if self.lds else None,
-            "lds_removal": float(np.mean(self.lds_removal)) if self.lds_removal else None,
+            # over every example or none: a records file may hold examples measured without it (--lds-masks 0)
+            "lds": float(np.mean(self.lds)) if self.lds and len(self.lds) == len(self.ap) else None,
+            "lds_removal": float(np.mean(self.lds_removal)) if self.lds and len(self.lds) == len(self.ap) else None,
             "seconds_per_example": float(np.mean(self.seconds)) if self.seconds else None,
         }
 
@@ -136,8 +135,10 @@ def read_examples(path, parse: Callable[[dict], object], kind: str, limit: int |
 class SquadEval:
     """Runs the methods on examples with one loaded model; every method sees the same units."""
 
-    def __init__(self, lm, granularity: str = UNITS, seed: int = 0, precision: str = "auto") -> None:
+    def __init__(self, lm, granularity: str = UNITS, seed: int = 0, precision: str = "auto",
+                 lds_masks: int = LDS_MASKS) -> None:  # fmt: skip
         self.lm = lm
+        self.lds_masks = check_lds_masks(lds_masks)
         self.granularity = granularity
         self.seed = seed
         self.precision = precision
@@ -168,17 +169,13 @@ class SquadEval:
         """One example's numbers for one method: AP, AR (0-100), deletion AOPC and LDS, by suppression and by
         removal."""
         aopc, removal = self.deletion(planned, scores), self.removal(planned, scores)
-        return (
-            plausibility(scores, truth)
-            | {"aopc": aopc, "aopc_removal": removal}
-            | self.lds(planned, scores)
-            | {"seconds": seconds}
-        )
+        lds = self.lds(planned, scores) | {"lds_masks": self.lds_masks} if self.lds_masks else {}
+        return plausibility(scores, truth) | {"aopc": aopc, "aopc_removal": removal} | lds | {"seconds": seconds}
 
     def complete(self, numbers: dict | None) -> bool:
         """Whether a method's numbers from a records file have every metric ``measure`` gives now (a record made
-        before the LDS existed is computed again)."""
-        return numbers is not None and "lds_removal" in numbers
+        before the LDS existed, or with another number of ablations, is computed again)."""
+        return numbers is not None and (not self.lds_masks or numbers.get("lds_masks") == self.lds_masks)
 
     def scores(self, name: str, planned: Planned, rng: np.random.Generator) -> np.ndarray:
         """``name``'s unit scores: AtMan's and ``random`` here, every other method from the one registry
@@ -232,15 +229,15 @@ class SquadEval:
         return {"lds": spearman(predicted, data.suppressed), "lds_removal": spearman(predicted, data.removed)}
 
     def ablations(self, planned: Planned) -> Ablations:
-        """``LDS_MASKS`` ablations of ``planned.units`` (each kept with probability ``LDS_KEEP``; drawn from the
+        """``lds_masks`` ablations of ``planned.units`` (each kept with probability ``LDS_KEEP``; drawn from the
         evaluation's seed and the example's tokens, so a rerun draws them again) and the target's CE rise under
         each: the ablated units suppressed together (factor 0, as the deletion AOPC), and their tokens dropped."""
         ids = planned.sweep_input.input_ids
         n = len(planned.units)
         rng = np.random.default_rng([self.seed, zlib.crc32(ids.cpu().numpy().astype(np.int64).tobytes())])
-        masks = (rng.random((LDS_MASKS, n)) < LDS_KEEP).astype(np.float64)
+        masks = (rng.random((self.lds_masks, n)) < LDS_KEEP).astype(np.float64)
         dropped = [np.flatnonzero(m == 0) for m in masks]
-        suppressed = np.zeros(LDS_MASKS)
+        suppressed = np.zeros(self.lds_masks)
         some = [i for i, d in enumerate(dropped) if d.size]
         if some:
             cfg = AtManConfig(mode="log_additive", factor=0.0, conceptual_threshold=None, granularity=self.granularity)
@@ -339,14 +336,14 @@ def average_recall(x: np.ndarray, y: np.ndarray) -> float:
 
 def evaluate(lm, examples: list[Example], methods: list[str], granularity: str = UNITS, seed: int = 0,
              on_example: Callable[[int, int], None] | None = None, records: str | None = None,
-             precision: str = "auto") -> dict:  # fmt: skip
+             precision: str = "auto", lds_masks: int = LDS_MASKS) -> dict:  # fmt: skip
     """The result, as `atman eval squad --json` prints it: n, model, methods {name: metrics}, examples [...].
 
     ``records``: a JSONL file that keeps every finished example (one line each, written when it finishes), so a
     run of hours that stops can go on where it stopped: an example already there with this model and units is not
     recomputed, only the methods it lacks run (a later line for the same id replaces an earlier one). A file from
     another model or other units is refused (``ValueError`` naming ``records``)."""
-    ev = SquadEval(lm, granularity, seed, precision)
+    ev = SquadEval(lm, granularity, seed, precision, lds_masks)
     header = {"model": lm.model_id, "granularity": granularity}
     if precision != "auto":  # records of another precision are other numbers
         header["precision"] = precision

@@ -228,6 +228,7 @@ def test_cli_sweep_end_to_end(tiny_model_dir, squad_file, tmp_path):
         (["sweep", "--mode", "additive"], ["--mode", "additive"]),
         (["squad", "--granularity", "custom"], ["--granularity", "custom"]),
         (["squad", "--methods", " , "], ["methods: no method given"]),
+        (["squad", "--lds-masks", "1"], ["lds_masks: 1 ablations rank nothing"]),
     ],
 )
 def test_eval_bad_options_exit_2_naming_the_option(args, names):
@@ -470,8 +471,24 @@ def test_records_without_lds_are_measured_again(tiny_lms, squad_file, tmp_path):
     lines = [json.loads(line) for line in records.read_text().splitlines()]
     for line in lines:
         for numbers in line["methods"].values():
-            del numbers["lds"], numbers["lds_removal"]
+            del numbers["lds"], numbers["lds_removal"], numbers["lds_masks"]
     records.write_text("".join(json.dumps(line) + "\n" for line in lines))
     again = evaluate(tiny_lms["llama"], load_squad(str(squad_file)), ["random"], records=str(records))
     assert again["methods"]["random"]["lds_removal"] == pytest.approx(first["methods"]["random"]["lds_removal"])
     assert all("lds" in e["methods"]["random"] for e in again["examples"])
+
+
+def test_lds_masks_0_leaves_the_lds_out_and_mixed_records_give_no_mean(tiny_lms, squad_file, tmp_path):
+    """``lds_masks=0``: no LDS (nor its cost); records holding it for some examples only give no LDS mean (never a
+    mean over a subset); records with another number of ablations are measured again."""
+    lm, examples = tiny_lms["llama"], load_squad(str(squad_file))
+    records = tmp_path / "records.jsonl"
+    off = evaluate(lm, examples[:1], ["random"], records=str(records), lds_masks=0)
+    assert off["methods"]["random"]["lds"] is None and "lds" not in off["examples"][0]["methods"]["random"]
+    mixed = evaluate(lm, examples, ["random"], records=str(records), lds_masks=0)  # example 2 without LDS too
+    assert mixed["methods"]["random"]["lds"] is None
+    full = evaluate(lm, examples, ["random"], records=str(records), lds_masks=8)
+    assert all(e["methods"]["random"]["lds_masks"] == 8 for e in full["examples"])
+    assert -1 <= full["methods"]["random"]["lds_removal"] <= 1
+    with pytest.raises(ValueError, match="lds_masks: 1 ablations"):
+        evaluate(lm, examples, ["random"], lds_masks=1)

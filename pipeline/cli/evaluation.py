@@ -27,7 +27,7 @@ from pipeline.cli.common import (
     threshold,
 )
 from pipeline.data import BOXES, SQUAD_DEV
-from pipeline.eval_methods import DEFAULT_METHODS, GRAMMAR
+from pipeline.eval_methods import DEFAULT_METHODS, GRAMMAR, LDS_MASKS
 from pipeline.messages import describe
 from pipeline.models import DEFAULT_MODEL
 
@@ -68,21 +68,29 @@ def eval_squad(
     records: Records = None,
     dtype: WeightsDType = "auto",
     precision: SweepPrecision = ENGINE.precision,
+    lds_masks: Annotated[
+        int,
+        typer.Option(
+            help="Random ablations per example for the LDS (ContextCite's metric; one forward pass each, shared by "
+            "the methods); 0: no LDS."
+        ),
+    ] = LDS_MASKS,
 ) -> None:
     """SQuAD plausibility (mAP / mAR, means and interquartile means, 0-100) and deletion AOPC per method."""
-    from pipeline.eval_methods import parse_methods
+    from pipeline.eval_methods import check_lds_masks, parse_methods
     from pipeline.evaluate import evaluate, load_squad
 
     quiet_libraries()
     with reported(ValueError, FileNotFoundError):
         names = parse_methods(methods)
+        check_lds_masks(lds_masks)
         examples = load_squad(data, limit, sample)
     lm = _eval_model(model, dtype)
     with reported(ValueError):  # e.g. a precision the weights' dtype cannot take
         result = _with_progress(
             len(examples),
             lambda tick: evaluate(lm, examples, names, granularity, on_example=tick, records=records,
-                                  precision=precision),
+                                  precision=precision, lds_masks=lds_masks),
         )  # fmt: skip
     if _emit(result, out, as_json):
         return
