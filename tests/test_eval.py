@@ -159,13 +159,15 @@ def test_random_scores_near_the_answer_share(tiny_lms, tmp_path):
 def test_cli_on_the_bundled_subset():
     """What CI runs on the real model: the bundled SQuAD subset (the default --data), its first example (one, for
     the suite's budget: issue 25), JSON out."""
-    out = subprocess.run([ATMAN, "eval", "squad", "--limit", "1", "--methods", "atman,random", "--json"],
-                         capture_output=True, text=True, timeout=400)  # fmt: skip
+    out = subprocess.run([ATMAN, "eval", "squad", "--limit", "1", "--methods", "atman,random", "--json",
+                          "--lds-masks", "8"], capture_output=True, text=True, timeout=400)  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout)
     assert result["n"] == 1 and result["model"] and set(result["methods"]) == {"atman", "random"}
     assert [e["id"] for e in result["examples"]] == [e.id for e in load_squad(str(SQUAD_DEV), limit=1)]
     assert result["methods"]["atman"]["mAP"] > result["methods"]["random"]["mAP"]
+    assert result["examples"][0]["methods"]["atman"]["lds_masks"] == 8  # the LDS on the real model, 8 ablations
+    assert -1 <= result["methods"]["atman"]["lds_removal"] <= 1
 
 
 def test_cli_bad_arguments_exit_2(squad_file):
