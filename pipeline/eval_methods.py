@@ -6,16 +6,21 @@ Light on purpose (no torch): the CLI builds its options and help from it before 
 from __future__ import annotations
 
 from pipeline.atman.config import MODES, AtManConfig
+from pipeline.atman.variants import VARIANTS as ESTIMATORS
 
 BASELINES = ("ixg", "ig", "rollout", "random")
 """Captum's InputXGradient and IntegratedGradients, attention rollout, and uniform random scores."""
 PEERS = ("attnlrp", "occlusion", "contextcite")
 """The methods users pick instead of AtMan (``pipeline.peers``): AttnLRP (lxt), Captum's occlusion
 (FeatureAblation), ContextCite."""
+VARIANTS = tuple(ESTIMATORS)
+"""AtMan-family estimators with fewer passes (``pipeline.atman.variants``), named ``atman:<variant>``."""
 DEFAULT_METHODS = ("atman", *BASELINES)
 PAPER_KAPPA = 0.7
 """The paper's conceptual-suppression threshold, used by the ``+conceptual`` names."""
-GRAMMAR = "atman, atman:<mode>[+conceptual][+squares], atman+squares, atman:paper, " + ", ".join(PEERS + BASELINES)
+GRAMMAR = "atman, atman:<mode>[+conceptual][+squares], atman+squares, atman:paper, " + ", ".join(
+    [f"atman:{v}" for v in VARIANTS] + list(PEERS + BASELINES)
+)
 """How the names are built, for help texts; ``<mode>`` is one of AtManConfig's modes."""
 
 
@@ -34,7 +39,8 @@ def method_names() -> set[str]:
     """Every valid name: the AtMan variants over AtManConfig's modes, each optionally ``+squares``, and the
     baselines."""
     atman = {"atman"} | {f"atman:{m}" for m in MODES} | {f"atman:{m}+conceptual" for m in MODES}
-    return {"atman:paper", *PEERS, *BASELINES} | atman | {f"{a}+squares" for a in atman}
+    variants = {f"atman:{v}" for v in VARIANTS}
+    return {"atman:paper", *PEERS, *BASELINES} | atman | {f"{a}+squares" for a in atman} | variants
 
 
 def parse_methods(text: str) -> list[str]:

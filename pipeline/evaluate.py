@@ -39,6 +39,7 @@ from scipy.stats import spearmanr, trim_mean
 
 from pipeline.atman.config import AtManConfig
 from pipeline.atman.explainer import Explainer, Planned
+from pipeline.atman.variants import VARIANTS
 from pipeline.eval_methods import LDS_MASKS, check_lds_masks, method_config
 from pipeline.peers import peer_scores
 
@@ -180,6 +181,8 @@ class SquadEval:
     def scores(self, name: str, planned: Planned, rng: np.random.Generator) -> np.ndarray:
         """``name``'s unit scores: AtMan's and ``random`` here, every other method from the one registry
         (``pipeline.peers.METHODS``: the peers and the gradient and rollout baselines)."""
+        if name.startswith("atman:") and name[6:] in VARIANTS:  # estimators with fewer passes, default method
+            return VARIANTS[name[6:]](self.explainer(AtManConfig(granularity=self.granularity)), planned)
         if name.startswith("atman"):
             return self.atman_scores(planned, method_config(name, self.granularity))
         if name == "random":

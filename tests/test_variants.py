@@ -1,0 +1,107 @@
+"""AtMan-family estimators with fewer passes (pipeline/atman/variants.py), checked against the oracle (tests/oracle.py,
+which shares nothing with the engine) and against exact AtMan."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from oracle import oracle_scores
+
+from pipeline import AtManConfig, Explainer
+from pipeline.atman.variants import coarse_to_fine, sentence_groups
+
+PROMPT = (
+    "The Eiffel Tower is in Paris. It was finished in 1889 and is made of iron. Mount Fuji is in Japan. "
+    "Its summit is high above the sea. Rome is the capital of Italy. The tower was finished in"
+)
+TARGET = " 1889"
+
+
+@pytest.fixture
+def planned_word(tiny_lms):
+    explainer = Explainer(tiny_lms["llama"], AtManConfig(granularity="word"))
+    return explainer, explainer.plan(PROMPT, TARGET, chat=False)
+
+
+class _Counting:
+    """The explainer with every suppressed_rise call's sets recorded (the passes an estimator spends)."""
+
+    def __init__(self, explainer):
+        self.explainer, self.sets = explainer, []
+
+    def suppressed_rise(self, planned, unit_sets):
+        self.sets.extend(list(s) for s in unit_sets)
+        return self.explainer.suppressed_rise(planned, unit_sets)
+
+
+def test_sentence_groups_cover_every_unit_once_in_order(planned_word):
+    _, planned = planned_word
+    groups = sentence_groups(planned)
+    assert [i for g in groups for i in g] == list(range(len(planned.units)))
+    units = planned.units
+    texts = [PROMPT[units[g[0]].start : units[g[-1]].start + units[g[-1]].length] for g in groups]
+    assert len(groups) == 6 and texts[0] == "The Eiffel Tower is in Paris." and texts[2] == "Mount Fuji is in Japan."
+
+
+def test_refining_every_sentence_is_exact_atman(planned_word):
+    explainer, planned = planned_word
+    exact = explainer.score(planned).scores.astype(np.float64)
+    np.testing.assert_allclose(coarse_to_fine(explainer, planned, refine_share=1.0), exact, atol=1e-4)
+
+
+def test_coarse_spends_sentence_passes_then_refines_the_top_sentences(tiny_lms, planned_word):
+    """The passes: one per sentence (its units suppressed together: the oracle's value), then one per unit of the
+    top third of the sentences (exact AtMan's scores there); every other unit holds its sentence's mean."""
+    explainer, planned = planned_word
+    counting = _Counting(explainer)
+    scores = coarse_to_fine(counting, planned)
+    groups = sentence_groups(planned)
+    assert counting.sets[: len(groups)] == groups
+    ids, n_target = planned.sweep_input.input_ids, planned.sweep_input.n_target
+    mult = torch.ones(len(groups), len(ids))
+    for row, group in enumerate(groups):
+        for i in group:
+            mult[row, list(planned.units[i].positions)] = explainer.config.factor
+    sentence = oracle_scores(tiny_lms["llama"].model, ids, mult, n_target, "log_additive")
+    top = sorted(np.argsort(-sentence)[:2])  # ceil(6 / 3)
+    refined = [i for g in top for i in groups[g]]
+    assert counting.sets[len(groups) :] == [[i] for i in refined], "one pass per unit of the top two sentences"
+    exact = explainer.score(planned).scores.astype(np.float64)
+    np.testing.assert_allclose(scores[refined], exact[refined], atol=1e-4)
+    for g, group in enumerate(groups):
+        if g not in top:
+            np.testing.assert_allclose(scores[group], sentence[g] / len(group), atol=1e-4)
+    assert len(counting.sets) < len(planned.units), "fewer passes than exact AtMan"
+
+
+def test_sentence_units_are_exact_from_the_sentence_passes_alone(tiny_lms):
+    explainer = Explainer(tiny_lms["llama"], AtManConfig(granularity="sentence"))
+    planned = explainer.plan(PROMPT, TARGET, chat=False)
+    counting = _Counting(explainer)
+    scores = coarse_to_fine(counting, planned)
+    assert counting.sets == [[i] for i in range(len(planned.units))], "one pass per sentence, nothing refined"
+    np.testing.assert_allclose(scores, explainer.score(planned).scores.astype(np.float64), atol=1e-4)
+
+
+def test_refine_share_outside_0_1_is_refused(planned_word):
+    explainer, planned = planned_word
+    for share in (0.0, 1.5):
+        with pytest.raises(ValueError, match="refine_share"):
+            coarse_to_fine(explainer, planned, refine_share=share)
+
+
+def test_eval_runs_the_variant_by_name(tiny_lms, tmp_path):
+    import json
+
+    from pipeline.eval_methods import parse_methods
+    from pipeline.evaluate import evaluate, load_squad
+
+    path = tmp_path / "squad.jsonl"
+    context = PROMPT.rsplit(".", 1)[0] + "."
+    row = {"id": "v1", "context": context, "question": "When was the tower finished?",
+           "answers": [{"text": "1889", "answer_start": context.index("1889")}]}  # fmt: skip
+    path.write_text(json.dumps(row) + "\n")
+    assert parse_methods("atman:coarse,atman") == ["atman:coarse", "atman"]
+    result = evaluate(tiny_lms["llama"], load_squad(str(path)), ["atman:coarse", "atman"], lds_masks=4)
+    assert 0 <= result["methods"]["atman:coarse"]["mAP"] <= 100
