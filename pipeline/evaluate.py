@@ -209,8 +209,14 @@ class SquadEval:
         ks = [k for k in DELETION_K if k <= len(order)]
         if not ks:
             return 0.0
-        cfg = AtManConfig(mode="log_additive", factor=0.0, conceptual_threshold=None, granularity=self.granularity)
-        return float(self.explainer(cfg).suppressed_rise(planned, [order[:k] for k in ks]).mean())
+        return float(self._remover().suppressed_rise(planned, [order[:k] for k in ks]).mean())
+
+    def _remover(self) -> Explainer:
+        """The explainer that removes units from attention (log_additive at factor 0, no conceptual neighbours):
+        the suppression AOPC's and the LDS's."""
+        return self.explainer(
+            AtManConfig(mode="log_additive", factor=0.0, conceptual_threshold=None, granularity=self.granularity)
+        )
 
     def removal(self, planned: Planned, scores: np.ndarray) -> float:
         """AOPC with the top-k units' tokens dropped from the input (k = 1..5): the neutral deletion, which uses no
@@ -243,8 +249,7 @@ class SquadEval:
         suppressed = np.zeros(self.lds_masks)
         some = [i for i, d in enumerate(dropped) if d.size]
         if some:
-            cfg = AtManConfig(mode="log_additive", factor=0.0, conceptual_threshold=None, granularity=self.granularity)
-            suppressed[some] = self.explainer(cfg).suppressed_rise(planned, [dropped[i] for i in some])
+            suppressed[some] = self._remover().suppressed_rise(planned, [dropped[i] for i in some])
         base = self._base_ce(planned)
         removed = np.array([self._removed_ce(planned, d) - base if d.size else 0.0 for d in dropped])
         return Ablations(masks, suppressed, removed)
