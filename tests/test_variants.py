@@ -28,11 +28,13 @@ class _Counting:
     """The explainer with every suppressed_rise call's sets recorded (the passes an estimator spends)."""
 
     def __init__(self, explainer):
-        self.explainer, self.sets = explainer, []
+        self.explainer, self.sets, self.rises = explainer, [], []
 
     def suppressed_rise(self, planned, unit_sets):
         self.sets.extend(list(s) for s in unit_sets)
-        return self.explainer.suppressed_rise(planned, unit_sets)
+        rises = self.explainer.suppressed_rise(planned, unit_sets)
+        self.rises.extend(rises.tolist())
+        return rises
 
 
 def test_sentence_groups_cover_every_unit_once_in_order(planned_word):
@@ -102,6 +104,93 @@ def test_eval_runs_the_variant_by_name(tiny_lms, tmp_path):
     row = {"id": "v1", "context": context, "question": "When was the tower finished?",
            "answers": [{"text": "1889", "answer_start": context.index("1889")}]}  # fmt: skip
     path.write_text(json.dumps(row) + "\n")
-    assert parse_methods("atman:coarse,atman") == ["atman:coarse", "atman"]
-    result = evaluate(tiny_lms["llama"], load_squad(str(path)), ["atman:coarse", "atman"], lds_masks=4)
-    assert 0 <= result["methods"]["atman:coarse"]["mAP"] <= 100
+    assert parse_methods("atman:coarse,atman:joint,atman") == ["atman:coarse", "atman:joint", "atman"]
+    result = evaluate(tiny_lms["llama"], load_squad(str(path)), ["atman:coarse", "atman:joint", "atman"], lds_masks=4)
+    assert all(0 <= result["methods"][m]["mAP"] <= 100 for m in ("atman:coarse", "atman:joint"))
+
+
+def _oracle_rises(lm, planned, sets, factor):
+    """The oracle's CE rise (whole target) with each set of units suppressed together."""
+    ids, n_target = planned.sweep_input.input_ids, planned.sweep_input.n_target
+    mult = torch.ones(len(sets), len(ids))
+    for row, unit_set in enumerate(sets):
+        for i in unit_set:
+            mult[row, list(planned.units[i].positions)] = factor
+    return oracle_scores(lm.model, ids, mult, n_target, "log_additive")
+
+
+def test_joint_is_a_lasso_fit_of_the_oracles_rises_over_its_passes(tiny_lms, planned_word):
+    """The passes: budget = units, the first half random (never empty), then single units; their rises equal the
+    oracle's to 1e-4, and the scores equal scikit-learn's LASSO (no intercept, the relative penalty) fitted here to
+    the oracle's rises of the same sets (to 1e-3: n passes for n units, the fit amplifies the rises' 1e-5 gaps)."""
+    from sklearn.linear_model import Lasso
+
+    from pipeline.atman.variants import JOINT_ALPHA, joint_surrogate
+
+    explainer, planned = planned_word
+    n = len(planned.units)
+    counting = _Counting(explainer)
+    scores = joint_surrogate(counting, planned)
+    sets = counting.sets
+    n_joint = n - round(n / 2)
+    assert len(sets) == n, "exact AtMan's budget"
+    assert all(len(s) >= 1 for s in sets[:n_joint]) and max(len(s) for s in sets[:n_joint]) > 1
+    assert all(len(s) == 1 for s in sets[n_joint:]) and len({s[0] for s in sets[n_joint:]}) == n - n_joint
+    rises = _oracle_rises(tiny_lms["llama"], planned, sets, explainer.config.factor)
+    np.testing.assert_allclose(counting.rises, rises, atol=1e-4)
+    x = np.zeros((len(sets), n))
+    for row, unit_set in enumerate(sets):
+        x[row, unit_set] = 1.0
+    lasso = Lasso(alpha=JOINT_ALPHA * np.abs(rises).mean(), fit_intercept=False, tol=1e-9, max_iter=100_000)
+    np.testing.assert_allclose(scores, lasso.fit(x, rises).coef_, atol=1e-3)
+    assert joint_surrogate(explainer, planned).tolist() == scores.tolist(), "the same request draws the same masks"
+
+
+class _Linear:
+    """A model whose CE rise is exactly linear in the suppressed units: rise = sum of ``weights`` over the set."""
+
+    def __init__(self, weights):
+        self.weights, self.sets = np.asarray(weights, dtype=np.float64), []
+
+    def suppressed_rise(self, planned, unit_sets):
+        self.sets.extend(list(s) for s in unit_sets)
+        return np.array([self.weights[list(s)].sum() for s in unit_sets])
+
+
+def test_joint_recovers_a_sparse_linear_model_and_refines_its_top_units(planned_word):
+    _, planned = planned_word
+    n = len(planned.units)
+    weights = np.zeros(n)
+    weights[[2, 7, 11]] = [3.0, 1.5, -1.0]
+    model = _Linear(weights)
+    from pipeline.atman.variants import joint_surrogate
+
+    scores = joint_surrogate(model, planned)
+    np.testing.assert_allclose(scores, weights, atol=0.25)  # the LASSO shrinks each weight by about 0.1-0.15
+    assert np.abs(scores[weights == 0]).max() < 0.05 and np.argmax(scores) == 2
+    singles = [s[0] for s in model.sets if len(s) == 1][-round(n / 2) :]
+    assert {2, 7} <= set(singles), "the single-unit passes go to the units the first fit ranks highest"
+
+
+def test_joint_with_only_single_passes_ranks_as_exact_atman(planned_word):
+    """single_share 1: one pass per unit, every unit (exact AtMan's passes); the LASSO shrinks each score by the
+    same amount, so the ranking of the units the penalty leaves non-zero is exact AtMan's."""
+    from pipeline.atman.variants import joint_surrogate
+
+    explainer, planned = planned_word
+    counting = _Counting(explainer)
+    scores = joint_surrogate(counting, planned, single_share=1.0)
+    assert sorted(counting.sets) == [[i] for i in range(len(planned.units))]
+    exact = explainer.score(planned).scores.astype(np.float64)
+    kept = scores != 0
+    assert kept.sum() >= 3
+    assert np.argsort(-scores[kept]).tolist() == np.argsort(-exact[kept]).tolist()
+
+
+def test_joint_refuses_a_budget_or_share_out_of_range(planned_word):
+    from pipeline.atman.variants import joint_surrogate
+
+    explainer, planned = planned_word
+    for kwargs in ({"budget": 0}, {"single_share": 1.5}, {"single_share": -0.1}):
+        with pytest.raises(ValueError, match="joint"):
+            joint_surrogate(explainer, planned, **kwargs)

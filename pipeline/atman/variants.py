@@ -9,11 +9,17 @@ docstring.
 - ``coarse`` (coarse to fine): the prompt's sentences are suppressed first, one pass each; then each word (or the
   planned unit) inside the sentences that matter most, one pass each. The refined units' scores are exact AtMan's
   (sum aggregate, no conceptual suppression); every other unit gets an equal share of its sentence's score.
+- ``joint`` (joint suppression, sparse linear surrogate): random subsets of the units suppressed together, then the
+  units the first fit ranks highest one at a time (exact AtMan's passes), within a budget of exact AtMan's pass
+  count; a LASSO fit of the target's CE rise on which units were suppressed, over all of those passes; the weights
+  are the scores. What one unit does together with the others (a fact stated twice, a redundant sentence) reaches
+  the scores, which single-unit suppression alone cannot see.
 """
 
 from __future__ import annotations
 
 import math
+import zlib
 
 import numpy as np
 
@@ -56,5 +62,60 @@ def coarse_to_fine(explainer, planned, refine_share: float = REFINE_SHARE) -> np
     return scores
 
 
-VARIANTS = {"coarse": coarse_to_fine}
+JOINT_SUPPRESS = 0.5
+"""``joint``: the probability that a unit is suppressed in a random pass (ContextCite's keep probability, 1/2)."""
+JOINT_SINGLE_SHARE = 0.5
+"""``joint``: the share of the budget spent on single-unit passes of the units the joint passes rank highest."""
+JOINT_ALPHA = 0.01
+"""``joint``: the LASSO penalty, relative to the mean absolute rise of the passes (the fit is scale-free)."""
+_JOINT_STREAM = 0x6A6F696E  # "join": the masks' own random stream, apart from the evaluation's LDS ablations
+
+
+def joint_surrogate(explainer, planned, budget: int | None = None, single_share: float = JOINT_SINGLE_SHARE,
+                    alpha: float = JOINT_ALPHA) -> np.ndarray:  # fmt: skip
+    """Joint suppression with a sparse linear surrogate: ``budget`` passes (default: the unit count, exact AtMan's),
+    the first ``1 - single_share`` of them with each unit suppressed with probability ``JOINT_SUPPRESS`` (drawn from
+    the prompt's tokens: the same request draws the same masks), the rest one unit each, for the units a first fit
+    on the joint passes ranks highest. Scores = the weights of a LASSO fit (no intercept: nothing suppressed is a
+    rise of 0) of every pass's CE rise on its 0/1 suppression vector, in nats per unit suppressed."""
+    n = len(planned.units)
+    budget = n if budget is None else budget
+    if budget < 1 or not 0 <= single_share <= 1:
+        raise ValueError(f"joint: budget {budget} must be >= 1 and single_share {single_share} in [0, 1]")
+    if n == 0:
+        return np.zeros(0, dtype=np.float64)
+    n_single = min(n, round(single_share * budget))
+    masks = joint_masks(planned, budget - n_single)
+    rises = explainer.suppressed_rise(planned, [np.flatnonzero(m) for m in masks])
+    first = sparse_fit(masks, rises, alpha) if len(masks) else np.zeros(n)
+    singles = np.sort(np.argsort(-first, kind="stable")[:n_single])
+    if n_single:
+        masks = np.vstack([masks, np.eye(n, dtype=bool)[singles]])
+        rises = np.concatenate([rises, explainer.suppressed_rise(planned, [[i] for i in singles])])
+    return sparse_fit(masks, rises, alpha)
+
+
+def joint_masks(planned, count: int) -> np.ndarray:
+    """[count, units] bool: which units each random pass suppresses (never none: such a pass measures nothing)."""
+    ids = planned.sweep_input.input_ids.cpu().numpy().astype(np.int64)
+    rng = np.random.default_rng([_JOINT_STREAM, zlib.crc32(ids.tobytes())])
+    masks = rng.random((count, len(planned.units))) < JOINT_SUPPRESS
+    for row in np.flatnonzero(~masks.any(axis=1)):
+        masks[row, rng.integers(len(planned.units))] = True
+    return masks
+
+
+def sparse_fit(masks: np.ndarray, rises: np.ndarray, alpha: float = JOINT_ALPHA) -> np.ndarray:
+    """LASSO weights (float64, one per unit) of ``rises`` on ``masks``, without intercept; ``alpha`` relative to the
+    mean absolute rise."""
+    from sklearn.linear_model import Lasso
+
+    scale = float(np.mean(np.abs(rises)))
+    if scale == 0.0:
+        return np.zeros(masks.shape[1], dtype=np.float64)
+    model = Lasso(alpha=alpha * scale, fit_intercept=False, tol=1e-9, max_iter=100_000)  # converged: a few ms
+    return model.fit(masks.astype(np.float64), np.asarray(rises, dtype=np.float64)).coef_.astype(np.float64)
+
+
+VARIANTS = {"coarse": coarse_to_fine, "joint": joint_surrogate}
 """``atman:<variant>`` -> its estimator."""
