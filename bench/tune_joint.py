@@ -4,9 +4,9 @@ sample, measure on all 76), without a forward pass per setting.
 Per example it measures once: every unit's single-unit rise (exact AtMan's passes), ``POOL`` x units random joint
 passes (``joint_masks``: the estimator's own masks, so a budget's first joint passes are the pool's first rows), and
 the evaluation's LDS ablations (by suppression; ``--removal`` adds the removal rises, one unbatched forward each,
-which on 2 busy cores cost minutes per example). Every setting (budget share of single-unit passes, LASSO penalty) is then the
-estimator's computation replayed on those numbers: the same masks, the same first fit choosing the single-unit
-passes, the same final fit; its mAP and LDS (by suppression and by removal) are those ``atman eval`` would report.
+which on 2 busy cores cost minutes per example). Every setting (budget share of single-unit passes, LASSO penalty)
+is then the estimator's computation replayed on those numbers: the same masks, the same first fit choosing the
+single-unit passes, the same final fit; its mAP and LDS are those ``atman eval`` would report.
 The AOPCs need a forward pass per ranking, so they are left to the evaluation of the chosen setting.
 
     .venv/bin/python bench/tune_joint.py --granularity sentence --out bench/eval/tune-joint-sentence.json
