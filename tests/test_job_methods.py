@@ -235,10 +235,26 @@ def test_explain_method_attnlrp_prints_its_scores(tiny_model_dir, direct):
     assert d["method"] == "attnlrp" and d["params"]["name"] == "attnlrp" and d["per_target"] is None
     want = direct("attnlrp", row)
     np.testing.assert_allclose([u["score"] for u in d["units"]], want, rtol=1e-4, atol=1e-6)
-    table = _cli("explain", "--model", tiny_model_dir, *args, "--method", "attnlrp")
-    assert table.returncode == 0 and "method: attnlrp" in table.stdout
-    top = max(d["units"], key=lambda u: u["score"])
-    assert repr(top["text"]) in table.stdout
+
+
+def test_the_table_names_a_method_other_than_atman():
+    from rich.console import Console
+
+    from pipeline.atman.explanation import Explanation
+    from pipeline.render import render_explanation
+
+    common = dict(prompt="a b", target=" c", target_tokens=[" c"], base_target_ce=1.0, base_ce_per_token=[1.0],
+                  units=[("a", 0, 1), ("b", 2, 1)], scores=np.array([0.5, -0.5], dtype=np.float32), per_target=None,
+                  granularity="word", conceptual_threshold=None, chat=False, n_prompt_tokens=2)  # fmt: skip
+    shown = {}
+    for name, mode in (("attnlrp", "attnlrp"), ("atman:coarse", "log_additive"), (None, "log_additive")):
+        console = Console(record=True, width=200)
+        params = {} if name is None else {"name": name}
+        render_explanation(Explanation(**common, mode=mode, factor=0.1, params=params), console)
+        shown[name] = console.export_text()
+    assert "method: attnlrp  granularity" in shown["attnlrp"] and "factor" not in shown["attnlrp"]
+    assert "method: atman:coarse  mode: log_additive  factor: 0.1" in shown["atman:coarse"]
+    assert "method:" not in shown[None] and "mode: log_additive  factor: 0.1" in shown[None]
 
 
 def test_explain_method_refuses_bad_names_and_unused_options_before_loading():
