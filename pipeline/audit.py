@@ -3,6 +3,12 @@ against the latest earlier successful run of the same job and model, flag drift 
 
 Per prompt present in both runs: Spearman rank correlation of the unit scores (units matched by their character
 span), overlap of the top-5 units, change of the base CE, status change. Prompts in one run only are listed.
+
+An audit compares runs of one method. Two runs of different methods (``method.name``: atman, attnlrp, ...) are still
+compared, prompt by prompt (how far two methods' rankings agree is worth knowing), but the result says so first:
+``config_changed`` starts with ``method: atman -> attnlrp (the method changed; scores are not comparable)``, the
+summary's ``method_changed`` is true, and ``atman diff`` / ``atman audit`` print it as a warning. Scores of two
+methods are on different scales; their drift is not a regression of either.
 """
 
 from __future__ import annotations
@@ -54,6 +60,12 @@ class DiffResult:
     thresholds: AuditSpec
     config_changed: list[str] | None = None
     """Method/model settings that differ between the two runs' manifests (the comparison crosses them)."""
+    methods: tuple[str, str] = ("atman", "atman")
+    """The two runs' ``method.name`` (base, new); a run from before the name existed ran atman."""
+
+    @property
+    def method_changed(self) -> bool:
+        return self.methods[0] != self.methods[1]
 
     @property
     def drifted(self) -> int:
@@ -74,6 +86,8 @@ class DiffResult:
             "mean_top5_overlap": float(np.mean(overlap)) if overlap else None,
             "drifted": self.drifted,
             "config_changed": self.config_changed or [],
+            "method": {"base": self.methods[0], "new": self.methods[1]},
+            "method_changed": self.method_changed,
             "thresholds": self.thresholds.model_dump(),
             "location": self.location,
         }
@@ -105,18 +119,27 @@ def diff_runs(root: str, base: Run, new: Run, thresholds: AuditSpec | None = Non
     fs, path = filesystem(root)
     where = audit_dir(path, base.model, base.run_id, new.model, new.run_id)
     publish(fs, f"{where}/audit.parquet", parquet_bytes(table, "zstd"))
-    result = DiffResult(base, new, table, url(fs, where), thresholds, _config_changes(fs, base, new))
+    manifests = base.manifest(fs), new.manifest(fs)
+    methods = (method_name(manifests[0]), method_name(manifests[1]))
+    result = DiffResult(base, new, table, url(fs, where), thresholds, _config_changes(*manifests), methods)
     publish(fs, f"{where}/audit.html", audit_html(result).encode())
     publish(fs, f"{where}/summary.json", json.dumps(result.summary(), indent=2).encode())
     return result
 
 
-def _config_changes(fs, base: Run, new: Run) -> list[str]:
-    base_manifest, new_manifest = base.manifest(fs), new.manifest(fs)
+def method_name(manifest: dict) -> str:
+    """The method a run ran (its spec's ``method.name``); ``atman`` for a run from before the name existed."""
+    return manifest.get("config", {}).get("method", {}).get("name") or "atman"
+
+
+def _config_changes(base_manifest: dict, new_manifest: dict) -> list[str]:
     a, b = base_manifest.get("config", {}), new_manifest.get("config", {})
+    old_method, new_method = method_name(base_manifest), method_name(new_manifest)
     changes = []
+    if old_method != new_method:  # first: every other difference matters less than this one
+        changes.append(f"method: {old_method} -> {new_method} (the method changed; scores are not comparable)")
     for section in ("model", "method"):
-        for key in sorted(set(a.get(section, {})) | set(b.get(section, {}))):
+        for key in sorted((set(a.get(section, {})) | set(b.get(section, {}))) - {"name"}):
             old, now = a.get(section, {}).get(key), b.get(section, {}).get(key)
             if old != now:
                 changes.append(f"{section}.{key}: {old!r} -> {now!r}")
@@ -214,8 +237,12 @@ def audit_html(result: DiffResult) -> str:
     rows = sorted(result.table.to_pylist(), key=lambda r: (not r["drift"], r["prompt_id"]))
     fmt = lambda v: "" if v is None else (f"{v:.3f}" if isinstance(v, float) else v)  # noqa: E731
     header = ["prompt_id", "drift", "reason", "spearman", "top5_overlap", "delta_ce", "status_base", "status_new"]
+    warning = ""
+    if result.method_changed:
+        warning = f"<p class='note'>{_e(result.config_changed[0])}</p>"
     body = (
         f"<h1>AtMan audit: {_e(s['new'])} vs {_e(s['base'])}</h1>"
+        + warning
         + table_html(None, [[k, json.dumps(v) if isinstance(v, (dict, list)) else fmt(v)] for k, v in s.items()])
         + f"<h2>Prompts ({len(rows)}; drifted first)</h2>"
         + table_html(header, [[fmt(r[h]) for h in header] for r in rows], lambda r: "drift" if r[1] else "")

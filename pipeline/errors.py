@@ -25,6 +25,11 @@ class UnsupportedModel(BadInput):
     """The engine cannot explain this model exactly; the message says why (it never guesses)."""
 
 
+class MethodUnsupported(UnsupportedModel):
+    """The chosen method (not AtMan) cannot explain this model; the message names the method, the model's class and
+    what the method supports. The caller names its field (``method.name``, ``--method``)."""
+
+
 class RunLocked(BadInput):
     """Another driver holds the run's lease; the message names it and says what to do."""
 

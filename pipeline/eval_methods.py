@@ -1,6 +1,7 @@
-"""The methods `atman eval` compares, by name: one vocabulary for the command line, its help and the evaluation.
+"""The methods by name: one vocabulary for `atman eval`, a job's ``method.name`` and ``atman explain --method``, their
+help and the evaluation.
 
-Light on purpose (no torch): the CLI builds its options and help from it before any model is loaded.
+Light on purpose (no torch): the CLI and the job spec check names and build their help before any model is loaded.
 """
 
 from __future__ import annotations
@@ -22,6 +23,37 @@ GRAMMAR = "atman, atman:<mode>[+conceptual][+squares], atman+squares, atman:pape
     [f"atman:{v}" for v in VARIANTS] + list(PEERS + BASELINES)
 )
 """How the names are built, for help texts; ``<mode>`` is one of AtManConfig's modes."""
+
+
+EXPLAIN_METHODS = ("atman", *(f"atman:{v}" for v in VARIANTS), *PEERS, *(b for b in BASELINES if b != "random"))
+"""The methods a job (``method.name``) and ``atman explain --method`` run (``pipeline.methods``): AtMan (the
+default, batched sweeps), its estimators, the peers and the baselines. ``random`` is the evaluation's yardstick
+only, and ``atman:<mode>`` names are the evaluation's: a job sets ``method.mode``."""
+UNIT_FIELDS = ("granularity", "delimiter", "generate_max_tokens")
+"""The AtManConfig fields every method uses: the units (granularity, delimiter; the explain span is the row's) and
+the generated target's length. A peer or a baseline uses no other."""
+
+
+def check_method(name: str) -> str:
+    """``name`` if a job or ``atman explain`` runs it, else ValueError listing the names (the caller names its
+    field: ``method.name``, ``--method``)."""
+    if name not in EXPLAIN_METHODS:
+        raise ValueError(f"{name!r} is not a method; the names are {', '.join(EXPLAIN_METHODS)}")
+    return name
+
+
+def atman_family(name: str) -> bool:
+    """``atman`` and its estimators ``atman:<variant>``: they use AtMan's config (mode, factor, precision, ...)."""
+    return name == "atman" or name.startswith("atman:")
+
+
+def unused_settings(name: str, values: dict) -> list[str]:
+    """The AtManConfig fields in ``values`` that ``name`` does not use but that differ from their defaults (a peer
+    uses ``UNIT_FIELDS`` only), so that nothing asked for is silently ignored."""
+    if atman_family(name):
+        return []
+    fields = AtManConfig.model_fields
+    return [k for k, v in values.items() if k in fields and k not in UNIT_FIELDS and v != fields[k].default]
 
 
 LDS_MASKS = 32

@@ -303,8 +303,12 @@ def target_logprob(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits, -1).gather(-1, target[..., None]).squeeze(-1).sum(-1)
 
 
+IG_STEPS = 20
+"""Integrated gradients' steps from the zeroed prompt to the prompt (``ig``)."""
+
+
 def gradient_scores(forward: Callable, embeds: torch.Tensor, n_prompt: int, integrated: bool,
-                    steps: int = 20) -> np.ndarray:  # fmt: skip
+                    steps: int = IG_STEPS) -> np.ndarray:  # fmt: skip
     """Captum's InputXGradient, or IntegratedGradients from zeroed prompt embeddings (the target's stay: the prompt
     goes from nothing to itself), of ``forward(embeds)`` ([1, n, d] -> [B]), summed over the hidden dimension: one
     score per position."""

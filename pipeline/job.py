@@ -43,12 +43,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
 
-from pipeline.errors import BadInput, RunIncomplete, UnsupportedModel
+from pipeline.errors import BadInput, MethodUnsupported, RunIncomplete, UnsupportedModel
 from pipeline.executors import Executor, executor, worker_error
 from pipeline.jobspec import JobSpec, JobSpecError
 from pipeline.layout import RunPaths, new_run_id, part_name, publish, remove_temps, storage_error, valid_run_id
 from pipeline.lease import Lease
 from pipeline.messages import first_line
+from pipeline.methods import method_params
 from pipeline.models import check_model
 from pipeline.parts import SCHEMA_VERSION, STATUSES
 from pipeline.plan import Plan, input_changes, make_plan, plan_problem
@@ -336,6 +337,8 @@ def reported(attempt: Attempt) -> Iterator[None]:
         if isinstance(cause, UnsupportedModel):  # the model, not the data: every worker refuses it before a row
             with contextlib.suppress(Exception):
                 remove_staging(attempt.paths)  # staged rows are not output; leave nothing of a run that cannot start
+            if isinstance(cause, MethodUnsupported):  # the chosen method's refusal, not AtMan's
+                raise JobSpecError(f"method.name: {cause} (model.id {attempt.spec.model.id!r})") from None
             reason = str(cause).removeprefix("model: ")
             raise JobSpecError(f"model.id: {attempt.spec.model.id!r} cannot be explained exactly: {reason}") from None
         if isinstance(cause, (BadInput, RunIncomplete)):
@@ -457,7 +460,7 @@ def _manifest(spec: JobSpec, paths: RunPaths, plan: Plan, progress: dict[int, di
         "model": {"id": spec.model.id, "revision": spec.model.revision, "slug": paths.model},
         "config": spec.model_dump(mode="json"),
         "config_hash": spec.config_hash(),
-        "method_params": spec.method.atman_config().model_dump(mode="json"),
+        "method_params": method_params(spec.method.name, spec.method.atman_config()),
         "compute": compute_of(progress),
         "rows": sum(f["rows"] for f in files),
         "counts": {s: sum(r["counts"][s] for r in progress.values()) for s in STATUSES},

@@ -5,7 +5,7 @@ Shape (every field, with its documentation: `atman run --help` and jobs/examples
     name: demo
     model: {id: smollm2-135m-instruct, revision: null, dtype: auto}
     input: {path: jobs/examples/prompts.jsonl, format: auto, id_column: id, prompt_column: prompt, ...}
-    method: {mode: log_additive, factor: 0.1, conceptual_threshold: null, granularity: word, ...}  (AtManConfig's)
+    method: {name: atman, mode: log_additive, factor: 0.1, conceptual_threshold: null, granularity: word, ...}
     output: {root: out/, compression: zstd}
     resources: {actors: 1, gpus_per_actor: 0, batch_rows: 8}
     schedule: {cron: "0 2 * * *"}
@@ -22,10 +22,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from pipeline.atman.config import AtManConfig
 from pipeline.errors import BadInput
+from pipeline.eval_methods import UNIT_FIELDS, check_method, unused_settings
 from pipeline.messages import describe
 from pipeline.models import DEFAULT_MODEL, DType
 
@@ -86,8 +87,31 @@ or only matter in Python (`target_units`: jobs store the prompt's units)."""
 
 
 class _Method(_Strict):
+    name: str = "atman"
+    """The method: atman (the default: one suppression pass per unit, batched), atman:<variant> (AtMan's estimators
+    with fewer passes, pipeline.atman.variants), a peer (attnlrp, occlusion, contextcite) or a baseline (ixg, ig,
+    rollout). Every method scores the same units (granularity, delimiter, explain span) into the same columns; a peer
+    or a baseline uses no other field below, which must then keep its default."""
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        return check_method(v)
+
+    @model_validator(mode="after")
+    def _used(self):
+        """A field the method does not use, set to other than its default, would be silently ignored: refused."""
+        unused = unused_settings(self.name, self.model_dump(exclude={"name"}))
+        if unused:
+            raise ValueError(
+                f"{self.name} uses only {', '.join(UNIT_FIELDS)} of the method's fields, not "
+                f"{', '.join(unused)}: remove {', '.join(f'method.{k}' for k in unused)}, or choose an AtMan method"
+            )
+        return self
+
     def atman_config(self, **engine: Any) -> AtManConfig:
-        return AtManConfig(**self.model_dump(), **engine)
+        """The AtMan config of the method's fields: the whole method for the AtMan family, the units for the others."""
+        return AtManConfig(**self.model_dump(exclude={"name"}), **engine)
 
 
 MethodSpec = create_model(
@@ -180,6 +204,8 @@ class JobSpec(_Strict):
     def config_hash(self) -> str:
         """Hash of what determines the results (model, method), for lineage and audits."""
         unset = {"image_grid"} if self.method.image_grid is None else set()  # text jobs keep their earlier hash
+        if self.method.name == "atman":  # as do AtMan jobs: the hash of a spec from before method.name is unchanged
+            unset.add("name")
         method = self.method.model_dump(exclude=unset)
         key = json.dumps({"model": self.model.model_dump(), "method": method}, sort_keys=True)
         return hashlib.sha256(key.encode()).hexdigest()[:16]

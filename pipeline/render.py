@@ -43,6 +43,16 @@ def chat_note(e: Explanation, raw_text_hint: str = "chat=False") -> str | None:
     return f"chat template: applied automatically (the prompt ends in '?'; {raw_text_hint} for raw text)"
 
 
+def _method_text(e: Explanation) -> str:
+    """AtMan's mode and factor; another method's name (``params["name"]``, pipeline/methods.py), and its mode and
+    factor for an AtMan estimator."""
+    name = e.params.get("name", "atman")
+    suppression = f"mode: {e.mode}  factor: {e.factor}"
+    if name == "atman":
+        return suppression
+    return f"method: {name}  {suppression}" if name.startswith("atman:") else f"method: {name}"
+
+
 def render_explanation(
     e: Explanation, console: Console | None = None, top_k: int = 5, raw_text_hint: str = "chat=False"
 ) -> None:
@@ -55,7 +65,7 @@ def render_explanation(
     console.print(heat_text(e.prompt, e.units, e.scores.tolist()))
     console.print(
         f"target: {e.target!r}   base CE: {e.base_target_ce:.3f} nats over {len(e.target_tokens)} tokens   "
-        f"mode: {e.mode}  factor: {e.factor}  granularity: {e.granularity}"
+        f"{_method_text(e)}  granularity: {e.granularity}"
     )
     table = Table("rank", "unit", "start", "score")
     for rank, (text, start, _, score) in enumerate(e.top(top_k), 1):

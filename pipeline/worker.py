@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pipeline.errors import UnsupportedModel
 from pipeline.jobspec import JobSpec
 from pipeline.layout import RunPaths, filesystem, part_name, publish
+from pipeline.methods import DEFAULT, MethodRefused, MethodRunner
 from pipeline.parts import Provenance, encode, error_row, ok_row, read_part, recorded_part, skipped_row
 from pipeline.progress import marker, write_marker
 from pipeline.staging import read_shard
@@ -59,7 +60,6 @@ class ExplainWorker:
         import torch
         import transformers
 
-        from pipeline.atman.explainer import Explainer
         from pipeline.models import load_model
 
         transformers.utils.logging.set_verbosity_error()
@@ -79,8 +79,10 @@ class ExplainWorker:
             device="cpu" if gpus == 0 else "auto",
         )  # fmt: skip
         self.config = self.spec.method.atman_config()
-        self.explainer = _refusing(Explainer, self.lm, self.config)
-        self.method_params = json.dumps(self.explainer.params(), sort_keys=True)  # precision resolved
+        # the method (method.name): refused here, once per actor, when it cannot explain this model
+        self.method = _refusing(MethodRunner, self.lm, self.spec.method.name, self.config)
+        self.explainer = self.method.explainer
+        self.method_params = json.dumps(self.method.params(), sort_keys=True)  # precision resolved
         self.provenance = Provenance(
             self.run.run_id, m.id, self.lm.revision, self.method_params, self.config.granularity
         )  # what every row of its parts repeats
@@ -155,8 +157,8 @@ class ExplainWorker:
                 row.result = skipped_row(self.provenance, req, req["input_error"])
                 continue
             try:
-                row.planned = self.explainer.plan(self._request(req))
-            except ValueError as err:  # the request itself is unexplainable: named by the engine
+                row.planned = self.method.plan(self._request(req))
+            except ValueError as err:  # the request itself is unexplainable: named by the engine (or the method)
                 row.result = skipped_row(self.provenance, req, _name_image(req, str(err)))
                 continue
             except Exception as err:  # noqa: BLE001 - a row never takes the batch down
@@ -164,10 +166,33 @@ class ExplainWorker:
                 continue
             row.plan_s = time.perf_counter() - started
             todo.append(row)
+        if self.method.name != DEFAULT:  # another method: one request at a time (pipeline/methods.py)
+            for row in todo:
+                self._score(row)
+            return [r.result for r in rows]
         # rows given as embeddings (with an image) and as token ids do not share a forward batch
         self._explain([r for r in todo if r.planned.sweep_input.embeds is None], self.config.batch_size)
         self._explain([r for r in todo if r.planned.sweep_input.embeds is not None], self.config.batch_size)
         return [r.result for r in rows]
+
+    def _score(self, row: _Row) -> None:
+        """One planned row under a method other than atman: ok; skipped where the method refuses the request as
+        configured (``MethodRefused``, e.g. ContextCite with fewer ablations than units); error where it fails."""
+        import torch
+
+        started = time.perf_counter()
+        try:
+            explanation = self.method.explain(row.planned)
+        except MethodRefused as err:
+            row.result = skipped_row(self.provenance, row.request, str(err))
+            return
+        except Exception as err:  # noqa: BLE001 - a row never takes the batch down
+            if isinstance(err, torch.OutOfMemoryError):
+                _free_cuda()
+            row.result = error_row(self.provenance, row.request, _message(err))
+            return
+        latency = row.plan_s + time.perf_counter() - started
+        row.result = ok_row(self.provenance, row.request, explanation, latency_s=latency)
 
     def _request(self, req: dict):
         """What the row asks to explain: its prompt, target, explain span, chat choice and image (whose units
@@ -252,7 +277,8 @@ def _name_image(req: dict, message: str) -> str:
 
 def _refusing(make, *args):
     """``make(*args)``, the engine's refusal of the model raised as ``UnsupportedModel``: an error the driver can
-    unpickle without torch, so it reaches ``run_job`` as itself (exit 2 naming model.id)."""
+    unpickle without torch, so it reaches ``run_job`` as itself (exit 2 naming model.id). A method's own refusal
+    (``MethodUnsupported``) passes as it is (exit 2 naming method.name)."""
     from pipeline.atman.attention import UnsupportedModelError
 
     try:

@@ -116,7 +116,7 @@ def test_method_options_come_from_atman_config():
     for option, value in (("--granularity", engine.granularity), ("--mode", engine.mode), ("--factor", engine.factor)):
         assert re.search(rf"{option} [^\[]*\[default: {value}\]", text), option
     spec = MethodSpec()
-    assert set(MethodSpec.model_fields) == set(METHOD_FIELDS)
+    assert set(MethodSpec.model_fields) == {"name", *METHOD_FIELDS} and spec.name == "atman"  # name: which method
     assert {k: getattr(spec, k) for k in METHOD_FIELDS} == {k: getattr(engine, k) for k in METHOD_FIELDS}
     for name in METHOD_FIELDS:
         assert MethodSpec.model_fields[name].description == AtManConfig.model_fields[name].description, name

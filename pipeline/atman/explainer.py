@@ -76,9 +76,13 @@ class Explainer:
     ``pipeline.load_model`` returns (anything with ``.model`` and ``.tokenizer``). ``config`` is the method
     (default ``AtManConfig()``); ``Explainer(lm, config)``, the original form, still works: an ``AtManConfig`` in
     the tokenizer's place is the config. The model is used as it is (device, dtype); it must be in eval mode.
+
+    ``probe=False`` skips the support probe at construction (``check_supported``): for planning requests that another
+    method scores (a peer needs AtMan's units, not its suppression). ``run`` still refuses a model suppression cannot
+    reach, on every forward pass.
     """
 
-    def __init__(self, model, tokenizer=None, config: AtManConfig | None = None) -> None:
+    def __init__(self, model, tokenizer=None, config: AtManConfig | None = None, *, probe: bool = True) -> None:
         if isinstance(tokenizer, AtManConfig):  # Explainer(lm, config)
             if config is not None:
                 raise TypeError("config: given twice (in the tokenizer's place and as config=); give it once")
@@ -110,7 +114,8 @@ class Explainer:
         """The policy ``config.precision`` resolved to for this model: what the sweep runs and every output records."""
         self._embeddings = self.model.get_input_embeddings().weight
         self._context = context_length(self.model, self.tokenizer)
-        self.check_supported()
+        if probe:
+            self.check_supported()
         _warn_low_precision(self.precision)
 
     def check_supported(self) -> None:

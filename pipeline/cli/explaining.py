@@ -1,7 +1,8 @@
 """``atman explain``: one prediction explained in the terminal (or as JSON), the library's Explainer behind it.
 
 The method options are AtManConfig's fields (common.method_option), the inputs one ExplainRequest: what the
-command reads from its options is what the Python API and a job's worker take.
+command reads from its options is what the Python API and a job's worker take. ``--method`` picks another method
+by the job's names (``method.name``): it runs through ``pipeline.methods`` as a job's worker runs it.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from pipeline.cli.common import (
     reported,
     threshold,
 )
+from pipeline.errors import MethodUnsupported
+from pipeline.eval_methods import EXPLAIN_METHODS, atman_family, check_method, unused_settings
 from pipeline.messages import first_line
 from pipeline.models import DEFAULT_MODEL
 
@@ -50,6 +53,13 @@ Preset = Annotated[
     typer.Option(
         help="'paper': the AtMan authors' research code (AtManConfig.paper(): mode, factor, conceptual "
         "suppression, target units, aggregation); --granularity still applies. 'none': the options above."
+    ),
+]
+Method = Annotated[
+    str,
+    typer.Option(
+        help=f"The method: {', '.join(EXPLAIN_METHODS)}. Every one scores the same units (--granularity, "
+        "--delimiter, --explain-span); a peer or a baseline uses no AtMan option (they keep their defaults)."
     ),
 ]
 ExplainSpan = Annotated[str | None, typer.Option(help="Only explain prompt characters START:END.")]
@@ -88,6 +98,7 @@ def explain(
     postprocess: Postprocessing = ENGINE.postprocess,
     normalize: Normalize = ENGINE.normalize,
     preset: Preset = "none",
+    method: Method = "atman",
     explain_span: ExplainSpan = None,
     chat: Chat = None,
     dtype: WeightsDType = "auto",
@@ -101,6 +112,11 @@ def explain(
 ) -> None:
     """Explain one prediction: score every unit of the prompt by how much suppressing it hurts the target."""
     quiet_libraries()
+    _check_method(
+        method, preset, mode=mode, factor=factor, conceptual_threshold=threshold(conceptual_threshold),
+        aggregate=aggregate, postprocess=postprocess, normalize=normalize, precision=precision,
+        attention_kernel=attention_kernel,
+    )  # fmt: skip
     config = _config(
         preset, granularity=granularity, delimiter=delimiter, precision=precision, attention_kernel=attention_kernel,
         mode=mode, factor=factor, conceptual_threshold=conceptual_threshold, aggregate=aggregate,
@@ -113,13 +129,29 @@ def explain(
     )
     with reported(ValueError):
         request.check()  # before the model loads: a bad request exits 2 at once
-    explanation, pictures = _explained(model, dtype, device, config, request, image)
-    _print(explanation, as_json)
+    explanation, pictures = _explained(model, dtype, device, config, request, image, method)
+    _print(explanation, as_json, method)
     if image:
         from pipeline.overlay import write_overlay
 
         path = write_overlay(explanation, pictures, overlay or "atman-overlay.png")
         (err if as_json else Console()).print(f"wrote {path}", highlight=False, soft_wrap=True)
+
+
+def _check_method(name: str, preset: str, **atman_options) -> None:
+    """Before any model loads: ``--method`` is a method, and a method other than AtMan's is given no AtMan option
+    it would ignore (exit 2 naming the option)."""
+    with reported(ValueError):
+        try:
+            check_method(name)
+        except ValueError as error:
+            raise ValueError(f"--method: {error}") from None
+    if preset != "none" and not atman_family(name):
+        fail(f"--preset: {preset} is an AtMan configuration; {name} does not use it (drop --preset or --method)")
+    unused = unused_settings(name, atman_options)
+    if unused:
+        options = ", ".join("--" + k.replace("_", "-") for k in unused)
+        fail(f"{options}: {name} does not use AtMan's {', '.join(unused)}; drop {options}, or choose an AtMan method")
 
 
 def _config(preset: str, *, granularity, delimiter, precision, attention_kernel, conceptual_threshold, **method):
@@ -140,15 +172,16 @@ def _config(preset: str, *, granularity, delimiter, precision, attention_kernel,
         )
 
 
-def _explained(model: str, dtype: str, device: str, config: AtManConfig, request: ExplainRequest, image):
-    """Load the model and explain ``request`` (with the ``image`` files) under ``config``; the
-    explanation and the images it was given. Bad input exits 2 naming it, a device out of memory 1 with what to
-    change."""
+def _explained(model: str, dtype: str, device: str, config: AtManConfig, request: ExplainRequest, image, method):
+    """Load the model and explain ``request`` (with the ``image`` files) under ``config`` by ``method``; the
+    explanation and the images it was given. Bad input exits 2 naming it (a method that cannot explain the model
+    or the request, naming ``--method``), a device out of memory 1 with what to change."""
     import torch
 
     from pipeline import Explainer, UnsupportedModelError, load_model
 
     say = {
+        MethodUnsupported: lambda e: f"--method: {e}",
         UnsupportedModelError: lambda e: (
             f"model: {model!r} cannot be explained exactly: {str(e).removeprefix('model: ')}"
         ),
@@ -167,14 +200,18 @@ def _explained(model: str, dtype: str, device: str, config: AtManConfig, request
                 f"--image: {model!r} is a text-only model (it has no image processor); images need a "
                 f"vision-language model of a supported family ({', '.join(FAMILIES)}) given to --model"
             )
-        explainer = Explainer(lm, config)
         pictures = None
         if image:
             from pipeline.atman.multimodal import load_images
 
             pictures = load_images(image)
         request = replace(request, images=pictures)
-        return explainer.explain(request), pictures
+        if method == "atman":
+            return Explainer(lm, config).explain(request), pictures
+        from pipeline.methods import MethodRunner
+
+        runner = MethodRunner(lm, method, config)
+        return runner.explain(runner.plan(request)), pictures
 
 
 def _span(value: str | None) -> tuple[int, int] | None:
@@ -187,12 +224,13 @@ def _span(value: str | None) -> tuple[int, int] | None:
     return start, end
 
 
-def _print(explanation, as_json: bool) -> None:
-    """The explanation on stdout: a table, or pure JSON (whose "chat" object says what the note on stderr says)."""
+def _print(explanation, as_json: bool, method: str = "atman") -> None:
+    """The explanation on stdout: a table, or pure JSON (whose "chat" object says what the note on stderr says, and
+    "method" which method ran)."""
     from pipeline.render import chat_note, render_explanation
 
     if as_json:
-        sys.stdout.write(json.dumps(explanation.to_dict(), ensure_ascii=False) + "\n")
+        sys.stdout.write(json.dumps(explanation.to_dict() | {"method": method}, ensure_ascii=False) + "\n")
         note = chat_note(explanation, raw_text_hint="--no-chat")
         if note:
             err.print(note, highlight=False, markup=False, soft_wrap=True)

@@ -176,6 +176,13 @@ def print_audit(result) -> None:
         )
     out = Console()
     out.print(f"[bold]{s['new']}[/] vs [bold]{s['base']}[/]", highlight=False)
+    if s["method_changed"]:
+        old, now = s["method"]["base"], s["method"]["new"]
+        out.print(
+            f"warning: the runs ran different methods ({old} -> {now}): the scores are not comparable; the numbers "
+            "below say how far the two methods agree, not whether either drifted",
+            style="yellow", highlight=False, markup=False, soft_wrap=True,
+        )  # fmt: skip
     out.print(table)
     for change in s["config_changed"]:
         out.print(f"note: the runs differ in {change}", highlight=False, markup=False, soft_wrap=True)

@@ -49,6 +49,8 @@ FAMILIES = {  # the model class -> lxt's module of rules for it (its file: effic
     "LlamaForCausalLM": "lxt.efficient.models.llama",
     "Gemma3ForCausalLM": "lxt.efficient.models.gemma3",
 }
+SETTINGS = {"attnlrp": {"lxt_version": LXT_VERSION, "explained": "sum of the target tokens' logits"}}
+"""What ``method_params`` records for a run of this peer."""
 _LOCK = threading.RLock()
 _MISSING = object()
 
@@ -140,16 +142,25 @@ def attnlrp_patched(family: str = "lxt.efficient.models.llama") -> Iterator[None
                     setattr(target, name, value)
 
 
-def token_relevance(lm, planned) -> tuple[np.ndarray, float]:
-    """AttnLRP relevance of every input token (prompt and target, [n]) for the summed target-token logits, and that
-    explained output (the relevances sum to about it)."""
-    model = lm.model
+def check_model(model) -> str:
+    """The lxt rule module for ``model``'s class (``FAMILIES``), its files loaded; ``AttnLRPUnavailable`` naming the
+    class and the supported ones for any other architecture (no rules: the relevances would be plain gradients
+    under another name), or naming what is missing when lxt cannot be loaded."""
     family = FAMILIES.get(type(model).__name__)
     if family is None:
         raise AttnLRPUnavailable(
             f"attnlrp: {type(model).__name__} is not supported; this peer applies lxt's rules for "
             f"{', '.join(FAMILIES)} only"
         )
+    _lxt_modules(family)
+    return family
+
+
+def token_relevance(lm, planned) -> tuple[np.ndarray, float]:
+    """AttnLRP relevance of every input token (prompt and target, [n]) for the summed target-token logits, and that
+    explained output (the relevances sum to about it)."""
+    model = lm.model
+    family = check_model(model)
     ids = planned.sweep_input.input_ids.to(model.device)[None]
     n_target = planned.sweep_input.n_target
     embeds = model.get_input_embeddings()(ids).detach().requires_grad_()

@@ -9,7 +9,15 @@ import numpy as np
 import torch
 
 from pipeline.atman import attention
-from pipeline.evaluate import gradient_scores, target_logprob, unit_sums
+from pipeline.evaluate import IG_STEPS, gradient_scores, target_logprob, unit_sums
+
+SETTINGS = {
+    "ixg": {"explained": "log-probability of the target"},
+    "ig": {"explained": "log-probability of the target", "steps": IG_STEPS, "baseline": "zeroed prompt embeddings"},
+    "rollout": {"residual_weight": 0.5, "heads": "mean"},
+}
+"""What ``method_params`` records for a run of each baseline."""
+ROLLOUT_RESIDUAL = SETTINGS["rollout"]["residual_weight"]
 
 
 def input_x_gradient(lm, planned) -> np.ndarray:
@@ -48,7 +56,7 @@ def _rollout(lm, planned) -> np.ndarray:
     rollout = torch.eye(n, dtype=torch.float64)
     for layer in attentions:
         a = layer[0].double().mean(0).cpu()
-        a = 0.5 * a + 0.5 * torch.eye(n, dtype=torch.float64)
+        a = (1 - ROLLOUT_RESIDUAL) * a + ROLLOUT_RESIDUAL * torch.eye(n, dtype=torch.float64)
         rollout = (a / a.sum(-1, keepdim=True)) @ rollout
     rows = rollout[n_prompt - 1 : n - 1]  # the positions that predict the target tokens
     return rows.mean(0).numpy()

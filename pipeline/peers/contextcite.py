@@ -33,6 +33,23 @@ import numpy as np
 
 from pipeline.atman.prompts import leading_special_ids
 
+SETTINGS = {"contextcite": {"num_ablations": 64, "ablation_keep_prob": 0.5, "batch_size": 1}}
+"""The library's defaults, given explicitly (so a run records them, ``method_params``); its LASSO solver stays its
+default ``LassoRegression(0.01)``."""
+
+
+def ablation_problem(n_units: int, num_ablations: int | None = None) -> str | None:
+    """Why ContextCite cannot attribute ``n_units`` units with ``num_ablations`` random ablations (default
+    ``SETTINGS``): a surrogate fitted on fewer ablations than units is underdetermined, its weights are decided by
+    the LASSO penalty, not the model. None when there are enough."""
+    num_ablations = SETTINGS["contextcite"]["num_ablations"] if num_ablations is None else num_ablations
+    if n_units <= num_ablations:
+        return None
+    return (
+        f"contextcite: {n_units} units but {num_ablations} ablations; its surrogate needs at least as many ablations "
+        "as units: use a coarser method.granularity (sentence) or an explain span"
+    )
+
 
 def _import_context_cite():
     """``context_cite`` without its import-time ``nltk.download("punkt_tab")`` (a network call that prints to stderr
@@ -142,6 +159,7 @@ def build_citer(lm, planned, **kwargs):
     spans = [(u.start, u.start + u.length) for u in planned.units]
     partitioner = unit_partitioner(planned.prepared.prompt, spans)
     target = planned.target_ids.tolist()
+    kwargs = SETTINGS["contextcite"] | kwargs
     citer = planned_citer(lm.model, lm.tokenizer, partitioner, planned.prepared.chat, target, **kwargs)
     ids = planned.sweep_input.input_ids.tolist()
     if citer._get_prompt_ids() + target != ids:

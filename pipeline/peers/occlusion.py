@@ -36,6 +36,8 @@ from captum.attr import FeatureAblation, LLMAttribution, TextTokenInput
 
 CAPTUM_DEFAULT_BASELINE = 0  # TextTokenInput's default baseline id
 BATCH = 16  # perturbations_per_eval: ablated rows per forward pass (AtManConfig().batch_size, the engine's)
+SETTINGS = {"occlusion": {"perturbations_per_eval": BATCH, "baseline": "the tokenizer's space token"}}
+"""What ``method_params`` records for a run of this peer (``unit_scores``' defaults; ``baseline_token``)."""
 
 
 class UnitTokenInput(TextTokenInput):
