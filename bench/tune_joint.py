@@ -105,10 +105,12 @@ def main() -> None:
     parser.add_argument("--granularity", default="word")
     parser.add_argument("--sample", type=int, default=16)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", default="fp32", help="the engine's precision policy (fp32: TF32 off)")
     parser.add_argument("--removal", action="store_true", help="also the LDS by removal (one forward per ablation)")
     args = parser.parse_args()
-    lm = load_model(args.model, dtype="float32", device="cpu")
-    ev = SquadEval(lm, args.granularity, lds_masks=32)
+    lm = load_model(args.model, dtype="float32", device=args.device)
+    ev = SquadEval(lm, args.granularity, precision=args.precision, lds_masks=32)
     start, examples = time.perf_counter(), []
     for ex in load_squad(str(SQUAD_DEV), sample=args.sample):
         examples.append(measure(ev, ex, args.removal))
@@ -117,6 +119,7 @@ def main() -> None:
     for row in rows:
         print(f"{row['setting']:36s} mAP {row['AP']:5.1f}  LDS {row['lds']:.3f}  LDS removal {row['lds_removal']:.3f}")
     result = {"model": lm.model_id, "granularity": args.granularity, "sample": args.sample, "pool": POOL,
+              "device": str(lm.device), "precision": args.precision,
               "removal": args.removal, "seconds": time.perf_counter() - start, "rows": rows}  # fmt: skip
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
 
