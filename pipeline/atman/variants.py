@@ -17,6 +17,7 @@ import math
 
 import numpy as np
 
+from pipeline.atman.gradient import grad_path_scores, grad_scores
 from pipeline.atman.units import build_units
 
 REFINE_SHARE = 1 / 3
@@ -56,5 +57,5 @@ def coarse_to_fine(explainer, planned, refine_share: float = REFINE_SHARE) -> np
     return scores
 
 
-VARIANTS = {"coarse": coarse_to_fine}
+VARIANTS = {"coarse": coarse_to_fine, "grad": grad_scores, "grad-path": grad_path_scores}
 """``atman:<variant>`` -> its estimator."""
