@@ -134,3 +134,10 @@ def test_refusals_name_the_field(tiny_lms):
         grad_path_scores(Explainer(tiny_lms["llama"]), planned, steps=0)
     with pytest.raises(ValueError, match="mode"):
         coordinate("additive", 0.1)
+
+
+def test_eval_knows_the_gradient_estimators_by_name():
+    from pipeline.eval_methods import GRAMMAR, parse_methods
+
+    assert parse_methods("atman:grad,atman:grad-path") == ["atman:grad", "atman:grad-path"]
+    assert "atman:grad, atman:grad-path" in GRAMMAR
