@@ -22,6 +22,11 @@ MASKED = -1e9  # anything below this in a score row is a key the model's mask hi
 _SOFTMAX = {F.softmax, torch.softmax, torch.Tensor.softmax}
 
 
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """float32, or float64 for a float64 model (finite differences need its precision: tests/test_gradient.py)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _suppress(x: torch.Tensor, mult: torch.Tensor, mode: str) -> torch.Tensor:
     """x: pre-softmax scores plus the model's mask [..., q, k] (float32); mult [k]."""
     visible = x > MASKED
@@ -52,7 +57,9 @@ class Suppressing(TorchFunctionMode):
         if func in _SOFTMAX and args[0].dim() == 4 and args[0].shape[-2:] == (self.n, self.n):
             self.hits += 1
             x = args[0]
-            return func(_suppress(x.float(), self.mult, self.mode).to(x.dtype), *args[1:], **kwargs)
+            if kwargs.get("dtype") is not None:  # eager attention's softmax in float32: float64 for a float64 model
+                kwargs = {**kwargs, "dtype": torch.promote_types(kwargs["dtype"], x.dtype)}
+            return func(_suppress(_wide(x), self.mult, self.mode).to(x.dtype), *args[1:], **kwargs)
         if func is F.scaled_dot_product_attention:
             self.hits += 1
             return self._sdpa(*args, **kwargs)
@@ -63,19 +70,19 @@ class Suppressing(TorchFunctionMode):
             k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
             v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
         scale = 1 / math.sqrt(q.shape[-1]) if scale is None else scale
-        x = (q.float() @ k.float().transpose(-1, -2)) * scale
+        x = (_wide(q) @ _wide(k).transpose(-1, -2)) * scale
         lq, lk = x.shape[-2:]
         if is_causal:
             x = x.masked_fill(~torch.ones(lq, lk, dtype=torch.bool, device=x.device).tril(), -math.inf)
         if attn_mask is not None:
-            x = x.masked_fill(~attn_mask, -math.inf) if attn_mask.dtype == torch.bool else x + attn_mask.float()
+            x = x.masked_fill(~attn_mask, -math.inf) if attn_mask.dtype == torch.bool else x + _wide(attn_mask)
         x = _suppress(x, self.mult, self.mode)
-        return (torch.softmax(x, dim=-1) @ v.float()).to(q.dtype)
+        return (torch.softmax(x, dim=-1) @ _wide(v)).to(q.dtype)
 
 
 def _target_ce(logits: torch.Tensor, ids: torch.Tensor, n_target: int) -> torch.Tensor:
     n = len(ids)
-    logprobs = torch.log_softmax(logits[0].float(), dim=-1)
+    logprobs = torch.log_softmax(_wide(logits[0]), dim=-1)
     return -logprobs[n - n_target - 1 : n - 1].gather(-1, ids[n - n_target :, None])[:, 0]
 
 

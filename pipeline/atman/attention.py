@@ -228,7 +228,9 @@ def suppress_scores(
     if mode in ("multiplicative", "multiplicative_full_row"):
         over = visible if mode == "multiplicative" else keys
         row_min = scores.masked_fill(~over, torch.inf).amin(dim=-1, keepdim=True)
-        scores = torch.where(mult != 1, (scores - row_min) * mult + row_min, scores)
+        # (H - min) m + min written as H + (m - 1)(H - min): an untouched column (m = 1) keeps H exactly, and the
+        # form has its derivative in m at m = 1 (the suppression gradient, gradient.py)
+        scores = scores + (mult - 1) * (scores - row_min)
     elif mode == "log_additive":
         scores = scores + log_multiplier(mult)
     elif mode == "scale":

@@ -23,6 +23,7 @@ import zlib
 
 import numpy as np
 
+from pipeline.atman.gradient import grad_path_scores, grad_scores
 from pipeline.atman.units import build_units
 
 REFINE_SHARE = 1 / 3
@@ -117,5 +118,5 @@ def sparse_fit(masks: np.ndarray, rises: np.ndarray, alpha: float = JOINT_ALPHA)
     return model.fit(masks.astype(np.float64), np.asarray(rises, dtype=np.float64)).coef_.astype(np.float64)
 
 
-VARIANTS = {"coarse": coarse_to_fine, "joint": joint_surrogate}
+VARIANTS = {"coarse": coarse_to_fine, "joint": joint_surrogate, "grad": grad_scores, "grad-path": grad_path_scores}
 """``atman:<variant>`` -> its estimator."""
