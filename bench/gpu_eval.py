@@ -18,9 +18,10 @@ the evaluation does not use (its sources are the evaluation's units, ``pipeline.
 stub module stands in for ``spacy.lang.en`` (``_stub_spacy``), so that import succeeds; nothing calls it.
 
 ``run`` starts one process per (units, method group) (``GROUPS``: AtMan and its estimators; its gradient
-estimators; the gradient baselines; each peer alone), one thread each, all on the one GPU. Each process evaluates the examples in the file's order and
-writes a record per finished example; past ``--deadline`` seconds it starts no new example. Then the records of a
-unit size are merged by example (the methods of every group) into ``records-<units>.jsonl`` in ``--out``, with
+estimators; the gradient baselines; each peer alone), one thread each, all on the one GPU. Each process evaluates
+the examples in the file's order and writes a record per finished example; past ``--deadline`` seconds it starts
+no new example. Then the records of a unit size are merged by example (the methods of every group) into
+``records-<units>.jsonl`` in ``--out``, with
 ``gpu-eval.json`` (the machine, each process's examples, seconds and exit) and each process's log tail; beside them
 one ``bench/tune_joint.py --removal`` per unit size (``tune-joint-<units>.json``).
 """
