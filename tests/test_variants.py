@@ -165,7 +165,7 @@ def test_joint_recovers_a_sparse_linear_model_and_refines_its_top_units(planned_
     model = _Linear(weights)
     from pipeline.atman.variants import joint_surrogate
 
-    scores = joint_surrogate(model, planned)
+    scores = joint_surrogate(model, planned, alpha=0.01)
     np.testing.assert_allclose(scores, weights, atol=0.25)  # the LASSO shrinks each weight by about 0.1-0.15
     assert np.abs(scores[weights == 0]).max() < 0.05 and np.argmax(scores) == 2
     singles = [s[0] for s in model.sets if len(s) == 1][-round(n / 2) :]
@@ -179,7 +179,7 @@ def test_joint_with_only_single_passes_ranks_as_exact_atman(planned_word):
 
     explainer, planned = planned_word
     counting = _Counting(explainer)
-    scores = joint_surrogate(counting, planned, single_share=1.0)
+    scores = joint_surrogate(counting, planned, single_share=1.0, alpha=0.01)
     assert sorted(counting.sets) == [[i] for i in range(len(planned.units))]
     exact = explainer.score(planned).scores.astype(np.float64)
     kept = scores != 0

@@ -66,9 +66,12 @@ def coarse_to_fine(explainer, planned, refine_share: float = REFINE_SHARE) -> np
 JOINT_SUPPRESS = 0.5
 """``joint``: the probability that a unit is suppressed in a random pass (ContextCite's keep probability, 1/2)."""
 JOINT_SINGLE_SHARE = 0.5
-"""``joint``: the share of the budget spent on single-unit passes of the units the joint passes rank highest."""
-JOINT_ALPHA = 0.01
-"""``joint``: the LASSO penalty, relative to the mean absolute rise of the passes (the fit is scale-free)."""
+"""``joint``: the share of the budget spent on single-unit passes of the units the joint passes rank highest (tuned
+with ``JOINT_ALPHA``: 0 and 1/4 lost 0.1 of LDS, 3/4 gave the same)."""
+JOINT_ALPHA = 0.1
+"""``joint``: the LASSO penalty, relative to the mean absolute rise of the passes (the fit is scale-free). Tuned on
+the evaluation's ``--sample 16`` (SmolLM2, sentence units; bench/tune_joint.py, bench/eval/tune-joint-*): the
+largest penalty tried, whose sparser scores gave the highest mAP at the same LDS."""
 _JOINT_STREAM = 0x6A6F696E  # "join": the masks' own random stream, apart from the evaluation's LDS ablations
 
 
