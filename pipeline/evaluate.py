@@ -526,11 +526,12 @@ def map_differences(results: dict[str, MethodResult], seed: int = 0, resamples: 
 
 def sweep(lm, examples: list[Example], mode: str, factors: list[float], kappas: list[float | None],
           granularity: str = UNITS, on_example: Callable[[int, int], None] | None = None,
-          records: str | None = None) -> dict:  # fmt: skip
-    """The paper's line sweep: mAP / mAR / AOPC of AtMan for every (factor, kappa) on the same examples.
-    ``records`` as for ``evaluate``: each example's settings are kept as they finish, and a rerun computes only the
-    settings an example lacks (a grid extended later reuses what was done)."""
-    ev = SquadEval(lm, granularity)
+          records: str | None = None, lds_masks: int = LDS_MASKS) -> dict:  # fmt: skip
+    """The paper's line sweep: mAP / mAR / AOPC (and the LDS, over ``lds_masks`` ablations; 0: none) of AtMan for
+    every (factor, kappa) on the same examples. ``records`` as for ``evaluate``: each example's settings are kept as
+    they finish, and a rerun computes only the settings an example lacks (a grid extended later reuses what was
+    done)."""
+    ev = SquadEval(lm, granularity, lds_masks=lds_masks)
     configs = {
         setting_name(f, k): AtManConfig(mode=mode, factor=f, conceptual_threshold=k, granularity=granularity)
         for f in factors

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from pipeline.evaluate import (
     evaluate,
     load_squad,
 )
+from pipeline.evaluate import evaluate as evaluate_all
 
 ATMAN = str(Path(sys.executable).parent / "atman")
 EXAMPLES = [
@@ -36,6 +38,23 @@ EXAMPLES = [
         "answers": [{"text": "Japan", "answer_start": 38}, {"text": "in Japan", "answer_start": 35}],
     },
 ]
+
+
+def eval_cli(*args: str):
+    """`atman eval ARGS` in this process (typer's CliRunner: exit code, stdout, stderr), for the checks a bad
+    argument decides before a model loads; a fresh process would add only its imports (~5 s each). The real entry
+    point's exit codes are checked by subprocess: 0 (test_cli_on_the_bundled_subset, test_cli_sweep_end_to_end,
+    the forget test) and 2 (test_cli_bad_arguments_exit_2)."""
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    return CliRunner().invoke(app, ["eval", *args])
+
+
+def no_traceback(result) -> bool:
+    """The command ended by its exit code (SystemExit), not by an exception a process would print as a traceback."""
+    return result.exception is None or isinstance(result.exception, SystemExit)
 
 
 @pytest.fixture
@@ -150,7 +169,7 @@ def test_random_scores_near_the_answer_share(tiny_lms, tmp_path):
     many = [{**e, "id": f"{e['id']}-{i}"} for i in range(15) for e in EXAMPLES]
     path = tmp_path / "many.jsonl"
     path.write_text("".join(json.dumps(e) + "\n" for e in many))
-    result = evaluate(tiny_lms["llama"], load_squad(str(path)), ["random"], seed=1)
+    result = evaluate(tiny_lms["llama"], load_squad(str(path)), ["random"], seed=1, lds_masks=0)  # mAP only
     share = 100 * result["answer_share"]
     assert abs(result["methods"]["random"]["mAP"] - share) < 0.5 * share
 
@@ -174,22 +193,22 @@ def test_cli_bad_arguments_exit_2(squad_file):
     out = subprocess.run([ATMAN, "eval", "squad", "--data", str(squad_file), "--methods", "chefer"],
                          capture_output=True, text=True, timeout=120)  # fmt: skip
     assert out.returncode == 2 and "methods: 'chefer'" in out.stderr
-    out = subprocess.run([ATMAN, "eval", "squad", "--data", "/nonexistent.jsonl"], capture_output=True, text=True,
-                         timeout=120)  # fmt: skip
-    assert out.returncode == 2
+    out = eval_cli("squad", "--data", "/nonexistent.jsonl")
+    assert out.exit_code == 2 and no_traceback(out), out.output
 
 
 def test_sweep_grid(tiny_lms, squad_file):
     from pipeline.evaluate import sweep
 
-    result = sweep(tiny_lms["llama"], load_squad(str(squad_file)), "log_additive", [0.0, 0.1], [None, 0.7])
+    result = sweep(tiny_lms["llama"], load_squad(str(squad_file)), "log_additive", [0.0, 0.1], [None, 0.7], lds_masks=4)
     assert [(g["factor"], g["conceptual_threshold"]) for g in result["grid"]] == [
         (0.0, None), (0.0, 0.7), (0.1, None), (0.1, 0.7)
     ]  # fmt: skip
     for g in result["grid"]:
         assert 0 <= g["mAP"] <= 100 and 0 <= g["mAR"] <= 100 and g["seconds_per_example"] > 0
+        assert -1 <= g["lds"] <= 1 and -1 <= g["lds_removal"] <= 1, "the LDS (lds_masks > 0)"
     # factor 0.1 without kappa is the same setting `atman:log_additive` scores
-    single = evaluate(tiny_lms["llama"], load_squad(str(squad_file)), ["atman:log_additive"])
+    single = evaluate(tiny_lms["llama"], load_squad(str(squad_file)), ["atman:log_additive"], lds_masks=0)
     assert result["grid"][2]["mAP"] == pytest.approx(single["methods"]["atman:log_additive"]["mAP"], abs=1e-6)
 
 
@@ -209,16 +228,17 @@ def test_sample_spans_the_file(tmp_path):
 def test_cli_sweep_end_to_end(tiny_model_dir, squad_file, tmp_path):
     out_json = tmp_path / "sweep.json"
     cmd = [ATMAN, "eval", "sweep", "--data", str(squad_file), "--model", tiny_model_dir, "--factors", "0,0.3",
-           "--kappas", "none,0.9", "--sample", "2", "--out", str(out_json)]  # fmt: skip
+           "--kappas", "none,0.9", "--sample", "2", "--lds-masks", "0", "--out", str(out_json)]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out_json.read_text())
     assert result["n"] == 2 and len(result["grid"]) == 4
+    assert all(g["lds"] is None and g["lds_removal"] is None for g in result["grid"]), "--lds-masks 0: no LDS"
     assert "AtMan log_additive sweep" in out.stdout and "0.9" in out.stdout
-    bad = subprocess.run(cmd[:-2] + ["--factors", "0,x"], capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "factors:" in bad.stderr
-    bad = subprocess.run([*cmd[:-2], "--limit", "1"], capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "sample: give --limit or --sample" in bad.stderr
+    bad = eval_cli(*cmd[2:-2], "--factors", "0,x")
+    assert bad.exit_code == 2 and "factors:" in bad.stderr and no_traceback(bad), bad.output
+    bad = eval_cli(*cmd[2:-2], "--limit", "1")
+    assert bad.exit_code == 2 and "sample: give --limit or --sample" in bad.stderr and no_traceback(bad), bad.output
 
 
 @pytest.mark.parametrize(
@@ -231,14 +251,16 @@ def test_cli_sweep_end_to_end(tiny_model_dir, squad_file, tmp_path):
         (["squad", "--granularity", "custom"], ["--granularity", "custom"]),
         (["squad", "--methods", " , "], ["methods: no method given"]),
         (["squad", "--lds-masks", "1"], ["lds_masks: 1 ablations rank nothing"]),
+        (["sweep", "--lds-masks", "1"], ["lds_masks: 1 ablations rank nothing"]),
     ],
 )
-def test_eval_bad_options_exit_2_naming_the_option(args, names):
+def test_eval_bad_options_exit_2_naming_the_option(args, names, monkeypatch):
     """Every bad value is refused before a model loads: exit 2, the option named, no traceback."""
-    out = subprocess.run([ATMAN, "eval", *args], capture_output=True, text=True, timeout=120)
+    monkeypatch.setattr("pipeline.load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    out = eval_cli(*args)
     text = " ".join(out.stderr.split())
-    assert out.returncode == 2, out.stderr
-    assert "Traceback" not in out.stderr and all(n in text for n in names), text
+    assert out.exit_code == 2, out.output
+    assert no_traceback(out) and "Traceback" not in out.stderr and all(n in text for n in names), text
 
 
 def test_removal_deletion_drops_the_top_units_tokens(tiny_lms, squad_file):
@@ -314,8 +336,10 @@ def test_map_differences_are_paired_with_bootstrap_intervals():
 
 def test_records_let_a_stopped_run_go_on(tiny_lms, squad_file, tmp_path, monkeypatch):
     """--records: each finished example is kept; a rerun computes only what the file lacks and reports what a run
-    without records reports. Another model's or units' file is refused naming records."""
+    without records reports. Another model's or units' file is refused naming records. (No LDS here, lds_masks=0:
+    records with and without it are the tests below.)"""
     lm, examples, records = tiny_lms["llama"], load_squad(str(squad_file)), tmp_path / "records.jsonl"
+    evaluate = functools.partial(evaluate_all, lds_masks=0)
     fresh = evaluate(lm, examples, ["atman", "random", "ixg"])
     first = evaluate(lm, examples[:1], ["atman", "random"], records=str(records))
     assert [json.loads(line)["id"] for line in records.read_text().splitlines()] == ["e1"]
@@ -363,6 +387,7 @@ def test_forget_redoes_only_the_methods_it_names(tiny_lms, squad_file, tmp_path,
     """`atman eval forget RECORDS --methods ...` takes methods out of every record; the next run with the file
     computes them (and nothing else) again. Missing files, bad lines and no names exit 2 naming the field."""
     lm, examples, records = tiny_lms["llama"], load_squad(str(squad_file)), tmp_path / "records.jsonl"
+    evaluate = functools.partial(evaluate_all, lds_masks=0)  # mAP is what is compared
     first = evaluate(lm, examples, ["atman", "random", "ixg"], records=str(records))
     out = subprocess.run([ATMAN, "eval", "forget", str(records), "--methods", "ixg,rollout"],
                          capture_output=True, text=True, timeout=120)  # fmt: skip
@@ -381,19 +406,22 @@ def test_forget_redoes_only_the_methods_it_names(tiny_lms, squad_file, tmp_path,
 
     for args, field in (([str(tmp_path / "none.jsonl"), "--methods", "ixg"], "records"),
                         ([str(records), "--methods", " , "], "methods")):  # fmt: skip
-        out = subprocess.run([ATMAN, "eval", "forget", *args], capture_output=True, text=True, timeout=120)
-        assert out.returncode == 2 and field in out.stderr, (args, out.stderr)
+        out = eval_cli("forget", *args)
+        assert out.exit_code == 2 and field in out.stderr and no_traceback(out), (args, out.output)
     records.write_text("not json\n" + records.read_text())
-    out = subprocess.run([ATMAN, "eval", "forget", str(records), "--methods", "ixg"], capture_output=True, text=True,
-                         timeout=120)  # fmt: skip
-    assert out.returncode == 2 and "records:" in out.stderr and ":1 is not an evaluation record" in out.stderr
+    out = eval_cli("forget", str(records), "--methods", "ixg")
+    assert out.exit_code == 2 and "records:" in out.stderr and ":1 is not an evaluation record" in out.stderr
+    assert no_traceback(out)
 
 
 def test_sweep_records_go_on_and_extend_the_grid(tiny_lms, squad_file, tmp_path, monkeypatch):
     """A sweep with records keeps each example's settings; a rerun with a larger grid scores only the new settings
-    and reports what a sweep without records reports. A squad run's records (or another mode's) are refused."""
-    from pipeline.evaluate import sweep
+    and reports what a sweep without records reports. A squad run's records (or another mode's) are refused. (No
+    LDS here, lds_masks=0: test_eval's records tests check records with and without it.)"""
+    from pipeline.evaluate import sweep as sweep_all
 
+    sweep = functools.partial(sweep_all, lds_masks=0)
+    evaluate = functools.partial(evaluate_all, lds_masks=0)
     lm, examples, records = tiny_lms["llama"], load_squad(str(squad_file)), tmp_path / "sweep.jsonl"
     fresh = sweep(lm, examples, "log_additive", [0.0, 0.1], [0.7])
     sweep(lm, examples[:1], "log_additive", [0.1], [0.7], records=str(records))
@@ -469,13 +497,13 @@ def test_lds_ablations_are_the_measured_rises_and_the_score_their_rank_correlati
 def test_records_without_lds_are_measured_again(tiny_lms, squad_file, tmp_path):
     """A records file written before the LDS existed: its methods are computed again, not read as complete."""
     records = tmp_path / "records.jsonl"
-    first = evaluate(tiny_lms["llama"], load_squad(str(squad_file)), ["random"], records=str(records))
+    first = evaluate(tiny_lms["llama"], load_squad(str(squad_file)), ["random"], records=str(records), lds_masks=8)
     lines = [json.loads(line) for line in records.read_text().splitlines()]
     for line in lines:
         for numbers in line["methods"].values():
             del numbers["lds"], numbers["lds_removal"], numbers["lds_masks"]
     records.write_text("".join(json.dumps(line) + "\n" for line in lines))
-    again = evaluate(tiny_lms["llama"], load_squad(str(squad_file)), ["random"], records=str(records))
+    again = evaluate(tiny_lms["llama"], load_squad(str(squad_file)), ["random"], records=str(records), lds_masks=8)
     assert again["methods"]["random"]["lds_removal"] == pytest.approx(first["methods"]["random"]["lds_removal"])
     assert all("lds" in e["methods"]["random"] for e in again["examples"])
 

@@ -136,15 +136,19 @@ def test_word_units(tiny_lms):
     assert len(planned.units) > 20 and scores.shape == (len(planned.units),) and np.isfinite(scores).all()
 
 
-@pytest.mark.slow
-def test_squad_sentence_eval_on_the_real_model():
-    from pipeline import load_model
+def test_squad_sentence_eval(tiny_lms):
+    """ContextCite through `atman eval squad`'s evaluation at sentence units, on the first bundled SQuAD example.
+    Nothing here depends on the weights (units, ranges, the deletion curve), so the tiny Llama with the real
+    tokenizer and chat template computes it (the real model's 64 ablations took most of this file's time)."""
     from pipeline.data import SQUAD_DEV
     from pipeline.evaluate import evaluate, load_squad
 
-    lm = load_model("smollm2-135m-instruct")
     result = evaluate(
-        lm, load_squad(str(SQUAD_DEV), limit=1), ["contextcite", "random"], granularity="sentence", lds_masks=0
+        tiny_lms["llama"],
+        load_squad(str(SQUAD_DEV), limit=1),
+        ["contextcite", "random"],
+        granularity="sentence",
+        lds_masks=0,
     )  # fmt: skip - mAP is what this checks; the LDS is test_eval's
     assert result["n"] == 1 and result["granularity"] == "sentence"  # one example: the suite's budget (issue 25)
     for example in result["examples"]:

@@ -45,6 +45,13 @@ Limit = Annotated[int | None, typer.Option(help="Only the first N examples.")]
 Sample = Annotated[int | None, typer.Option(help="N examples evenly spaced through the file.")]
 Units = Annotated[EvalGranularity, method_option("granularity")]
 Out = Annotated[str | None, typer.Option(help="Also write the JSON result to this file.")]
+LdsMasks = Annotated[
+    int,
+    typer.Option(
+        help="Random ablations per example for the LDS (ContextCite's metric; one forward pass each, shared by the "
+        "methods); 0: no LDS."
+    ),
+]
 Records = Annotated[
     str | None,
     typer.Option(
@@ -68,13 +75,7 @@ def eval_squad(
     records: Records = None,
     dtype: WeightsDType = "auto",
     precision: SweepPrecision = ENGINE.precision,
-    lds_masks: Annotated[
-        int,
-        typer.Option(
-            help="Random ablations per example for the LDS (ContextCite's metric; one forward pass each, shared by "
-            "the methods); 0: no LDS."
-        ),
-    ] = LDS_MASKS,
+    lds_masks: LdsMasks = LDS_MASKS,
 ) -> None:
     """SQuAD plausibility (mAP / mAR, means and interquartile means, 0-100) and deletion AOPC per method."""
     from pipeline.eval_methods import check_lds_masks, parse_methods
@@ -186,20 +187,24 @@ def eval_sweep(
     granularity: Units = ENGINE.granularity,
     out: Out = None,
     records: Records = None,
+    lds_masks: LdsMasks = LDS_MASKS,
 ) -> None:
-    """The paper's line sweep: AtMan's mAP / mAR / AOPC over factor x conceptual threshold on SQuAD."""
+    """The paper's line sweep: AtMan's mAP / mAR / AOPC / LDS over factor x conceptual threshold on SQuAD."""
+    from pipeline.eval_methods import check_lds_masks
     from pipeline.evaluate import load_squad, sweep
 
     quiet_libraries()
     grid_f = [_grid_value("factors", x, float, "factor") for x in factors.split(",")]
     grid_k = [_grid_value("kappas", x, threshold, "conceptual_threshold") for x in kappas.split(",")]
     with reported(ValueError, FileNotFoundError, say={FileNotFoundError: lambda e: f"data: {e}"}):
+        check_lds_masks(lds_masks)
         examples = load_squad(data, limit, sample)
     lm = _eval_model(model)
     result = _with_progress(
         len(examples),
-        lambda tick: sweep(lm, examples, mode, grid_f, grid_k, granularity, on_example=tick, records=records),
-    )
+        lambda tick: sweep(lm, examples, mode, grid_f, grid_k, granularity, on_example=tick, records=records,
+                           lds_masks=lds_masks),
+    )  # fmt: skip
     _emit(result, out, as_json=False)
     _print_metrics(
         f"AtMan {mode} sweep, SQuAD, {result['n']} examples, {result['model']}",
