@@ -14,6 +14,8 @@ docstring.
   count; a LASSO fit of the target's CE rise on which units were suppressed, over all of those passes; the weights
   are the scores. What one unit does together with the others (a fact stated twice, a redundant sentence) reaches
   the scores, which single-unit suppression alone cannot see.
+- ``grad`` and ``grad-path`` (``pipeline.atman.gradient``): the suppression gradient, one backward pass or a path
+  integral of a few; not forward-only, as their names say.
 """
 
 from __future__ import annotations
