@@ -189,9 +189,9 @@ def grad_path_scores(explainer, planned, steps: int = PATH_STEPS) -> np.ndarray:
     """``atman:grad-path``: the suppression gradient integrated along the straight path s = alpha s(factor) on every
     unit's tokens, alpha in (0, 1], by the midpoint rule with ``steps`` points (one forward and backward pass each):
     score_j = s(factor) * mean_alpha sum_{k in unit j} dCE/ds_k (integrated gradients in the suppression coordinate).
-    Completeness: the scores sum to CE(every unit suppressed) - CE(none) up to the quadrature error (measured on
-    SmolLM2 and the tiny test models: tests/test_gradient.py), the rise exact AtMan would measure with all units
-    suppressed in one pass. Nats, whole target."""
+    Completeness: the scores sum to CE(every unit suppressed) - CE(none), the rise the engine measures with all units
+    suppressed in one pass, up to the quadrature error (SmolLM2 on SQuAD, log_additive: within 1.4 %, docs/EVAL.md;
+    the tiny test models: tests/test_gradient.py). Nats, whole target."""
     if steps < 1:
         raise ValueError(f"steps: {steps} is not a positive number of path points")
     return path_scores(explainer, planned, [(i + 0.5) / steps for i in range(steps)])
