@@ -82,6 +82,16 @@ def missing_tool(reason: str, install: str) -> NoReturn:
     pytest.skip(message)
 
 
+def first_sentence(ex):
+    """A SQuAD ``Example`` with its context cut after its first sentence, which must hold the first answer: the
+    real-model evaluation tests' example (a quarter of a whole bundled example's units, for the suite's budget)."""
+    from pipeline.evaluate import Example
+
+    context = ex.context[: ex.context.index(". ") + 1]
+    assert ex.answers[0]["answer_start"] + len(ex.answers[0]["text"]) <= len(context), "the answer is cut off"
+    return Example(ex.id, context, ex.question, ex.answers)
+
+
 @pytest.fixture(scope="session")
 def real_lm() -> LoadedModel:
     """The embedded default model (SmolLM2-135M-Instruct), float32 on CPU."""

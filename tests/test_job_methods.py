@@ -217,8 +217,8 @@ def test_attnlrp_refuses_an_architecture_without_rules_before_any_row(tmp_path, 
     ), refused.value
     assert not list((tmp_path / "out").rglob("*.parquet")), "no row is written for a refused method"
     args = ("--model", gpt2_dir, "--prompt", "a b c", "--target", " d", "--no-chat")
-    out = _cli("explain", *args, "--method", "attnlrp")
-    assert out.returncode == 2 and "--method: attnlrp cannot explain this model: GPT2LMHeadModel" in out.stderr
+    out = _explain(*args, "--method", "attnlrp")
+    assert out.exit_code == 2 and "--method: attnlrp cannot explain this model: GPT2LMHeadModel" in out.stderr
 
 
 def _cli(*args, cwd=None) -> subprocess.CompletedProcess:
@@ -226,11 +226,21 @@ def _cli(*args, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run([ATMAN, *args], capture_output=True, text=True, env=env, timeout=300, cwd=cwd)
 
 
+def _explain(*args):
+    """`atman explain ARGS` in this process (typer's CliRunner: exit code, stdout, stderr), offline: a fresh
+    process would add only its imports; the entry point's own exit codes are checked in test_cli and test_refusal."""
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    return CliRunner().invoke(app, ["explain", *args], env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"})
+
+
 def test_explain_method_attnlrp_prints_its_scores(tiny_model_dir, direct):
     row = ROWS[0]
     args = ("--prompt", row["prompt"], "--target", row["target"], "--granularity", GRANULARITY, "--no-chat")
-    out = _cli("explain", "--model", tiny_model_dir, *args, "--method", "attnlrp", "--json")
-    assert out.returncode == 0, out.stderr
+    out = _explain("--model", tiny_model_dir, *args, "--method", "attnlrp", "--json")
+    assert out.exit_code == 0, out.output
     d = json.loads(out.stdout)
     assert d["method"] == "attnlrp" and d["params"]["name"] == "attnlrp" and d["per_target"] is None
     want = direct("attnlrp", row)

@@ -8,7 +8,7 @@ import copy
 import numpy as np
 import pytest
 import torch
-from conftest import missing_tool
+from conftest import first_sentence, missing_tool
 from tiny_models import tiny_model
 
 from pipeline import LoadedModel
@@ -172,8 +172,11 @@ def test_non_llama_is_refused(tiny_lms):
 
 @pytest.mark.slow
 def test_eval_on_the_real_model(real_lm):
-    result = evaluate(real_lm, load_squad(str(SQUAD_DEV), limit=2), ["attnlrp", "random"], lds_masks=0)  # mAP here
-    assert result["n"] == 2 and set(result["methods"]) == {"attnlrp", "random"}
+    """`atman eval squad --methods attnlrp,random` on the real model, on the first bundled example's first sentence
+    (conftest.first_sentence): every metric in range."""
+    example = first_sentence(load_squad(str(SQUAD_DEV), limit=1)[0])
+    result = evaluate(real_lm, [example], ["attnlrp", "random"], lds_masks=0)
+    assert result["n"] == 1 and set(result["methods"]) == {"attnlrp", "random"}
     for example in result["examples"]:
         m = example["methods"]["attnlrp"]
         assert 0 <= m["AP"] <= 100 and 0 <= m["AR"] <= 100 and m["seconds"] > 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import first_sentence
 
 from pipeline.data import SQUAD_DEV
 from pipeline.evaluate import Example, SquadEval, evaluate, load_squad
@@ -97,15 +98,17 @@ def test_overlapping_units_are_refused(case):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1200)  # ~90 passes of ~160 tokens plus the metrics: minutes on a busy 2-core host
 def test_eval_on_the_real_model(real_lm):
-    """`atman eval squad --methods occlusion,random` on the first bundled example: occlusion beats random on mAP
-    (with Captum's default id 0, <|endoftext|> here, it did not: AP 0.4 against a 1.1 % answer share). One example,
-    not two: the suite's time budget (issue 25); the records of every example are in bench/eval/."""
-    result = evaluate(real_lm, load_squad(str(SQUAD_DEV), limit=1), ["occlusion", "random"], lds_masks=0)  # mAP here
+    """`atman eval squad --methods occlusion,random` on the real model: occlusion beats random on mAP. The first
+    bundled example cut to its first sentence (26 word units, the answer among them: a quarter of the whole
+    example's passes, for the suite's budget); the baseline id, whose Captum default (0, <|endoftext|>) once sank
+    occlusion below random on whole examples, is pinned by the two tests above on every run."""
+    result = evaluate(real_lm, [first_sentence(load_squad(str(SQUAD_DEV), limit=1)[0])], ["occlusion", "random"],
+                      lds_masks=0)  # fmt: skip
     assert result["n"] == 1 and set(result["methods"]) == {"occlusion", "random"}
     for example in result["examples"]:
         m = example["methods"]["occlusion"]
         assert 0 <= m["AP"] <= 100 and 0 <= m["AR"] <= 100 and m["seconds"] > 0
     summary = result["methods"]["occlusion"]
     assert summary["mAP"] > result["methods"]["random"]["mAP"]
+

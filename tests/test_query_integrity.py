@@ -338,7 +338,8 @@ def test_bench_script_runs_on_a_small_run(tmp_path):
     out = tmp_path / "bench.json"
     bench = Path(__file__).parent.parent / "bench" / "bench_query_integrity.py"
     cmd = [sys.executable, str(bench), "--rows", "2500", "--repeat", "1", "--out", str(out)]
-    subprocess.run(cmd, check=True, capture_output=True, timeout=300)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
     (result,) = json.loads(out.read_text())["results"]
     assert result["rows"] == 2500 and result["parts"] == 1 and result["bytes"] > 0
     for key in ("cli_count_first_s", "cli_count_again_s", "connect_count_first_s", "sha256_all_parts_s"):
