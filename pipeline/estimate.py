@@ -37,7 +37,6 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from pipeline.atman.config import AtManConfig
 from pipeline.jobspec import InputSpec, JobSpec, JobSpecError, ResourcesSpec
 from pipeline.layout import RunPaths, filesystem, parquet_bytes, publish, url
 from pipeline.plan import Block, make_plan
@@ -234,35 +233,6 @@ def worker_batches(sample: Sample, res: ResourcesSpec) -> list[list[dict]]:
 # --- what explaining runs, and how long it takes ---------------------------------------------------------------------
 
 
-def sweep_cost(inputs: list, config: AtManConfig, batch_size: int) -> tuple[list[int], list[int], list[float]]:
-    """Forward-pass tokens, passes and forward calls of each ``SweepInput`` as ``sweep`` runs them together (nothing
-    is run): the unperturbed passes, then one pass per unit whose multipliers suppress anything, starting at its
-    first suppressed token (``prefix_reuse``), packed by the sweep's own batching. A forward call over B rows padded
-    to L tokens runs B x L tokens; each of its rows has L of them and 1/B of the call."""
-    import torch
-
-    # the sweep's own packing (private); tests/test_estimate.py checks these counts against the model's real passes
-    from pipeline.atman.sweep import _batches, _Row
-
-    tokens, passes, calls = [0] * len(inputs), [0] * len(inputs), [0.0] * len(inputs)
-    rows = []
-    for i, seq in enumerate(inputs):
-        last_prompt = len(seq.input_ids) - seq.n_target - 1  # as sweep(): a pass starts no later than this
-        for u, mult in enumerate(seq.multipliers):
-            changed = torch.nonzero(mult != 1)
-            if len(changed):
-                start = min(seq.start(int(changed[0])), last_prompt) if config.prefix_reuse else 0
-                rows.append(_Row(i, start, u))
-    for group in ([_Row(i, 0) for i in range(len(inputs))], rows):
-        for batch in _batches(group, inputs, batch_size, config.max_batch_tokens):
-            length = max(len(inputs[r.seq].input_ids) - 1 - r.start for r in batch)
-            for r in batch:
-                tokens[r.seq] += length
-                passes[r.seq] += 1
-                calls[r.seq] += 1 / len(batch)
-    return tokens, passes, calls
-
-
 class Probe:
     """The job's worker (``ExplainWorker``: the model loaded as an actor loads it), used two ways: ``count`` what
     explaining batches would run, without running the sweep; ``time`` explaining batches exactly as the worker does.
@@ -280,6 +250,8 @@ class Probe:
 
     def count(self, batches: list[list[dict]]) -> list[list[dict]]:
         """Per request of each batch: status, units, passes, tokens and its share of forward calls."""
+        from pipeline.atman.sweep import sweep_cost
+
         worker = self.worker
 
         def count_group(group, batch_size: int) -> None:  # stands in for the worker's sweep call: what it would run
@@ -299,6 +271,7 @@ class Probe:
         """Explain batches (in ``spread`` order) as the worker does until ``budget_s`` has passed, at least
         ``MIN_BATCHES``; per batch its rows, seconds, the sweep's seconds, tokens and forward calls, and the seconds
         to build and compress its output rows as a part."""
+        from pipeline.atman.sweep import sweep_cost
         from pipeline.parts import encode
 
         worker = self.worker
