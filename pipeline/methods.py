@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -180,7 +180,7 @@ def _contextcite(planned, config: AtManConfig) -> RowCost:
     settings = peer_settings("contextcite")
     rows = settings["num_ablations"]
     cost = forwards(rows, _n(planned), math.ceil(rows / settings["batch_size"]))
-    return RowCost(cost.forwards, 0, cost.tokens, cost.calls, exact=False)
+    return replace(cost, exact=False)
 
 
 def _one_gradient(planned, config: AtManConfig) -> RowCost:
@@ -230,7 +230,7 @@ def _coarse(planned, config: AtManConfig) -> RowCost:
     refined = [[i] for g in largest if len(g) > 1 for i in g]
     exact = top == len(groups) or not any(len(g) > 1 for g in groups)
     cost = _sweeps(planned, config, groups) + _sweeps(planned, config, refined)
-    return cost if exact else RowCost(cost.forwards, 0, cost.tokens, cost.calls, exact=False)
+    return replace(cost, exact=exact)
 
 
 def _joint(planned, config: AtManConfig) -> RowCost:
@@ -248,7 +248,7 @@ def _joint(planned, config: AtManConfig) -> RowCost:
     cost = _sweeps(planned, config, [np.flatnonzero(m) for m in masks]) + _sweeps(
         planned, config, [[i] for i in singles]
     )
-    return RowCost(cost.forwards, 0, cost.tokens, cost.calls, exact=n_single in (0, n))
+    return replace(cost, exact=n_single in (0, n))
 
 
 COSTS = {
