@@ -5,13 +5,18 @@ explains it: the shard's rows sorted by prompt length, in batches of ``batch_row
 packed into forward passes by the sweep (``pipeline/atman/sweep.py``): one unperturbed pass per prompt, one pass per
 unit recomputing only the positions from its first suppressed token on (prefix reuse). A forward pass over B rows
 padded to L tokens runs B x L tokens; each row's share is L. Those are a row's forward-pass tokens.
+A job of another method (``method.name``) is counted row by row by ``pipeline.methods.row_cost`` (what that method
+runs: forward passes, backward passes counted as two forwards, their tokens), the method never run while counting;
+where a method decides part of its work as it runs (``atman:coarse``'s passes, ``atman:joint``'s and ContextCite's
+tokens) the counts are ceilings and the estimate says so (``counts_exact``).
 
 Timed (the calibration): the model loaded once where an actor loads it (a Ray actor with the job's CPUs and GPUs, or
-this process for ``inline``) and a few sample batches explained by the worker's own code, with the sweep timed
-apart: seconds per forward-pass token, and per row the rest (planning, generating missing targets, scoring, the
-output row). Fixed costs are measured where they are cheap to measure (interpreter start, the model check, starting
-Ray, a first Ray task, starting an actor with its model, stopping Ray) and modelled per row from measured parts
-where they scale with the input (reading and staging rows, settling ids, publishing parts). Every figure says which.
+this process for ``inline``) and a few sample batches explained by the worker's own code, with the sweep (another
+method: its scoring of each row) timed apart: seconds per forward-pass token, and per row the rest (planning,
+generating missing targets, scoring, the output row). Fixed costs are measured where they are cheap to measure
+(interpreter start, the model check, starting Ray, a first Ray task, starting an actor with its model, stopping Ray)
+and modelled per row from measured parts where they scale with the input (reading and staging rows, settling ids,
+publishing parts). Every figure says which.
 
 The estimate is saved (``save``) in the run's directory (``--run-id``) or in ``ROOT/_estimates/<key>.json``, the key
 being the job's config hash, resources and input listing; ``finalize`` adds ``estimate_block`` to the manifest.
@@ -37,9 +42,9 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from pipeline.atman.config import AtManConfig
 from pipeline.jobspec import InputSpec, JobSpec, JobSpecError, ResourcesSpec
 from pipeline.layout import RunPaths, filesystem, parquet_bytes, publish, url
+from pipeline.methods import DEFAULT, MethodRefused, RowCost
 from pipeline.plan import Block, make_plan
 from pipeline.reader import COMPRESSIONS, STAGED_SCHEMA, InputFile, InputListing, iter_requests, list_input
 from pipeline.staging import BLOCK_ROWS
@@ -234,39 +239,10 @@ def worker_batches(sample: Sample, res: ResourcesSpec) -> list[list[dict]]:
 # --- what explaining runs, and how long it takes ---------------------------------------------------------------------
 
 
-def sweep_cost(inputs: list, config: AtManConfig, batch_size: int) -> tuple[list[int], list[int], list[float]]:
-    """Forward-pass tokens, passes and forward calls of each ``SweepInput`` as ``sweep`` runs them together (nothing
-    is run): the unperturbed passes, then one pass per unit whose multipliers suppress anything, starting at its
-    first suppressed token (``prefix_reuse``), packed by the sweep's own batching. A forward call over B rows padded
-    to L tokens runs B x L tokens; each of its rows has L of them and 1/B of the call."""
-    import torch
-
-    # the sweep's own packing (private); tests/test_estimate.py checks these counts against the model's real passes
-    from pipeline.atman.sweep import _batches, _Row
-
-    tokens, passes, calls = [0] * len(inputs), [0] * len(inputs), [0.0] * len(inputs)
-    rows = []
-    for i, seq in enumerate(inputs):
-        last_prompt = len(seq.input_ids) - seq.n_target - 1  # as sweep(): a pass starts no later than this
-        for u, mult in enumerate(seq.multipliers):
-            changed = torch.nonzero(mult != 1)
-            if len(changed):
-                start = min(seq.start(int(changed[0])), last_prompt) if config.prefix_reuse else 0
-                rows.append(_Row(i, start, u))
-    for group in ([_Row(i, 0) for i in range(len(inputs))], rows):
-        for batch in _batches(group, inputs, batch_size, config.max_batch_tokens):
-            length = max(len(inputs[r.seq].input_ids) - 1 - r.start for r in batch)
-            for r in batch:
-                tokens[r.seq] += length
-                passes[r.seq] += 1
-                calls[r.seq] += 1 / len(batch)
-    return tokens, passes, calls
-
-
 class Probe:
     """The job's worker (``ExplainWorker``: the model loaded as an actor loads it), used two ways: ``count`` what
-    explaining batches would run, without running the sweep; ``time`` explaining batches exactly as the worker does.
-    A Ray actor in a planned local run, an object in this process otherwise."""
+    explaining batches would run, without running the method; ``time`` explaining batches exactly as the worker
+    does. A Ray actor in a planned local run, an object in this process otherwise."""
 
     def __init__(self, spec_json: str, run: dict) -> None:
         from pipeline.worker import ExplainWorker
@@ -279,46 +255,62 @@ class Probe:
         return {"load_s": self.load_s, "compute": self.worker.compute}
 
     def count(self, batches: list[list[dict]]) -> list[list[dict]]:
-        """Per request of each batch: status, units, passes, tokens and its share of forward calls."""
+        """Per request of each batch: status, units, passes (forward-pass equivalents), tokens, its share of forward
+        calls and whether those are exact, as the worker plans the batch: atman's sweeps counted as the worker's
+        groups would pack them (``sweep_cost``), any other method's rows by ``row_cost`` (a refused row skipped)."""
+        from pipeline.atman.sweep import sweep_cost
+
         worker = self.worker
+
+        def counted(row, cost: RowCost) -> dict:
+            keys = {"passes": cost.passes, "tokens": cost.tokens, "calls": cost.calls, "exact": cost.exact}
+            return {"status": "ok", "units": len(row.planned.units)} | keys
 
         def count_group(group, batch_size: int) -> None:  # stands in for the worker's sweep call: what it would run
             cost = sweep_cost([r.planned.sweep_input for r in group], worker.config, batch_size)
             for row, k, p, c in zip(group, *cost, strict=True):
-                row.result = {"status": "ok", "units": len(row.planned.units), "passes": p, "tokens": k, "calls": c}
+                row.result = counted(row, RowCost(p, 0, k, c))
 
-        worker._explain = count_group  # this object's worker only
+        def count_row(row) -> None:  # stands in for the worker's scoring of one row by another method
+            try:
+                row.result = counted(row, worker.method.cost(row.planned))
+            except MethodRefused:
+                row.result = {"status": "skipped"}
+
+        stand_in = ("_explain", count_group) if worker.method.name == DEFAULT else ("_score", count_row)
+        setattr(worker, *stand_in)  # this object's worker only
         try:
             out = [worker.explain_rows(batch) for batch in batches]
         finally:
-            del worker._explain
+            delattr(worker, stand_in[0])
         keys = ("units", "passes", "tokens", "calls")
-        return [[{"status": r["status"]} | {k: r.get(k, 0) for k in keys} for r in rows] for rows in out]
+        return [[{"status": r["status"], "exact": r.get("exact", True)} | {k: r.get(k, 0) for k in keys} for r in rows]
+                for rows in out]  # fmt: skip
 
     def time(self, batches: list[list[dict]], budget_s: float) -> list[dict]:
         """Explain batches (in ``spread`` order) as the worker does until ``budget_s`` has passed, at least
-        ``MIN_BATCHES``; per batch its rows, seconds, the sweep's seconds, tokens and forward calls, and the seconds
-        to build and compress its output rows as a part."""
+        ``MIN_BATCHES``; per batch its rows, seconds, the method's own seconds (``sweep_s``: what ``_timed_part``
+        names), its tokens and calls, and the seconds to build and compress its output rows as a part."""
         from pipeline.parts import encode
 
         worker = self.worker
-        explainer, config = worker.explainer, worker.config
-        sweep = explainer.run
+        owner, name, count = self._timed_part()
+        real = getattr(owner, name)
         spent = {"sweep_s": 0.0, "tokens": 0, "calls": 0.0, "count_s": 0.0}
 
-        def timed_sweep(inputs, batch_size: int | None = None):
+        def timed(*args, **kwargs):
             started = time.perf_counter()
-            tokens, _, calls = sweep_cost(inputs, config, batch_size or config.batch_size)
-            spent["tokens"] += sum(tokens)
-            spent["calls"] += sum(calls)
+            tokens, calls = count(*args, **kwargs)
+            spent["tokens"] += tokens
+            spent["calls"] += calls
             spent["count_s"] += time.perf_counter() - started  # the worker does not count: left out below
             started = time.perf_counter()
             try:
-                return sweep(inputs, batch_size=batch_size)
+                return real(*args, **kwargs)
             finally:
                 spent["sweep_s"] += time.perf_counter() - started
 
-        explainer.run = timed_sweep  # this object's explainer only
+        setattr(owner, name, timed)  # this object's only
         out, started = [], time.perf_counter()
         try:
             for n, i in enumerate(spread(len(batches))):
@@ -333,8 +325,32 @@ class Probe:
                 if n + 1 >= MIN_BATCHES and time.perf_counter() - started >= budget_s:
                     break
         finally:
-            del explainer.run
+            delattr(owner, name)
         return out
+
+    def _timed_part(self) -> tuple[object, str, object]:
+        """(object, attribute, counter) of the method's own work in the worker, timed apart: atman's sweep
+        (``explainer.run``; its tokens and calls by ``sweep_cost``), any other method's scoring of one row (the
+        worker's ``_score``; its ``row_cost``, nothing for a row it refuses)."""
+        from pipeline.atman.sweep import sweep_cost
+
+        worker, config = self.worker, self.worker.config
+        if worker.method.name == DEFAULT:
+
+            def sweep(inputs, batch_size: int | None = None) -> tuple[int, float]:
+                tokens, _, calls = sweep_cost(inputs, config, batch_size or config.batch_size)
+                return sum(tokens), sum(calls)
+
+            return worker.explainer, "run", sweep
+
+        def score(row) -> tuple[int, float]:
+            try:
+                cost = worker.method.cost(row.planned)
+            except MethodRefused:
+                return 0, 0.0
+            return cost.tokens, cost.calls
+
+        return worker, "_score", score
 
 
 def spread(n: int) -> list[int]:
@@ -572,6 +588,7 @@ def _document(spec, listing, counted: RowCount, sample: Sample, counts: list[dic
         "version": VERSION,
         "key": job_key(spec, listing.fingerprint()),
         "job": spec.name,
+        "method": spec.method.name,
         "config_hash": spec.config_hash(),
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(),
         "address": address,
@@ -589,6 +606,7 @@ def _document(spec, listing, counted: RowCount, sample: Sample, counts: list[dic
         },
         "per_row": per_row,
         "totals": {k: round(scale * sum(c[k] for c in ok)) for k in keys},
+        "counts_exact": all(c["exact"] for c in ok),
     }
 
 
@@ -715,7 +733,8 @@ def summary_rows(est: dict) -> list[tuple[str, str]]:
     lines = [
         (
             "job",
-            f"{est['job']} (config {est['config_hash']}), {res['actors']} actor(s) x {res['gpus_per_actor']:g} GPU, "
+            f"{est['job']} (method {est['method']}, config {est['config_hash']}), {res['actors']} actor(s) x "
+            f"{res['gpus_per_actor']:g} GPU, "
             f"{res['cpus_per_actor']:g} CPU, batch_rows {res['batch_rows']}, address {est['address']}",
         ),
         ("rows", f"{est['rows']['count']:,} ({est['rows']['how']})"),
@@ -727,6 +746,8 @@ def summary_rows(est: dict) -> list[tuple[str, str]]:
         lines.append((f"per row: {name}", f"{s['mean']:,.1f} mean, {s['p95']:,.0f} p95, {s['max']:,} max"))
     totals = est["totals"]
     lines.append(("job total", f"{totals['units']:,} units, {totals['passes']:,} passes, {totals['tokens']:,} tokens"))
+    if not est["counts_exact"]:
+        lines.append(("counts", f"ceilings: {est['method']} decides part of its work as it runs (methods.row_cost)"))
     fitted = est["calibration"]
     if fitted is None:
         return [*lines, ("time", f"not estimated: {est['not_calibrated']}")]

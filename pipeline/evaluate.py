@@ -305,6 +305,8 @@ def target_logprob(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 IG_STEPS = 20
 """Integrated gradients' steps from the zeroed prompt to the prompt (``ig``)."""
+IG_BATCH = 4
+"""Integrated gradients' steps per forward (and backward) call: Captum's ``internal_batch_size``."""
 
 
 def gradient_scores(forward: Callable, embeds: torch.Tensor, n_prompt: int, integrated: bool,
@@ -318,7 +320,7 @@ def gradient_scores(forward: Callable, embeds: torch.Tensor, n_prompt: int, inte
         baseline = embeds.clone()
         baseline[:, :n_prompt] = 0.0
         ig = IntegratedGradients(forward)
-        attr = ig.attribute(embeds, baselines=baseline, n_steps=steps, internal_batch_size=4)
+        attr = ig.attribute(embeds, baselines=baseline, n_steps=steps, internal_batch_size=IG_BATCH)
     else:
         attr = InputXGradient(forward).attribute(embeds.clone().requires_grad_())
     return attr.sum(-1)[0].detach().float().cpu().numpy()

@@ -89,6 +89,9 @@ class ExplainWorker:
         self.compute = compute_record(self.explainer)
         self._lock = threading.Lock()
         self._done: dict[int, int] = {}
+        self.passes_run = 0
+        """Forward-pass equivalents of every row this actor explained ok (``methods.row_cost``): the markers'
+        ``unit_passes``."""
 
     def explain_shard(self, shard: int, segments: list[dict], retry_errors: bool = False) -> dict:
         """Explain a shard (its ``Plan.segments``) and publish it: part first, then its marker, which is returned."""
@@ -101,20 +104,17 @@ class ExplainWorker:
         todo = [r for r in requests if r["prompt_id"] not in kept]
         explained: dict[str, dict] = {}
         self._done[shard] = 0
-        with self._lock:  # the model: one shard at a time
+        with self._lock:  # the model: one shard at a time (so the passes run meanwhile are this shard's)
+            before = self.passes_run
             rows = self.spec.resources.batch_rows
             for i in range(0, len(todo), rows):
                 for row in self.explain_rows(todo[i : i + rows]):
                     explained[row["prompt_id"]] = row
                 self._done[shard] = len(explained)
+            passes = self.passes_run - before
         out = [kept.get(r["prompt_id"]) or explained[r["prompt_id"]] for r in requests]
         table, data = encode(out, self.spec.output.compression)
         publish(self.fs, self.run.part(part_name(shard)), data)
-        passes = sum(
-            len(r["unit_text"] or []) + len(r["image_scores"] or []) + 1
-            for r in explained.values()
-            if r["status"] == "ok"
-        )
         record = marker(
             shard,
             table,
@@ -192,7 +192,7 @@ class ExplainWorker:
             row.result = error_row(self.provenance, row.request, _message(err))
             return
         latency = row.plan_s + time.perf_counter() - started
-        row.result = ok_row(self.provenance, row.request, explanation, latency_s=latency)
+        self._ok(row, explanation, latency)
 
     def _request(self, req: dict):
         """What the row asks to explain: its prompt, target, explain span, chat choice and image (whose units
@@ -264,7 +264,12 @@ class ExplainWorker:
         for row, out in zip(group, outputs, strict=True):
             explanation = self.explainer.explanation(row.planned, out)
             share = elapsed * len(row.planned.units) / total_units
-            row.result = ok_row(self.provenance, row.request, explanation, latency_s=row.plan_s + share)
+            self._ok(row, explanation, row.plan_s + share)
+
+    def _ok(self, row: _Row, explanation, latency_s: float) -> None:
+        """The row explained: its ok output row, and what explaining it ran counted in ``passes_run``."""
+        row.result = ok_row(self.provenance, row.request, explanation, latency_s=latency_s)
+        self.passes_run += self.method.cost(row.planned).passes
 
 
 def _name_image(req: dict, message: str) -> str:

@@ -331,15 +331,9 @@ class Explainer:
         """[len(unit_sets)] rise of the whole target's CE (nats) with each set of ``planned.units`` (indices)
         suppressed together in one pass, under this config's mode and factor and without conceptual neighbours:
         the deletion curve of a ranking (its top-1, top-2, ... units)."""
-        ids = planned.sweep_input.input_ids
-        groups = [
-            Unit("", 0, 0, tuple(sorted({p for i in unit_set for p in planned.units[i].positions})))
-            for unit_set in unit_sets
-        ]
-        if not groups:
+        if len(unit_sets) == 0:
             return np.zeros(0, dtype=np.float64)
-        mult = unit_multipliers(len(ids), groups, self.config.factor)
-        out = self.run([replace(planned.sweep_input, multipliers=mult)])[0]
+        out = self.run([suppressed_input(planned, unit_sets, self.config.factor)])[0]
         return (out.ce - out.base_ce[None]).sum(dim=1).double().numpy()
 
     def run(self, inputs: list[SweepInput], batch_size: int | None = None) -> list[SweepOutput]:
@@ -423,6 +417,17 @@ class Explainer:
             image_units=[u.patch for u in planned.image_units] if images else None,
             image_scores=scores[n_text:] if images else None,
         )
+
+
+def suppressed_input(planned: Planned, unit_sets: Sequence[Sequence[int]], factor: float) -> SweepInput:
+    """``planned``'s sweep input with one pass per set of ``planned.units`` (indices) suppressed together at
+    ``factor``, no conceptual neighbours: what ``Explainer.suppressed_rise`` sweeps."""
+    groups = [
+        Unit("", 0, 0, tuple(sorted({p for i in unit_set for p in planned.units[i].positions})))
+        for unit_set in unit_sets
+    ]
+    mult = unit_multipliers(len(planned.sweep_input.input_ids), groups, factor)
+    return replace(planned.sweep_input, multipliers=mult)
 
 
 def _finite(outputs: list[SweepOutput], name: str) -> list[SweepOutput]:

@@ -31,6 +31,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 from pipeline.atman import attention, devices, flex
 from pipeline.atman.attention import UnsupportedModelError, explicit_scores, log_multiplier, repeat_kv, suppress_scores
+from pipeline.atman.config import AtManConfig
 
 
 @dataclass(frozen=True)
@@ -396,6 +397,32 @@ def _batches(rows: list[_Row], inputs: list[SweepInput], batch_size: int, max_to
             first.setdefault(r.seq, r.start)
         shared.append([_Row(r.seq, first[r.seq], r.unit) for r in batch])
     return shared
+
+
+def sweep_cost(inputs: list[SweepInput], config: AtManConfig, batch_size: int) -> tuple[list, list, list]:
+    """Forward-pass tokens (int), passes (int) and forward calls (float) of each ``SweepInput`` as ``sweep`` runs
+    them together under ``config`` (its ``prefix_reuse`` and ``max_batch_tokens``), nothing run: the unperturbed
+    passes, then one pass per unit whose multipliers suppress anything, starting at its first suppressed token
+    (``prefix_reuse``), packed by the sweep's own batching (``_batches``). A forward call over B rows padded to L
+    tokens runs B x L tokens; each of its rows has L of them and 1/B of the call. tests/test_estimate.py checks
+    these counts against the model's real passes."""
+    tokens, passes, calls = [0] * len(inputs), [0] * len(inputs), [0.0] * len(inputs)
+    rows = []
+    for i, seq in enumerate(inputs):
+        last_prompt = len(seq.input_ids) - seq.n_target - 1  # as sweep(): a pass starts no later than this
+        for u, mult in enumerate(seq.multipliers):
+            changed = torch.nonzero(mult != 1)
+            if len(changed):
+                start = min(seq.start(int(changed[0])), last_prompt) if config.prefix_reuse else 0
+                rows.append(_Row(i, start, u))
+    for group in ([_Row(i, 0) for i in range(len(inputs))], rows):
+        for batch in _batches(group, inputs, batch_size, config.max_batch_tokens):
+            length = max(len(inputs[r.seq].input_ids) - 1 - r.start for r in batch)
+            for r in batch:
+                tokens[r.seq] += length
+                passes[r.seq] += 1
+                calls[r.seq] += 1 / len(batch)
+    return tokens, passes, calls
 
 
 @torch.inference_mode()
