@@ -111,4 +111,3 @@ def test_eval_on_the_real_model(real_lm):
         assert 0 <= m["AP"] <= 100 and 0 <= m["AR"] <= 100 and m["seconds"] > 0
     summary = result["methods"]["occlusion"]
     assert summary["mAP"] > result["methods"]["random"]["mAP"]
-
