@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 
@@ -259,3 +259,43 @@ def explicit_scores(
         pos = key_positions.float().reshape(-1, 1, 1, key_positions.shape[-1])
         scores = scores + alibi.float()[None, :, None, None] * pos
     return scores
+
+
+def visible_keys(positions: torch.Tensor, window: int | None, mask: torch.Tensor | None) -> torch.Tensor:
+    """bool [1, 1, n, n] for one unpadded sequence at ``positions`` [n]: the model's own mask where it hands one over
+    (bool, or additive: 0 = visible), else causal and sliding-window visibility, as the engine's sweep takes it."""
+    n = len(positions)
+    if mask is not None:
+        mask = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+        return mask[..., -n:].reshape(1, 1, n, n)
+    q, k = positions[:, None], positions[None, :]
+    vis = k <= q
+    if window is not None:
+        vis &= q - k < window
+    return vis[None, None]
+
+
+def eager_attend(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    scaling: float,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    alibi: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    suppress: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Eager attention of one unpadded sequence, no cache: query [1, H, n, d], key/value [1, KV, n, d] -> [1, H, n, d]
+    in query's dtype. Explicit float32 scores (``explicit_scores``, key positions 0..n-1), then ``suppress(scores,
+    visible)`` where given (scores [1, H, n, n], visible bool [1, 1, n, n] from ``visible_keys``), the hidden keys at
+    -inf, softmax, the value product in float32. The naive reference and the suppression gradient run on it."""
+    n_rep = query.shape[1] // key.shape[1]
+    positions = torch.arange(key.shape[2], device=query.device)
+    scores = explicit_scores(query, repeat_kv(key, n_rep), scaling, softcap, alibi, positions)
+    visible = visible_keys(positions, sliding_window, mask)
+    if suppress is not None:
+        scores = suppress(scores, visible)
+    probs = torch.softmax(scores.masked_fill(~visible, -torch.inf), dim=-1)
+    return torch.matmul(probs, repeat_kv(value, n_rep).float()).to(query.dtype)

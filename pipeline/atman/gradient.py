@@ -16,8 +16,9 @@ key's own row and the target positions included; causal rows before it never see
 
 The perturbation runs through the engine's attention route (``attention.activated`` / ``attention.forward``, which
 checks every layer was reached) and its suppression formula (``attention.suppress_scores``) on explicit float32
-scores, with the coordinates a tensor that requires grad; the model's parameters do not. torch is imported on first
-use: ``variants`` registers these estimators and ``pipeline.eval_methods`` reads that registry without torch.
+scores (``attention.eager_attend``, as the naive reference), with the coordinates a tensor that requires grad; the
+model's parameters do not. torch is imported on first use: ``variants`` registers these estimators and
+``pipeline.eval_methods`` reads that registry without torch.
 """
 
 from __future__ import annotations
@@ -62,37 +63,20 @@ class GradientAttention:
         self.mult = torch.exp(s) if mode == "log_additive" else 1.0 + s
         self.calls: Counter = Counter()
 
-    def attend(self, layer, query, key, value, *, scaling, sliding_window=None, softcap=None, alibi=None, mask=None):
-        import torch
-
-        from pipeline.atman.attention import explicit_scores, repeat_kv, suppress_scores
+    def attend(self, layer, query, key, value, **kwargs):
+        from pipeline.atman.attention import eager_attend
 
         self.calls[layer] += 1
-        n_rep = query.shape[1] // key.shape[1]
-        n = key.shape[2]
-        positions = torch.arange(n, device=query.device)
-        scores = explicit_scores(query, repeat_kv(key, n_rep), scaling, softcap, alibi, positions)  # [1, H, n, n]
-        visible = _visible(positions, sliding_window, mask)
+        return eager_attend(query, key, value, suppress=self._suppress, **kwargs)
+
+    def _suppress(self, scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        from pipeline.atman.attention import suppress_scores
+
         mult = self.mult.to(scores.device)[None, None, None, :]
-        every_key = torch.ones(1, 1, 1, n, dtype=torch.bool, device=scores.device)
-        scores = suppress_scores(scores, visible, mult, self.mode, every_key)
-        probs = torch.softmax(scores, dim=-1)
-        return torch.matmul(probs, repeat_kv(value, n_rep).float()).to(query.dtype)
-
-
-def _visible(positions: torch.Tensor, window: int | None, mask: torch.Tensor | None) -> torch.Tensor:
-    """bool [1, 1, n, n]: the model's own mask where it hands one over (bool, or additive: 0 = visible), else causal
-    and sliding-window visibility from positions, as the engine's sweep takes it."""
-    import torch
-
-    if mask is not None:
-        mask = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
-        return mask[..., -len(positions) :].reshape(1, 1, len(positions), len(positions))
-    q, k = positions[:, None], positions[None, :]
-    vis = k <= q
-    if window is not None:
-        vis &= q - k < window
-    return vis[None, None]
+        every_key = torch.ones(1, 1, 1, scores.shape[-1], dtype=torch.bool, device=scores.device)
+        return suppress_scores(scores, visible, mult, self.mode, every_key)
 
 
 @contextmanager

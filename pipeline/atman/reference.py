@@ -14,7 +14,7 @@ from collections import Counter
 import torch
 
 from pipeline.atman import attention, devices
-from pipeline.atman.attention import LOG_FLOOR, explicit_scores, repeat_kv
+from pipeline.atman.attention import LOG_FLOOR, eager_attend
 from pipeline.atman.sweep import SweepInput, SweepOutput
 
 
@@ -25,37 +25,26 @@ class ReferenceAttention:
         self.multipliers, self.mode = multipliers, mode
         self.calls: Counter = Counter()
 
-    def attend(self, layer, query, key, value, *, scaling, sliding_window=None, softcap=None, alibi=None, mask=None):
+    def attend(self, layer, query, key, value, **kwargs):
         self.calls[layer] += 1
-        n_rep = query.shape[1] // key.shape[1]
-        n = key.shape[2]
-        positions = torch.arange(n, device=query.device)
-        scores = explicit_scores(query, repeat_kv(key, n_rep), scaling, softcap, alibi, positions)  # [1, H, n, n]
-        if mask is None:
-            q, k = positions[:, None], positions[None, :]
-            hidden = k > q
-            if sliding_window is not None:
-                hidden |= q - k >= sliding_window
-            mask = torch.zeros(n, n, device=query.device).masked_fill(hidden, torch.finfo(torch.float32).min)
-        mask = mask.float()  # 0 = visible, dtype-min = hidden
-        visible = mask == 0
-        if self.multipliers is not None:
-            factor = self.multipliers.to(scores.device).float()[None, None, None, :].expand(1, 1, n, n)
-            if self.mode in ("multiplicative", "multiplicative_full_row"):
-                # shift each row so its minimum (over the visible keys, or the whole row) is 0, multiply the
-                # columns, shift back
-                over = visible if self.mode == "multiplicative" else torch.ones_like(visible)
-                row_min = scores.masked_fill(~over, float("inf")).amin(dim=-1, keepdim=True)
-                suppressed = (scores - row_min) * factor + row_min
-                scores = torch.where(factor != 1, suppressed, scores)
-            elif self.mode == "log_additive":
-                scores = scores + torch.log(factor).clamp_min(LOG_FLOOR)
-            elif self.mode == "scale":
-                scores = scores * factor
-            else:
-                raise ValueError(f"mode: {self.mode!r} is not a suppression form")
-        probs = torch.softmax(scores + mask, dim=-1)
-        return torch.matmul(probs, repeat_kv(value, n_rep).float()).to(query.dtype)
+        return eager_attend(query, key, value, suppress=None if self.multipliers is None else self._suppress, **kwargs)
+
+    def _suppress(self, scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """Scores [1, H, n, n] with the mode's formula at F[q, k] = m_k (visible: bool [1, 1, n, n])."""
+        n = scores.shape[-1]
+        factor = self.multipliers.to(scores.device).float()[None, None, None, :].expand(1, 1, n, n)
+        if self.mode in ("multiplicative", "multiplicative_full_row"):
+            # shift each row so its minimum (over the visible keys, or the whole row) is 0, multiply the
+            # columns, shift back
+            over = visible if self.mode == "multiplicative" else torch.ones_like(visible)
+            row_min = scores.masked_fill(~over, float("inf")).amin(dim=-1, keepdim=True)
+            suppressed = (scores - row_min) * factor + row_min
+            return torch.where(factor != 1, suppressed, scores)
+        if self.mode == "log_additive":
+            return scores + torch.log(factor).clamp_min(LOG_FLOOR)
+        if self.mode == "scale":
+            return scores * factor
+        raise ValueError(f"mode: {self.mode!r} is not a suppression form")
 
 
 def _target_ce(model, ids: torch.Tensor, n_target: int, ctx: ReferenceAttention) -> torch.Tensor:
