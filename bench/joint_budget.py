@@ -43,7 +43,7 @@ def run(args) -> list[dict]:
     ev = SquadEval(lm, args.granularity, lds_masks=0)
     explainer = ev.explainer(AtManConfig(granularity=args.granularity))
     records = []
-    for ex in load_squad(str(SQUAD_DEV), sample=args.sample)[: args.limit]:
+    for ex in load_squad(args.data, sample=args.sample)[: args.limit]:
         planned, truth = ev.prepare(ex)
         n, methods = len(planned.units), {}
         for name, budget in budgets(len(planned.units), args.multiples, args.floor).items():
@@ -75,6 +75,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--granularity", default="sentence")
     parser.add_argument("--sample", type=int, default=16)
+    parser.add_argument("--data", default=str(SQUAD_DEV), help="SQuAD JSONL (default: the bundled 76 examples)")
     parser.add_argument("--limit", type=int, help="only the sample's first N examples (a smoke run)")
     parser.add_argument("--multiples", default="1,2,4,8", type=lambda s: [int(x) for x in s.split(",")])
     parser.add_argument("--floor", type=int, default=0, help="at least this many passes for multiples above 1")

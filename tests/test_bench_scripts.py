@@ -76,6 +76,26 @@ def test_precision_bench_script_runs_on_a_tiny_model(tmp_path, tiny_model_dir):
     assert "| mixed_fp16 | 2 |" in table and "auto (cheapest" in table
 
 
+def test_joint_budget_script_spends_each_budget_and_pairs_against_records(tmp_path, tiny_model_dir):
+    data, against, out = tmp_path / "squad.jsonl", tmp_path / "against.json", tmp_path / "budget.json"
+    context = "Paris is the capital of France. Rome is the capital of Italy. Bern is in Switzerland."
+    example = {"id": "e0", "context": context, "question": "What is the capital of Italy?",
+               "answers": [{"text": "Rome", "answer_start": context.index("Rome")}]}  # fmt: skip
+    data.write_text(json.dumps(example) + "\n")
+    theirs = {"AP": 50.0, "AR": 100.0, "aopc": 1.0, "aopc_removal": 1.0}
+    against.write_text(json.dumps({"examples": [{"id": "e0", "methods": {"contextcite": theirs}}]}))
+    cmd = [sys.executable, str(ROOT / "bench/joint_budget.py"), "--model", tiny_model_dir, "--data", str(data)]
+    cmd += ["--sample", "1", "--multiples", "1,2", "--floor", "8", "--against", str(against), "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    (record,) = result["examples"]
+    assert record["n_units"] == 3 and {k: v["passes"] for k, v in record["methods"].items()} == {
+        "joint x1": 3, "joint x2": 8}  # fmt: skip
+    ap, low, high = result["paired"]["joint x2 - contextcite"]["AP"]
+    assert ap == low == high == record["methods"]["joint x2"]["AP"] - 50.0  # one example: no spread
+
+
 def test_cli_bench_script_and_the_light_entry_points(tmp_path):
     """bench_cli runs; and `import pipeline` and `atman --help` import none of the heavy libraries (the CLI's start
     time is measured there, not asserted here)."""
