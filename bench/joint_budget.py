@@ -1,18 +1,25 @@
-"""``atman:joint``'s pass budget (issue 29): at sentence units exact AtMan's budget is 3-9 passes, where ContextCite
-spends 64 ablations. Per ``--sample`` example this scores the units with ``joint_surrogate`` at budgets of
-``--multiples`` x the unit count (at least ``--floor`` passes) and measures them as `atman eval squad` does (AP,
-AR, AOPC by suppression and by removal, seconds), writing records in the evaluation's shape, so the paired
+"""``atman:joint``'s settings measured with the AOPCs (issue 29): the pass budget (at sentence units exact AtMan's is
+3-9 passes, where ContextCite spends 64 ablations), the suppression factor of its passes and the LASSO penalty. Per
+``--sample`` example this scores the units with ``joint_surrogate`` at budgets of ``--multiples`` x the unit count
+(at least ``--floor`` passes), at each of ``--factors`` and ``--alphas``, and measures them as `atman eval squad`
+does (AP, AR, AOPC by suppression and by removal, seconds), writing records in the evaluation's shape, so the paired
 intervals against an evaluation's records of the same examples (``--against``, e.g. ContextCite's) come from
 ``bench/paired_eval.py``'s ``paired``. Tuning only: the sample, never the 76.
 
     .venv/bin/python bench/joint_budget.py --granularity sentence --multiples 1,2,4,8 \\
         --against bench/eval/variants-smollm2-sentence-sample16.json \\
         --out bench/eval/joint-budget-sentence-sample16.json
+    .venv/bin/python bench/joint_budget.py --granularity sentence --multiples 1 --factors 0,0.1 --alphas 0.03,0.1 \\
+        --against bench/eval/variants-smollm2-sentence-sample16.json \\
+        --out bench/eval/joint-factor-sentence-sample16.json
+
+A setting is named ``joint x<multiple>``, with `` f<factor>`` and `` a<alpha>`` added where more than one is given.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 import time
@@ -24,7 +31,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 from paired_eval import paired  # noqa: E402
 
 from pipeline.atman.config import AtManConfig  # noqa: E402
-from pipeline.atman.variants import joint_surrogate  # noqa: E402
+from pipeline.atman.variants import JOINT_ALPHA, joint_surrogate  # noqa: E402
 from pipeline.data import SQUAD_DEV  # noqa: E402
 from pipeline.evaluate import SquadEval, load_squad  # noqa: E402
 from pipeline.models import load_model  # noqa: E402
@@ -32,9 +39,14 @@ from pipeline.models import load_model  # noqa: E402
 METRICS = ("AP", "AR", "aopc", "aopc_removal")
 
 
-def budgets(n: int, multiples: list[int], floor: int) -> dict[str, int]:
-    """Setting name -> passes for an example of ``n`` units."""
-    return {f"joint x{m}": max(m * n, floor if m > 1 else n) for m in multiples}
+def settings(n: int, args) -> dict[str, dict]:
+    """Setting name -> ``joint_surrogate``'s keywords (budget, factor, alpha) for an example of ``n`` units."""
+    out = {}
+    for m, f, a in itertools.product(args.multiples, args.factors, args.alphas):
+        name = f"joint x{m}" + (f" f{f:g}" if len(args.factors) > 1 else "")
+        name += f" a{a:g}" if len(args.alphas) > 1 else ""
+        out[name] = {"budget": max(m * n, args.floor if m > 1 else n), "factor": f, "alpha": a}
+    return out
 
 
 def run(args) -> list[dict]:
@@ -46,11 +58,11 @@ def run(args) -> list[dict]:
     for ex in load_squad(args.data, sample=args.sample)[: args.limit]:
         planned, truth = ev.prepare(ex)
         n, methods = len(planned.units), {}
-        for name, budget in budgets(len(planned.units), args.multiples, args.floor).items():
+        for name, keywords in settings(n, args).items():
             started = time.perf_counter()
-            scores = joint_surrogate(explainer, planned, budget=budget)
+            scores = joint_surrogate(explainer, planned, **keywords)
             measured = ev.measure(planned, truth, scores, time.perf_counter() - started)
-            methods[name] = {k: measured[k] for k in (*METRICS, "seconds")} | {"passes": budget}
+            methods[name] = {k: measured[k] for k in (*METRICS, "seconds")} | {"passes": keywords["budget"]}
         records.append({"id": ex.id, "n_units": n, "methods": methods})
         print(ex.id, n, {k: round(v["aopc_removal"], 2) for k, v in methods.items()}, flush=True)
     return records
@@ -78,13 +90,17 @@ def main() -> None:
     parser.add_argument("--data", default=str(SQUAD_DEV), help="SQuAD JSONL (default: the bundled 76 examples)")
     parser.add_argument("--limit", type=int, help="only the sample's first N examples (a smoke run)")
     parser.add_argument("--multiples", default="1,2,4,8", type=lambda s: [int(x) for x in s.split(",")])
+    numbers = lambda s: [float(x) for x in s.split(",")]  # noqa: E731
+    parser.add_argument("--factors", default=[AtManConfig().factor], type=numbers, help="the passes' factors")
+    parser.add_argument("--alphas", default=[JOINT_ALPHA], type=numbers, help="LASSO penalties")
     parser.add_argument("--floor", type=int, default=0, help="at least this many passes for multiples above 1")
     parser.add_argument("--against", help="an `atman eval squad --out` JSON of the same examples")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     records = run(args)
     against = json.loads(Path(args.against).read_text()) if args.against else None
-    result = {"model": args.model, "granularity": args.granularity, "sample": args.sample, "examples": records}
+    result = {"model": args.model, "granularity": args.granularity, "sample": args.sample,
+              "factors": args.factors, "alphas": args.alphas, "examples": records}  # fmt: skip
     Path(args.out).write_text(json.dumps(summary(records, against) | result, indent=1) + "\n")
     print(json.dumps(summary(records, against)["means"], indent=1))
 

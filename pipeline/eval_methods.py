@@ -6,6 +6,8 @@ Light on purpose (no torch): the CLI and the job spec check names and build thei
 
 from __future__ import annotations
 
+import inspect
+
 from pipeline.atman.config import MODES, AtManConfig
 from pipeline.atman.variants import VARIANTS as ESTIMATORS
 
@@ -47,13 +49,53 @@ def atman_family(name: str) -> bool:
     return name == "atman" or name.startswith("atman:")
 
 
+VARIANT_UNUSED = (
+    "conceptual_threshold",
+    "conceptual_candidates",
+    "target_units",
+    "aggregate",
+    "postprocess",
+    "normalize",
+)
+"""The AtManConfig fields no ``atman:<variant>`` uses: each scores the prompt's units by the rise of the whole
+target's CE, without conceptual neighbours, target units or postprocessing."""
+
+
+def variant_settings(variant: str) -> dict:
+    """An estimator's own settings: the defaults of its keyword parameters after ``(explainer, planned)`` (e.g.
+    ``coarse``'s ``refine_share``), read from its signature, so a new variant needs no entry here."""
+    parameters = list(inspect.signature(ESTIMATORS[variant]).parameters.values())[2:]
+    return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
+
+
 def unused_settings(name: str, values: dict) -> list[str]:
-    """The AtManConfig fields in ``values`` that ``name`` does not use but that differ from their defaults (a peer
-    uses ``UNIT_FIELDS`` only), so that nothing asked for is silently ignored."""
-    if atman_family(name):
+    """The AtManConfig fields in ``values`` that ``name`` does not use but that differ from their defaults, so that
+    nothing asked for is silently ignored: a peer uses ``UNIT_FIELDS`` only; an ``atman:<variant>`` none of
+    ``VARIANT_UNUSED`` and none of the fields its own settings fix (``joint-knockout``'s ``factor``)."""
+    fields, variant = AtManConfig.model_fields, name.removeprefix("atman:")
+    if name.startswith("atman:") and variant in ESTIMATORS:
+        fixed = {k for k, v in variant_settings(variant).items() if k in fields and v is not None}  # None: the run's
+        ignored = {*VARIANT_UNUSED, *fixed}
+    elif atman_family(name):
         return []
-    fields = AtManConfig.model_fields
-    return [k for k, v in values.items() if k in fields and k not in UNIT_FIELDS and v != fields[k].default]
+    else:
+        ignored = {k for k in fields if k not in UNIT_FIELDS}
+    return [k for k, v in values.items() if k in ignored and v != fields[k].default]
+
+
+def unused_message(name: str, unused: list[str], spelled: list[str]) -> str:
+    """Why ``name`` refuses the ``unused`` fields (as the caller ``spelled`` them: ``method.factor``, ``--factor``)
+    and what to do, for the job spec's and the CLI's error."""
+    variant, fix = name.removeprefix("atman:"), ", ".join(spelled)
+    if name.startswith("atman:") and variant in ESTIMATORS:
+        own = ", ".join(f"{k} {v}" for k, v in variant_settings(variant).items())
+        return (
+            f"{name} does not use {', '.join(unused)}: it scores units by the whole target's CE rise with its own "
+            f"settings ({own}), without conceptual neighbours, target units or postprocessing; remove {fix}, or "
+            "choose method atman"
+        )
+    fields, names = ", ".join(UNIT_FIELDS), ", ".join(unused)
+    return f"{name} uses only {fields} of the method's fields, not {names}: remove {fix}, or choose an AtMan method"
 
 
 LDS_MASKS = 32

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from pipeline.atman.config import AtManConfig
 from pipeline.errors import BadInput
-from pipeline.eval_methods import UNIT_FIELDS, check_method, unused_settings
+from pipeline.eval_methods import check_method, unused_message, unused_settings
 from pipeline.messages import describe
 from pipeline.models import DEFAULT_MODEL, DType
 
@@ -103,10 +103,7 @@ class _Method(_Strict):
         """A field the method does not use, set to other than its default, would be silently ignored: refused."""
         unused = unused_settings(self.name, self.model_dump(exclude={"name"}))
         if unused:
-            raise ValueError(
-                f"{self.name} uses only {', '.join(UNIT_FIELDS)} of the method's fields, not "
-                f"{', '.join(unused)}: remove {', '.join(f'method.{k}' for k in unused)}, or choose an AtMan method"
-            )
+            raise ValueError(unused_message(self.name, unused, [f"method.{k}" for k in unused]))
         return self
 
     def atman_config(self, **engine: Any) -> AtManConfig:

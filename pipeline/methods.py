@@ -21,15 +21,15 @@ markers report (``unit_passes``).
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass, replace
+from functools import partial
 
 import numpy as np
 
 from pipeline.atman.config import AtManConfig
 from pipeline.errors import MethodUnsupported
-from pipeline.eval_methods import UNIT_FIELDS, atman_family
+from pipeline.eval_methods import UNIT_FIELDS, atman_family, variant_settings
 
 DEFAULT = "atman"
 
@@ -45,15 +45,6 @@ def variant_of(name: str) -> str | None:
 
     variant = name.removeprefix("atman:")
     return variant if name.startswith("atman:") and variant in VARIANTS else None
-
-
-def variant_settings(variant: str) -> dict:
-    """An estimator's own settings: the defaults of its keyword parameters after ``(explainer, planned)`` (e.g.
-    ``coarse``'s ``refine_share``), read from its signature, so a new variant needs no entry here."""
-    from pipeline.atman.variants import VARIANTS
-
-    parameters = list(inspect.signature(VARIANTS[variant]).parameters.values())[2:]
-    return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
 
 
 def method_params(name: str, config: AtManConfig, resolved: dict | None = None) -> dict:
@@ -233,14 +224,14 @@ def _coarse(planned, config: AtManConfig) -> RowCost:
     return replace(cost, exact=exact)
 
 
-def _joint(planned, config: AtManConfig) -> RowCost:
+def _joint(planned, config: AtManConfig, variant: str = "joint") -> RowCost:
     """``atman:joint``: a sweep of its random subsets (drawn from the row's tokens: known before running), then one
     of its single units. Which units the first fit ranks highest is known only then: the single passes are counted
     for the units that start earliest (their count is exact; their tokens and calls a ceiling: an earlier unit's
     pass runs more of the row)."""
     from pipeline.atman.variants import joint_masks
 
-    settings, n = variant_settings("joint"), len(planned.units)
+    settings, n = variant_settings(variant), len(planned.units)
     budget = n if settings["budget"] is None else settings["budget"]
     n_single = min(n, round(settings["single_share"] * budget))
     masks = joint_masks(planned, budget - n_single) if n else []
@@ -255,6 +246,7 @@ COSTS = {
     DEFAULT: _atman,
     "atman:coarse": _coarse,
     "atman:joint": _joint,
+    "atman:joint-knockout": partial(_joint, variant="joint-knockout"),
     "atman:grad": _grad,
     "atman:grad-path": _grad_path,
     "attnlrp": _one_gradient,
@@ -350,7 +342,7 @@ class MethodRunner:
             scores=scores,
             per_target=None,
             mode=self.name if peer else cfg.mode,
-            factor=0.0 if peer else cfg.factor,
+            factor=0.0 if peer else _variant_factor(self.variant, cfg),
             granularity=cfg.granularity,
             conceptual_threshold=None,
             chat=planned.prepared.chat,
@@ -358,6 +350,12 @@ class MethodRunner:
             n_prompt_tokens=len(planned.prepared.prompt_ids),
             params=self.params(),
         )
+
+
+def _variant_factor(variant: str, config: AtManConfig) -> float:
+    """The factor a variant's passes run at: its own ``factor`` setting where it fixes one, else the run's."""
+    own = variant_settings(variant).get("factor")
+    return config.factor if own is None else own
 
 
 def base_ce(model, planned) -> np.ndarray:

@@ -193,6 +193,17 @@ def test_a_bad_method_name_names_the_field_and_the_names(tmp_path):
     with pytest.raises(JobSpecError, match=r"attnlrp uses only granularity, .* not factor: remove method\.factor"):
         load_job(tmp_path / "job.yaml", ["method.name=attnlrp", "method.factor=0.3"])
     assert load_job(tmp_path / "job.yaml", ["method.name=attnlrp", "method.factor=0.1"]).method.name == "attnlrp"
+    # an estimator runs AtMan's mode and factor, but not what it never computes, nor the settings it fixes itself
+    assert load_job(tmp_path / "job.yaml", ["method.name=atman:coarse", "method.factor=0.3"]).method.factor == 0.3
+    assert load_job(tmp_path / "job.yaml", ["method.name=atman:joint", "method.factor=0.3"]).method.factor == 0.3
+    for setting in ("conceptual_threshold=0.7", "aggregate=sum_of_squares", "normalize=true"):
+        field = setting.split("=")[0]
+        with pytest.raises(
+            JobSpecError, match=rf"atman:joint does not use {field}: .* remove method\.{field}, or choose method atman"
+        ):
+            load_job(tmp_path / "job.yaml", ["method.name=atman:joint", f"method.{setting}"])
+    with pytest.raises(JobSpecError, match=r"atman:joint-knockout does not use factor: .*factor 0\.0\)"):
+        load_job(tmp_path / "job.yaml", ["method.name=atman:joint-knockout", "method.factor=0.3"])
     out = _cli("run", "job.yaml", "--set", "method.name=nope", cwd=tmp_path)
     assert out.returncode == 2 and "method.name: 'nope' is not a method" in " ".join(out.stderr.split())
 
@@ -273,4 +284,7 @@ def test_explain_method_refuses_bad_names_and_unused_options_before_loading():
     assert out.returncode == 2
     assert "--method: 'lime' is not a method; the names are atman, atman:coarse" in " ".join(out.stderr.split())
     out = _cli("explain", *args, "--method", "ig", "--factor=0.3")
-    assert out.returncode == 2 and "--factor: ig does not use AtMan's factor" in " ".join(out.stderr.split())
+    assert out.returncode == 2 and "--factor: ig uses only granularity" in " ".join(out.stderr.split())
+    out = _cli("explain", *args, "--method", "atman:joint", "--conceptual-threshold=0.7")
+    assert out.returncode == 2
+    assert "--conceptual-threshold: atman:joint does not use conceptual_threshold" in " ".join(out.stderr.split())

@@ -20,7 +20,7 @@ from pipeline.methods import BACKWARD_FORWARDS, COSTS, MethodRunner, row_cost
 
 PROMPT = "Alice is taller than Bob. Bob is taller than Carol. The shortest is"  # 3 sentences, 12 word units
 EXACT = ["occlusion", "contextcite", "atman:grad", "atman:grad-path", "ixg", "ig", "rollout", "attnlrp"]
-CEILING = ["atman:joint", "atman:coarse"]  # part of their passes is decided as they run
+CEILING = ["atman:joint", "atman:joint-knockout", "atman:coarse"]  # part of their passes is decided as they run
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +96,7 @@ def test_a_method_that_decides_as_it_runs_is_counted_as_a_ceiling(lm, name):
     cost, seen, planned = _counted(lm, name)
     assert seen["backwards"] == cost.backwards == 0 and not cost.exact
     assert cost.tokens >= seen["forward_tokens"] and cost.calls >= seen["forward_calls"]
-    if name == "atman:joint":  # its pass count is fixed: unit count + two unperturbed passes + the base CE
+    if name.startswith("atman:joint"):  # its pass count is fixed: unit count + two unperturbed passes + the base CE
         assert cost.forwards == seen["forwards"] == len(planned.units) + 3
     else:
         assert cost.forwards >= seen["forwards"]

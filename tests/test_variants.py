@@ -28,11 +28,12 @@ class _Counting:
     """The explainer with every suppressed_rise call's sets recorded (the passes an estimator spends)."""
 
     def __init__(self, explainer):
-        self.explainer, self.sets, self.rises = explainer, [], []
+        self.explainer, self.sets, self.rises, self.factors = explainer, [], [], set()
 
-    def suppressed_rise(self, planned, unit_sets):
+    def suppressed_rise(self, planned, unit_sets, factor=None):
         self.sets.extend(list(s) for s in unit_sets)
-        rises = self.explainer.suppressed_rise(planned, unit_sets)
+        self.factors.add(factor)
+        rises = self.explainer.suppressed_rise(planned, unit_sets, factor)
         self.rises.extend(rises.tolist())
         return rises
 
@@ -146,13 +147,44 @@ def test_joint_is_a_lasso_fit_of_the_oracles_rises_over_its_passes(tiny_lms, pla
     assert joint_surrogate(explainer, planned).tolist() == scores.tolist(), "the same request draws the same masks"
 
 
+def test_joint_knockout_is_joint_with_its_passes_knocked_out_of_attention(tiny_lms, planned_word):
+    """``joint-knockout`` runs ``joint``'s passes at factor 0 whatever the explainer's factor (0.1 here): its rises
+    equal the oracle's with the suppressed units' keys at log m = -inf, and its scores equal ``joint``'s computed by
+    an explainer configured at factor 0; the result names factor 0."""
+    from pipeline.atman.variants import joint_knockout, joint_surrogate
+
+    explainer, planned = planned_word
+    counting = _Counting(explainer)
+    scores = joint_knockout(counting, planned)
+    assert counting.factors == {0.0} and explainer.config.factor == 0.1
+    rises = _oracle_rises(tiny_lms["llama"], planned, counting.sets, 0.0)
+    np.testing.assert_allclose(counting.rises, rises, atol=1e-4)
+    at_zero = Explainer(tiny_lms["llama"], AtManConfig(granularity="word", factor=0.0))
+    np.testing.assert_allclose(scores, joint_surrogate(at_zero, planned), atol=1e-6)
+    assert not np.allclose(scores, joint_surrogate(explainer, planned)), "factor 0.1 passes give other scores"
+    with pytest.raises(ValueError, match="factor: -1"):
+        explainer.suppressed_rise(planned, [[0]], -1.0)
+
+
+def test_a_variant_names_the_factor_its_passes_ran_at(tiny_lms):
+    from pipeline.methods import MethodRunner
+
+    config = AtManConfig(granularity="sentence", factor=0.3)
+    cases = (("atman:joint", 0.3, None), ("atman:joint-knockout", 0.0, 0.0), ("atman:coarse", 0.3, "absent"))
+    for name, factor, setting in cases:  # the setting None: the run's factor
+        runner = MethodRunner(tiny_lms["llama"], name, config)
+        explanation = runner.explain(runner.explainer.plan(PROMPT, TARGET, chat=False))
+        assert explanation.factor == factor and explanation.params["settings"].get("factor", "absent") == setting
+        assert explanation.params["factor"] == 0.3, "the run's config, as asked"
+
+
 class _Linear:
     """A model whose CE rise is exactly linear in the suppressed units: rise = sum of ``weights`` over the set."""
 
     def __init__(self, weights):
         self.weights, self.sets = np.asarray(weights, dtype=np.float64), []
 
-    def suppressed_rise(self, planned, unit_sets):
+    def suppressed_rise(self, planned, unit_sets, factor=None):
         self.sets.extend(list(s) for s in unit_sets)
         return np.array([self.weights[list(s)].sum() for s in unit_sets])
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -327,13 +328,18 @@ class Explainer:
         planned = self.passes(planned)
         return self.explanation(planned, self.run([planned.sweep_input])[0])
 
-    def suppressed_rise(self, planned: Planned, unit_sets: Sequence[Sequence[int]]) -> np.ndarray:
+    def suppressed_rise(
+        self, planned: Planned, unit_sets: Sequence[Sequence[int]], factor: float | None = None
+    ) -> np.ndarray:
         """[len(unit_sets)] rise of the whole target's CE (nats) with each set of ``planned.units`` (indices)
-        suppressed together in one pass, under this config's mode and factor and without conceptual neighbours:
-        the deletion curve of a ranking (its top-1, top-2, ... units)."""
+        suppressed together in one pass, under this config's mode and ``factor`` (None: the config's) and without
+        conceptual neighbours: the deletion curve of a ranking (its top-1, top-2, ... units)."""
         if len(unit_sets) == 0:
             return np.zeros(0, dtype=np.float64)
-        out = self.run([suppressed_input(planned, unit_sets, self.config.factor)])[0]
+        factor = self.config.factor if factor is None else factor
+        if not (math.isfinite(factor) and factor >= 0):
+            raise ValueError(f"factor: {factor} is not a finite number >= 0")
+        out = self.run([suppressed_input(planned, unit_sets, factor)])[0]
         return (out.ce - out.base_ce[None]).sum(dim=1).double().numpy()
 
     def run(self, inputs: list[SweepInput], batch_size: int | None = None) -> list[SweepOutput]:

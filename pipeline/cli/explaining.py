@@ -33,7 +33,7 @@ from pipeline.cli.common import (
     threshold,
 )
 from pipeline.errors import MethodUnsupported
-from pipeline.eval_methods import EXPLAIN_METHODS, atman_family, check_method, unused_settings
+from pipeline.eval_methods import EXPLAIN_METHODS, atman_family, check_method, unused_message, unused_settings
 from pipeline.messages import first_line
 from pipeline.models import DEFAULT_MODEL
 
@@ -150,8 +150,8 @@ def _check_method(name: str, preset: str, **atman_options) -> None:
         fail(f"--preset: {preset} is an AtMan configuration; {name} does not use it (drop --preset or --method)")
     unused = unused_settings(name, atman_options)
     if unused:
-        options = ", ".join("--" + k.replace("_", "-") for k in unused)
-        fail(f"{options}: {name} does not use AtMan's {', '.join(unused)}; drop {options}, or choose an AtMan method")
+        options = ["--" + k.replace("_", "-") for k in unused]
+        fail(f"{', '.join(options)}: {unused_message(name, unused, options)}")
 
 
 def _config(preset: str, *, granularity, delimiter, precision, attention_kernel, conceptual_threshold, **method):
