@@ -93,8 +93,8 @@ test-models: $(STAMP)
 # docs/EVAL.md's tables and plot from real runs: both embedded models, word units (every method) and sentence units
 # (ContextCite's), the factor x kappa sweep on Gemma 3. Hours on 2 CPU cores; each run keeps its finished examples in
 # bench/eval/*.records.jsonl, so `make eval` again goes on where it stopped (delete a records file to redo it).
-EVAL_WORD ?= atman,atman:paper,attnlrp,occlusion,ig,ixg,rollout,random
-EVAL_SENTENCE ?= atman,atman:paper,contextcite,occlusion,attnlrp,ixg,random
+EVAL_WORD ?= atman,atman:paper,attnlrp,occlusion,ig,ixg,rollout,random,atman:joint,atman:grad
+EVAL_SENTENCE ?= atman,atman:paper,contextcite,occlusion,attnlrp,ixg,random,atman:joint,atman:joint-knockout,atman:grad
 EVAL_MODELS ?= smollm2:smollm2-135m-instruct gemma3:gemma3-270m
 eval: $(STAMP)
 	set -e; for pair in $(EVAL_MODELS); do name=$${pair%%:*}; model=$${pair#*:}; \

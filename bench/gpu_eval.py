@@ -52,7 +52,7 @@ WHEELS = (
 SOURCE_ONLY = {"lxt": "2.1", "zennit": "0.5.1"}
 """Installed with --no-deps by the Makefile (infra/lock/nodeps.txt): built into wheels here."""
 GROUPS = {
-    "atman": "atman,atman:coarse,atman:joint,random",
+    "atman": "atman,atman:coarse,atman:joint,atman:joint-knockout,random",
     "grad": "atman:grad,atman:grad-path",
     "gradients": "ig,ixg,rollout",
     "attnlrp": "attnlrp",
