@@ -16,7 +16,8 @@ docstring.
   the scores, which single-unit suppression alone cannot see.
 - ``joint-knockout``: ``joint`` with its passes at factor 0, under log_additive the suppressed units' keys knocked
   out of attention altogether: the operation of the evaluation's deletion AOPC and LDS, and the closest AtMan's
-  suppression comes to removing the text. At sentence units it ranks closer to removal than ``joint`` (docs/EVAL.md).
+  suppression comes to removing the text. At sentence units it ranks closer to removal than ``joint``; at word units
+  it loses mAP to it (docs/EVAL.md).
 - ``grad`` and ``grad-path`` (``pipeline.atman.gradient``): the suppression gradient, one backward pass or a path
   integral of a few; not forward-only, as their names say.
 """
