@@ -96,6 +96,25 @@ def test_joint_budget_script_spends_each_budget_and_pairs_against_records(tmp_pa
     assert ap == low == high == record["methods"]["joint x2"]["AP"] - 50.0  # one example: no spread
 
 
+def test_grad_tangent_script_nears_exact_atman_as_the_factor_nears_one(tmp_path, tiny_model_dir):
+    """At factor 0.999 a unit's rise is the gradient's first-order term (log m = -0.001): the gradient ranks the
+    units as that rise does; the factors' correlations are recorded per example and summarized."""
+    data, out = tmp_path / "squad.jsonl", tmp_path / "tangent.json"
+    context = "Paris is the capital of France. Rome is the capital of Italy and of its many old towns. Bern is small."
+    example = {"id": "e0", "context": context, "question": "What is the capital of Italy?",
+               "answers": [{"text": "Rome", "answer_start": context.index("Rome")}]}  # fmt: skip
+    data.write_text(json.dumps(example) + "\n")
+    cmd = [sys.executable, str(ROOT / "bench/grad_tangent.py"), "--model", tiny_model_dir, "--data", str(data)]
+    cmd += ["--sample", "1", "--factors", "0.1,0.999", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(out.read_text())
+    (record,) = result["examples"]
+    assert record["n_units"] > 10 and set(record["spearman"]) == {"0.1", "0.999"}
+    assert record["spearman"]["0.999"] > 0.95, record
+    assert result["summary"]["0.1"]["mean"] == record["spearman"]["0.1"]
+
+
 def test_cli_bench_script_and_the_light_entry_points(tmp_path):
     """bench_cli runs; and `import pipeline` and `atman --help` import none of the heavy libraries (the CLI's start
     time is measured there, not asserted here)."""
