@@ -115,6 +115,23 @@ def test_grad_tangent_script_nears_exact_atman_as_the_factor_nears_one(tmp_path,
     assert result["summary"]["0.1"]["mean"] == record["spearman"]["0.1"]
 
 
+def test_knockout_equals_removal_at_the_original_positions(tmp_path, tiny_model_dir):
+    """The engine's knockout (factor 0) against a plain forward of the model with the units' tokens dropped and the
+    rest at their original ``position_ids``: the same CE rise (to 1e-4), where plain removal differs."""
+    data, out = tmp_path / "squad.jsonl", tmp_path / "kr.json"
+    context = "Paris is the capital of France. Rome is the capital of Italy. Bern is small. Oslo is cold."
+    example = {"id": "e0", "context": context, "question": "What is the capital of Italy?",
+               "answers": [{"text": "Rome", "answer_start": context.index("Rome")}]}  # fmt: skip
+    data.write_text(json.dumps(example) + "\n")
+    cmd = [sys.executable, str(ROOT / "bench/knockout_vs_removal.py"), "--model", tiny_model_dir, "--data", str(data)]
+    cmd += ["--sample", "1", "--masks", "8", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (record,) = json.loads(out.read_text())["examples"]
+    assert record["ablations"] >= 4 and record["max_abs_knockout_vs_original_positions"] < 1e-4, record
+    assert record["mean_abs_knockout_minus_removal"] > 1e-3, "renumbered positions change the CE"
+
+
 def test_cli_bench_script_and_the_light_entry_points(tmp_path):
     """bench_cli runs; and `import pipeline` and `atman --help` import none of the heavy libraries (the CLI's start
     time is measured there, not asserted here)."""
