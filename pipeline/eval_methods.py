@@ -61,6 +61,12 @@ VARIANT_UNUSED = (
 target's CE, without conceptual neighbours, target units or postprocessing."""
 
 
+def variant_of(name: str) -> str | None:
+    """``atman:<variant>`` -> the variant (a key of ``VARIANTS``); None for any other name."""
+    variant = name.removeprefix("atman:")
+    return variant if name.startswith("atman:") and variant in ESTIMATORS else None
+
+
 def variant_settings(variant: str) -> dict:
     """An estimator's own settings: the defaults of its keyword parameters after ``(explainer, planned)`` (e.g.
     ``coarse``'s ``refine_share``), read from its signature, so a new variant needs no entry here."""
@@ -72,8 +78,8 @@ def unused_settings(name: str, values: dict) -> list[str]:
     """The AtManConfig fields in ``values`` that ``name`` does not use but that differ from their defaults, so that
     nothing asked for is silently ignored: a peer uses ``UNIT_FIELDS`` only; an ``atman:<variant>`` none of
     ``VARIANT_UNUSED`` and none of the fields its own settings fix (``joint-knockout``'s ``factor``)."""
-    fields, variant = AtManConfig.model_fields, name.removeprefix("atman:")
-    if name.startswith("atman:") and variant in ESTIMATORS:
+    fields, variant = AtManConfig.model_fields, variant_of(name)
+    if variant is not None:
         fixed = {k for k, v in variant_settings(variant).items() if k in fields and v is not None}  # None: the run's
         ignored = {*VARIANT_UNUSED, *fixed}
     elif atman_family(name):
@@ -86,8 +92,8 @@ def unused_settings(name: str, values: dict) -> list[str]:
 def unused_message(name: str, unused: list[str], spelled: list[str]) -> str:
     """Why ``name`` refuses the ``unused`` fields (as the caller ``spelled`` them: ``method.factor``, ``--factor``)
     and what to do, for the job spec's and the CLI's error."""
-    variant, fix = name.removeprefix("atman:"), ", ".join(spelled)
-    if name.startswith("atman:") and variant in ESTIMATORS:
+    variant, fix = variant_of(name), ", ".join(spelled)
+    if variant is not None:
         own = ", ".join(f"{k} {v}" for k, v in variant_settings(variant).items())
         return (
             f"{name} does not use {', '.join(unused)}: it scores units by the whole target's CE rise with its own "

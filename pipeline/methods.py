@@ -29,7 +29,7 @@ import numpy as np
 
 from pipeline.atman.config import AtManConfig
 from pipeline.errors import MethodUnsupported
-from pipeline.eval_methods import UNIT_FIELDS, atman_family, variant_settings
+from pipeline.eval_methods import UNIT_FIELDS, atman_family, variant_of, variant_settings
 
 DEFAULT = "atman"
 
@@ -37,14 +37,6 @@ DEFAULT = "atman"
 class MethodRefused(ValueError):
     """This method cannot score this request as configured (e.g. ContextCite with fewer ablations than units, an
     image for a text-only method): the row is skipped with this message, the run goes on."""
-
-
-def variant_of(name: str) -> str | None:
-    """``atman:<variant>`` -> the variant (a key of ``VARIANTS``); None for any other name."""
-    from pipeline.atman.variants import VARIANTS
-
-    variant = name.removeprefix("atman:")
-    return variant if name.startswith("atman:") and variant in VARIANTS else None
 
 
 def method_params(name: str, config: AtManConfig, resolved: dict | None = None) -> dict:
