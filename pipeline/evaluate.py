@@ -261,18 +261,21 @@ class SquadEval:
             self._removal_base = (planned, self._plain_ce(ids, planned.sweep_input.n_target))
         return self._removal_base[1]
 
-    def _removed_ce(self, planned: Planned, units) -> float:
-        """The target's CE with the tokens of ``units`` (indices) dropped from the input."""
+    def _removed_ce(self, planned: Planned, units, keep_positions: bool = False) -> float:
+        """The target's CE with the tokens of ``units`` (indices) dropped from the input; ``keep_positions``: the
+        kept tokens at their original positions (``position_ids``) instead of renumbered from 0."""
         ids = planned.sweep_input.input_ids
         drop = {p for unit in units for p in planned.units[unit].positions}
         keep = torch.tensor([i for i in range(len(ids)) if i not in drop], dtype=torch.long)
-        return self._plain_ce(ids[keep], planned.sweep_input.n_target)
+        return self._plain_ce(ids[keep], planned.sweep_input.n_target, keep if keep_positions else None)
 
-    def _plain_ce(self, ids: torch.Tensor, n_target: int) -> float:
-        """Target CE (nats, summed over the target tokens) of one plain forward: ``target_logprob``, negated."""
+    def _plain_ce(self, ids: torch.Tensor, n_target: int, positions: torch.Tensor | None = None) -> float:
+        """Target CE (nats, summed over the target tokens) of one plain forward (``positions``: its ``position_ids``,
+        default 0..): ``target_logprob``, negated."""
         ids = ids.to(self.lm.device)
+        extra = {} if positions is None else {"position_ids": positions[None].to(self.lm.device)}
         with torch.no_grad():
-            logits = self.lm.model(input_ids=ids[None], logits_to_keep=n_target + 1).logits
+            logits = self.lm.model(input_ids=ids[None], logits_to_keep=n_target + 1, **extra).logits
             return -float(target_logprob(logits, ids[-n_target:])[0])
 
 
