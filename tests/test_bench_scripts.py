@@ -76,19 +76,26 @@ def test_precision_bench_script_runs_on_a_tiny_model(tmp_path, tiny_model_dir):
     assert "| mixed_fp16 | 2 |" in table and "auto (cheapest" in table
 
 
-def test_joint_budget_script_spends_each_budget_and_pairs_against_records(tmp_path, tiny_model_dir):
-    data, against, out = tmp_path / "squad.jsonl", tmp_path / "against.json", tmp_path / "budget.json"
-    context = "Paris is the capital of France. Rome is the capital of Italy. Bern is in Switzerland."
+def _on_one_example(tmp_path: Path, script: str, model_dir: str, context: str, args: list[str]) -> dict:
+    """``bench/<script>`` on one SQuAD example (``context``, the question about Italy's capital, answer "Rome") with
+    ``args`` and ``--sample 1``; its ``--out`` JSON."""
+    data, out = tmp_path / "squad.jsonl", tmp_path / "out.json"
     example = {"id": "e0", "context": context, "question": "What is the capital of Italy?",
                "answers": [{"text": "Rome", "answer_start": context.index("Rome")}]}  # fmt: skip
     data.write_text(json.dumps(example) + "\n")
+    cmd = [sys.executable, str(ROOT / "bench" / script), "--model", model_dir, "--data", str(data), "--sample", "1"]
+    done = subprocess.run([*cmd, *args, "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_joint_budget_script_spends_each_budget_and_pairs_against_records(tmp_path, tiny_model_dir):
+    against = tmp_path / "against.json"
     theirs = {"AP": 50.0, "AR": 100.0, "aopc": 1.0, "aopc_removal": 1.0}
     against.write_text(json.dumps({"examples": [{"id": "e0", "methods": {"contextcite": theirs}}]}))
-    cmd = [sys.executable, str(ROOT / "bench/joint_budget.py"), "--model", tiny_model_dir, "--data", str(data)]
-    cmd += ["--sample", "1", "--multiples", "1,2", "--floor", "8", "--against", str(against), "--out", str(out)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(out.read_text())
+    context = "Paris is the capital of France. Rome is the capital of Italy. Bern is in Switzerland."
+    args = ["--multiples", "1,2", "--floor", "8", "--against", str(against)]
+    result = _on_one_example(tmp_path, "joint_budget.py", tiny_model_dir, context, args)
     (record,) = result["examples"]
     assert record["n_units"] == 3 and {k: v["passes"] for k, v in record["methods"].items()} == {
         "joint x1": 3, "joint x2": 8}  # fmt: skip
@@ -99,16 +106,8 @@ def test_joint_budget_script_spends_each_budget_and_pairs_against_records(tmp_pa
 def test_grad_tangent_script_nears_exact_atman_as_the_factor_nears_one(tmp_path, tiny_model_dir):
     """At factor 0.999 a unit's rise is the gradient's first-order term (log m = -0.001): the gradient ranks the
     units as that rise does; the factors' correlations are recorded per example and summarized."""
-    data, out = tmp_path / "squad.jsonl", tmp_path / "tangent.json"
     context = "Paris is the capital of France. Rome is the capital of Italy and of its many old towns. Bern is small."
-    example = {"id": "e0", "context": context, "question": "What is the capital of Italy?",
-               "answers": [{"text": "Rome", "answer_start": context.index("Rome")}]}  # fmt: skip
-    data.write_text(json.dumps(example) + "\n")
-    cmd = [sys.executable, str(ROOT / "bench/grad_tangent.py"), "--model", tiny_model_dir, "--data", str(data)]
-    cmd += ["--sample", "1", "--factors", "0.1,0.999", "--out", str(out)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(out.read_text())
+    result = _on_one_example(tmp_path, "grad_tangent.py", tiny_model_dir, context, ["--factors", "0.1,0.999"])
     (record,) = result["examples"]
     assert record["n_units"] > 10 and set(record["spearman"]) == {"0.1", "0.999"}
     assert record["spearman"]["0.999"] > 0.95, record
@@ -118,16 +117,10 @@ def test_grad_tangent_script_nears_exact_atman_as_the_factor_nears_one(tmp_path,
 def test_knockout_equals_removal_at_the_original_positions(tmp_path, tiny_model_dir):
     """The engine's knockout (factor 0) against a plain forward of the model with the units' tokens dropped and the
     rest at their original ``position_ids``: the same CE rise (to 1e-4), where plain removal differs."""
-    data, out = tmp_path / "squad.jsonl", tmp_path / "kr.json"
     context = "Paris is the capital of France. Rome is the capital of Italy. Bern is small. Oslo is cold."
-    example = {"id": "e0", "context": context, "question": "What is the capital of Italy?",
-               "answers": [{"text": "Rome", "answer_start": context.index("Rome")}]}  # fmt: skip
-    data.write_text(json.dumps(example) + "\n")
-    cmd = [sys.executable, str(ROOT / "bench/knockout_vs_removal.py"), "--model", tiny_model_dir, "--data", str(data)]
-    cmd += ["--sample", "1", "--masks", "8", "--out", str(out)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    (record,) = json.loads(out.read_text())["examples"]
+    (record,) = _on_one_example(tmp_path, "knockout_vs_removal.py", tiny_model_dir, context, ["--masks", "8"])[
+        "examples"
+    ]
     assert record["ablations"] >= 4 and record["max_abs_knockout_vs_original_positions"] < 1e-4, record
     assert record["mean_abs_knockout_minus_removal"] > 1e-3, "renumbered positions change the CE"
 
